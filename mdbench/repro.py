@@ -30,16 +30,21 @@ def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
     Returns a ``torch.Generator`` seeded with ``seed`` to pass to ``DataLoader(generator=...)`` together with
     :func:`seed_worker`, so shuffling and worker RNGs are reproducible as well.
     """
-    if not isinstance(seed, int) or seed < 0:
+    seed_rngs(seed)
+    set_deterministic(deterministic)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device), leaving the deterministic mode as it is."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-    set_deterministic(deterministic)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
 
 
 def set_deterministic(enabled: bool) -> None:
