@@ -1,0 +1,199 @@
+"""The MedSAM-on-Laptop (CVPR 2024) box-prompt case convention: file names, boxes, ``.npz`` read and write.
+
+A case is one ``.npz`` whose name carries the dimensionality and the modality, e.g.
+``2DBox_Endoscopy_<id>.npz`` or ``3DBox_MR_<id>.npz`` (see ``/work/shared/papers/daft.md`` §3.1):
+
+- 2D: ``imgs`` (H,W,3) uint8, ``gts`` (H,W) integer instance labels (0 background, 1..K objects;
+  uint8, or uint16 when K >= 256), ``boxes`` (K,4) ``[x_min, y_min, x_max, y_max]``.
+- 3D: ``imgs`` (D,H,W) uint8, ``gts`` (D,H,W), ``boxes`` (K,6) ``[x_min, y_min, z_min, x_max, y_max, z_max]``,
+  ``spacing`` (3,) voxel size in mm, given here per array axis (D,H,W).
+
+Boxes written by this suite are the tight bounding boxes of the labels, corners as inclusive pixel
+indices, row k for label k+1. ``gts`` is optional when reading (the challenge's test inputs lack it).
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from mdbench.data.errors import CorruptFileError, DataNotFoundError
+
+# Canonical modality -> accepted name prefixes. Order matters for the substring fall-back in
+# modality_of: "OCT" must be tried before "CT" (it contains it) and "PET" before "CT" ("PET-CT").
+_MODALITY_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Dermoscopy", ("Dermoscop",)),
+    ("Endoscopy", ("Endoscop",)),
+    ("Fundus", ("Fundus",)),
+    ("Mammography", ("Mamm",)),
+    ("Microscopy", ("Microscop",)),
+    ("OCT", ("OCT",)),
+    ("US", ("US", "Ultra")),
+    ("XRay", ("XRay", "X-Ray", "Xray")),  # the challenge spells it both ways
+    ("PET", ("PET",)),
+    ("CT", ("CT",)),
+    ("MR", ("MR",)),
+)
+MODALITIES = tuple(m for m, _ in _MODALITY_PREFIXES)
+_CASE_NAME = re.compile(r"^(?P<dims>[23])DBox_(?P<rest>.+)$")
+_KIND = re.compile(r"^[23]DBox_[A-Za-z-]+$")
+
+
+def modality_of(filename: str | Path) -> str:
+    """Canonical modality (one of :data:`MODALITIES`) of a case from its file name.
+
+    ``"2DBox_Endoscopy_x.npz" -> "Endoscopy"``, ``"3DBox_CT_x.npz" -> "CT"``, ``"2DBox_OCT_x.npz" -> "OCT"``.
+    Names without the ``{2,3}DBox_`` prefix fall back to a substring search that tries ``OCT``
+    before ``CT``, as DAFT's router does. Raises ``ValueError`` naming the file when nothing matches.
+    """
+    name = Path(filename).name
+    match = _CASE_NAME.match(name)
+    if match:
+        for modality, prefixes in _MODALITY_PREFIXES:
+            if match["rest"].startswith(prefixes):
+                return modality
+    for modality, prefixes in _MODALITY_PREFIXES:
+        if any(prefix in name for prefix in prefixes):
+            return modality
+    raise ValueError(f"cannot tell the modality of {name!r}: expected a name like '2DBox_<Modality>_<id>.npz'")
+
+
+def dims_of(filename: str | Path) -> int:
+    """2 or 3 from a ``2DBox_``/``3DBox_`` file name; ``ValueError`` naming the file otherwise."""
+    match = _CASE_NAME.match(Path(filename).name)
+    if not match:
+        raise ValueError(f"{Path(filename).name!r} does not follow the '2DBox_…' / '3DBox_…' naming convention")
+    return int(match["dims"])
+
+
+def case_filename(kind: str, case_id: str) -> str:
+    """``<kind>_<case_id>.npz`` with ``kind`` like ``"2DBox_US"``; unsafe characters of the id become ``_``."""
+    if not _KIND.match(kind):
+        raise ValueError(f"kind must look like '2DBox_<Modality>' or '3DBox_<Modality>', got {kind!r}")
+    return f"{kind}_{re.sub(r'[^A-Za-z0-9.-]+', '_', str(case_id))}.npz"
+
+
+def relabel_instances(labels: np.ndarray, min_pixels: int = 1) -> np.ndarray:
+    """Renumber the labels of an (H,W) or (D,H,W) map that cover at least ``min_pixels`` to 1..K
+    (ascending old id); smaller ones become background. Returns int64, same shape."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"labels must be non-negative, got minimum {labels.min()}")
+    kept = np.bincount(labels.ravel(), minlength=1) >= min_pixels
+    kept[0] = False
+    return np.where(kept, np.cumsum(kept), 0)[labels]
+
+
+def boxes_from_labels(gts: np.ndarray) -> np.ndarray:
+    """Tight boxes of labels ``1..gts.max()`` (inclusive corners), in the challenge's coordinate order.
+
+    Args:
+        gts: (H,W) or (D,H,W) integer label map.
+
+    Returns:
+        int64 (K,4) ``[x_min, y_min, x_max, y_max]`` for 2D or (K,6) ``[x_min, y_min, z_min, x_max,
+        y_max, z_max]`` for 3D; row k belongs to the k-th label present, in ascending order.
+    """
+    if gts.ndim not in (2, 3):
+        raise ValueError(f"gts must be 2D or 3D, got shape {gts.shape}")
+    slices = [s for s in ndimage.find_objects(gts.astype(np.int64)) if s is not None]
+    # slices are in array order (z, y, x); the challenge lists x first
+    lows = np.array([[s.start for s in sl[::-1]] for sl in slices], dtype=np.int64).reshape(-1, gts.ndim)
+    highs = np.array([[s.stop - 1 for s in sl[::-1]] for sl in slices], dtype=np.int64).reshape(-1, gts.ndim)
+    return np.concatenate([lows, highs], axis=1)
+
+
+def _check_case(case: dict, dims: int, require_gts: bool) -> None:
+    """Raise ``ValueError`` describing the first way ``case`` breaks the convention for ``dims``."""
+    required = ["imgs", "boxes"] + (["gts"] if require_gts else []) + (["spacing"] if dims == 3 else [])
+    missing = [k for k in required if case.get(k) is None]
+    if missing:
+        raise ValueError(f"missing key(s) {missing}")
+    imgs, boxes = np.asarray(case["imgs"]), np.asarray(case["boxes"])
+    if imgs.dtype != np.uint8:
+        raise ValueError(f"imgs must be uint8, got {imgs.dtype}")
+    if dims == 2 and (imgs.ndim != 3 or imgs.shape[2] != 3):
+        raise ValueError(f"2D imgs must be (H,W,3), got {imgs.shape}")
+    if dims == 3 and imgs.ndim != 3:
+        raise ValueError(f"3D imgs must be (D,H,W), got {imgs.shape}")
+    spatial = imgs.shape[:2] if dims == 2 else imgs.shape
+    if case.get("gts") is not None:
+        gts = np.asarray(case["gts"])
+        if gts.shape != spatial or not np.issubdtype(gts.dtype, np.integer):
+            raise ValueError(f"gts must be an integer array of shape {spatial}, got {gts.dtype} {gts.shape}")
+    if boxes.ndim != 2 or boxes.shape[1] != 2 * dims or len(boxes) == 0:
+        raise ValueError(f"boxes must be (K,{2 * dims}) with K >= 1, got {boxes.shape}")
+    lows, highs = boxes[:, :dims], boxes[:, dims:]
+    upper = np.array(spatial[::-1]) - 1  # (W, H[, D]) - 1: boxes list x first
+    if (lows < 0).any() or (highs > upper).any() or (lows > highs).any():
+        raise ValueError(
+            f"boxes must satisfy 0 <= min <= max < size {tuple(upper + 1)} (x, y[, z]); got {boxes.tolist()}"
+        )
+    if dims == 3:
+        spacing = np.asarray(case["spacing"], dtype=np.float64)
+        if spacing.shape != (3,) or not (np.isfinite(spacing).all() and (spacing > 0).all()):
+            raise ValueError(f"spacing must be 3 positive numbers, got {case['spacing']!r}")
+
+
+def save_boxprompt_case(
+    path: str | Path, imgs: np.ndarray, gts: np.ndarray, boxes: np.ndarray, spacing: np.ndarray | None = None
+) -> Path:
+    """Validate and write one case as a compressed ``.npz``, atomically (temp file + rename).
+
+    ``path`` must follow the naming convention (see :func:`case_filename`); ``gts`` is stored as
+    uint8, or uint16 when its largest label exceeds 255. Raises ``ValueError`` naming the file.
+    """
+    path = Path(path)
+    dims = dims_of(path)
+    gts = np.asarray(gts)
+    if gts.size and (gts.min() < 0 or gts.max() > np.iinfo(np.uint16).max):
+        raise ValueError(f"{path.name}: gts labels must lie in 0..65535")
+    gts = gts.astype(np.uint8 if gts.size == 0 or gts.max() < 256 else np.uint16)
+    case = {"imgs": imgs, "gts": gts, "boxes": np.asarray(boxes, dtype=np.int64)}
+    if spacing is not None:
+        case["spacing"] = np.asarray(spacing, dtype=np.float64)
+    try:
+        _check_case(case, dims, require_gts=True)
+    except ValueError as err:
+        raise ValueError(f"{path.name}: {err}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **case)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_boxprompt_case(path: str | Path, require_gts: bool = True) -> dict:
+    """Load and validate one case.
+
+    Returns:
+        ``{"imgs", "boxes", "gts" (when present), "spacing" (3D), "modality": str, "dims": 2|3,
+        "name": file name}``; arrays as stored.
+
+    Raises:
+        DataNotFoundError: the file does not exist.
+        CorruptFileError: the file is not a readable ``.npz`` or breaks the convention; the message
+            names the file and what is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"box-prompt case {path} does not exist")
+    try:
+        dims = dims_of(path)
+        modality = modality_of(path)
+        with np.load(path, allow_pickle=False) as npz:
+            case = {key: npz[key] for key in npz.files}
+        _check_case(case, dims, require_gts)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+        raise CorruptFileError(f"malformed box-prompt case {path}: {err}") from err
+    return {**case, "modality": modality, "dims": dims, "name": path.name}

@@ -1,0 +1,274 @@
+"""Paper task builders on the real datasets: MIL bags (ISIC tiles, PBC cell sets) and box-prompt cases.
+
+- :func:`isic_image_bags`: every ISIC 2017 image is a bag of grid tiles; positive = melanoma.
+- :func:`pbc_cell_set_bags`: bags are sets of PBC blood-cell images; positive = holds an erythroblast.
+- :func:`write_boxprompt_cases`: Kvasir-SEG, ISIC 2017, HC18 and MSD Hippocampus cases written in the
+  MedSAM-on-Laptop ``.npz`` convention (:mod:`mdbench.data.boxprompt`).
+
+Every builder draws from one split of the underlying loader, so train and test never share an image.
+Data cards: ``data_cards/synthetic_mil.md`` (bag definitions), ``data_cards/synthetic_boxprompt.md``
+(box-prompt conversion).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from mdbench.data.boxprompt import boxes_from_labels, case_filename, relabel_instances, save_boxprompt_case
+from mdbench.data.mil import balanced_bag_labels, draw_instance_labels, tile_fractions, tile_image
+from mdbench.data.registry import load_dataset
+from mdbench.data.synthetic import params_checksum
+
+log = logging.getLogger(__name__)
+
+# Classes seen in the peripheral blood of healthy adults. Erythroblasts (nucleated red cells) should
+# be absent there, which makes "contains an erythroblast" a clean bag-level finding; immature
+# granulocytes are left out of both pools because a few are normal, so they would blur the bag label.
+NORMAL_PBC_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil", "platelet")
+
+
+def _split_labels(dataset: Dataset) -> np.ndarray:
+    """Label of every item of a real loader's split, read from its index without decoding images."""
+    return np.asarray(dataset.labels)[dataset.indices]
+
+
+# ----------------------------------------------------------------------------- ISIC tile bags
+class ISICImageBags(Dataset):
+    """ISIC 2017 images as MIL bags of tiles.
+
+    Args:
+        segmentation: an ISIC 2017 segmentation split (items ``{"image", "mask", "id"}``) whose
+            images are whole numbers of tiles, with ``labels`` / ``indices`` / ``classes`` as in
+            :class:`mdbench.data.isic2017.ISIC2017Dataset`.
+        tile: tile side in pixels (a 256-pixel image gives a 4x4 grid of 64-pixel tiles).
+        lesion_fraction: a tile of a positive bag is a key instance when at least this share of its
+            pixels is lesion.
+        positive_class: the diagnosis that makes a bag positive.
+
+    Items: ``(tiles FloatTensor (n, 3, tile, tile), bag_label int, instance_labels LongTensor (n,))``,
+    tiles row-major. Instance labels are a proxy: "lesion tile of a melanoma image", not a
+    pathologist's tile annotation. Negative bags have no key instance (their lesion is benign); a
+    positive bag whose lesion reaches ``lesion_fraction`` in no tile marks its most-lesion tile.
+    """
+
+    classes = ("negative", "positive")
+
+    def __init__(
+        self, segmentation: Dataset, tile: int = 64, lesion_fraction: float = 0.5, positive_class: str = "melanoma"
+    ) -> None:
+        if not 0 < lesion_fraction <= 1:
+            raise ValueError(f"lesion_fraction must lie in (0, 1], got {lesion_fraction}")
+        if positive_class not in segmentation.classes:
+            raise ValueError(f"positive_class {positive_class!r} is not one of {segmentation.classes}")
+        self.segmentation, self.tile, self.lesion_fraction = segmentation, tile, lesion_fraction
+        self.split = segmentation.split
+        self.bag_labels = (_split_labels(segmentation) == segmentation.classes.index(positive_class)).astype(np.int64)
+        params = {"data": segmentation.checksum, "split": self.split, "tile": tile}
+        params.update(lesion_fraction=lesion_fraction, positive_class=positive_class)
+        self.checksum = params_checksum("ISICImageBags", params, 0)
+
+    def __len__(self) -> int:
+        return len(self.segmentation)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        item = self.segmentation[index]
+        bag_label = int(self.bag_labels[index])
+        fractions = tile_fractions(item["mask"], self.tile)
+        instance_labels = (fractions >= self.lesion_fraction).long() * bag_label
+        if bag_label and not instance_labels.any() and fractions.max() > 0:
+            instance_labels[fractions.argmax()] = 1
+        return tile_image(item["image"], self.tile), bag_label, instance_labels
+
+
+def isic_image_bags(
+    split: str = "train",
+    grid: int = 4,
+    tile: int = 64,
+    lesion_fraction: float = 0.5,
+    data_dir: str | os.PathLike | None = None,
+) -> ISICImageBags:
+    """ISIC 2017 ``split`` as bags of ``grid x grid`` tiles of ``tile`` pixels (images resized to grid*tile).
+
+    Cases with an empty lesion mask are skipped (the loader logs how many). See :class:`ISICImageBags`.
+    """
+    segmentation = load_dataset(
+        "isic2017", split=split, data_dir=data_dir, task="segmentation", image_size=grid * tile, foreground_only=True
+    )
+    return ISICImageBags(segmentation, tile, lesion_fraction)
+
+
+# ----------------------------------------------------------------------------- PBC cell-set bags
+class CellSetBags(Dataset):
+    """Bags that are sets of classified images; positive iff the set holds ``key_class`` images.
+
+    Args:
+        images: a classification split (items ``(image (C,h,w), label)``) with ``labels`` /
+            ``indices`` / ``classes`` / ``checksum`` / ``split`` as the real loaders have.
+        n_bags: number of bags (``round(n_bags * positive_fraction)`` positive).
+        bag_size, n_key: inclusive ``(min, max)`` instances per bag and key instances per positive bag.
+        key_class: the class whose presence makes a bag positive.
+        negative_classes: classes the other instances come from.
+        positive_fraction: share of positive bags.
+        seed: seed of the bag draw.
+
+    No image appears twice in a bag; different bags of one split may share images (a split of PBC
+    is too small to give every bag its own), bags of different splits never do.
+
+    Items: ``(instances FloatTensor (n, C, h, w), bag_label int, instance_labels LongTensor (n,))``.
+    """
+
+    classes = ("negative", "positive")
+
+    def __init__(
+        self,
+        images: Dataset,
+        n_bags: int,
+        bag_size: tuple[int, int] = (8, 16),
+        n_key: tuple[int, int] = (1, 3),
+        key_class: str = "erythroblast",
+        negative_classes: Sequence[str] = NORMAL_PBC_CLASSES,
+        positive_fraction: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        unknown = sorted({key_class, *negative_classes} - set(images.classes))
+        if unknown or key_class in negative_classes:
+            raise ValueError(
+                f"key_class {key_class!r} and negative_classes {list(negative_classes)} must be distinct "
+                f"classes of {images.classes}; unknown: {unknown}"
+            )
+        labels = _split_labels(images)
+        key_pool = np.flatnonzero(labels == images.classes.index(key_class))
+        negative_pool = np.flatnonzero(np.isin(labels, [images.classes.index(c) for c in negative_classes]))
+        if len(key_pool) < n_key[1] or len(negative_pool) < bag_size[1]:
+            raise ValueError(
+                f"split {images.split!r} has {len(key_pool)} {key_class} and {len(negative_pool)} negative images; "
+                f"need at least n_key max {n_key[1]} and bag_size max {bag_size[1]}"
+            )
+        self.images, self.split = images, images.split
+        rng = np.random.default_rng(seed)
+        self.bag_labels = balanced_bag_labels(rng, n_bags, positive_fraction)
+        self.bags: list[tuple[np.ndarray, np.ndarray]] = []  # (item indices, instance labels) per bag
+        for bag_label in self.bag_labels:
+            instance_labels = draw_instance_labels(rng, int(bag_label), bag_size, n_key)
+            n_pos = int(instance_labels.sum())
+            items = np.empty(len(instance_labels), dtype=np.int64)
+            items[instance_labels == 1] = rng.choice(key_pool, n_pos, replace=False)
+            items[instance_labels == 0] = rng.choice(negative_pool, len(instance_labels) - n_pos, replace=False)
+            self.bags.append((items, instance_labels))
+        params = {"data": images.checksum, "split": self.split, "n_bags": n_bags, "bag_size": list(bag_size)}
+        params.update(n_key=list(n_key), key_class=key_class, negative_classes=list(negative_classes))
+        params.update(positive_fraction=positive_fraction)
+        self.checksum = params_checksum("CellSetBags", params, seed)
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        items, instance_labels = self.bags[index]
+        instances = torch.stack([self.images[int(i)][0] for i in items])
+        return instances, int(self.bag_labels[index]), torch.from_numpy(instance_labels)
+
+
+def pbc_cell_set_bags(
+    split: str = "train",
+    n_bags: int = 100,
+    bag_size: tuple[int, int] = (8, 16),
+    n_key: tuple[int, int] = (1, 3),
+    key_class: str = "erythroblast",
+    negative_classes: Sequence[str] = NORMAL_PBC_CLASSES,
+    positive_fraction: float = 0.5,
+    image_size: int = 64,
+    channels: int = 3,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+) -> CellSetBags:
+    """Bags of PBC cell images from ``split`` (resized to ``image_size``); see :class:`CellSetBags`."""
+    images = load_dataset("pbc", split=split, data_dir=data_dir, image_size=image_size, channels=channels)
+    return CellSetBags(images, n_bags, bag_size, n_key, key_class, negative_classes, positive_fraction, seed)
+
+
+# ----------------------------------------------------------------------------- box-prompt cases
+# registry name -> (case kind, extra loader arguments)
+BOXPROMPT_SOURCES: dict[str, tuple[str, dict]] = {
+    "kvasir_seg": ("2DBox_Endoscopy", {}),
+    "isic2017": ("2DBox_Dermoscopy", {"task": "segmentation"}),
+    "hc18": ("2DBox_US", {}),
+    "msd_hippocampus": ("3DBox_MR", {}),
+}
+
+
+def _volume_to_uint8(volume: np.ndarray) -> np.ndarray:
+    """Clip to the volume's 0.5-99.5 intensity percentiles and rescale to 0..255.
+
+    Like MedSAM's MR preparation, except that the percentiles are taken over all voxels, not only the
+    non-zero ones: the loader's z-scored volumes have no zero background to leave out.
+    """
+    lo, hi = np.percentile(volume, (0.5, 99.5))
+    return np.round(np.clip((volume - lo) / max(hi - lo, 1e-8), 0, 1) * 255).astype(np.uint8)
+
+
+def _boxprompt_case(item: dict, three_d: bool, min_pixels: int) -> dict[str, np.ndarray] | None:
+    """One loader item in the challenge convention, or None when no object survives."""
+    if three_d:
+        gts = relabel_instances(item["label"].numpy())  # consecutive ids, so box k is label k+1
+        case = {"imgs": _volume_to_uint8(item["image"][0].numpy()), "gts": gts,
+                "spacing": np.asarray(item["spacing"], dtype=np.float64)}
+    else:
+        gts = relabel_instances(ndimage.label(item["mask"].numpy() > 0)[0], min_pixels)  # one object per component
+        imgs = np.round(item["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        case = {"imgs": imgs, "gts": gts}
+    if not case["gts"].any():
+        return None
+    case["boxes"] = boxes_from_labels(case["gts"])
+    return case
+
+
+def write_boxprompt_cases(
+    out_dir: str | Path,
+    data_dir: str | os.PathLike | None = None,
+    per_modality: int = 10,
+    seed: int = 0,
+    split: str = "test",
+    sources: Sequence[str] = tuple(BOXPROMPT_SOURCES),
+    min_object_pixels: int = 16,
+) -> list[Path]:
+    """Write up to ``per_modality`` random cases of every source's ``split`` as challenge ``.npz`` files.
+
+    File names: ``2DBox_Endoscopy_<id>.npz`` (Kvasir-SEG), ``2DBox_Dermoscopy_<id>.npz`` (ISIC 2017),
+    ``2DBox_US_<id>.npz`` (HC18), ``3DBox_MR_<id>.npz`` (MSD Hippocampus, with ``spacing``).
+    2D images keep their stored size; each connected component of at least ``min_object_pixels``
+    pixels is one object with its own box. 3D volumes keep their two labels (anterior, posterior)
+    as the objects and are scaled to uint8 by :func:`_volume_to_uint8`. Cases without foreground
+    are skipped and counted in the log. Files are written atomically. Returns the paths written.
+    """
+    unknown = sorted(set(sources) - set(BOXPROMPT_SOURCES))
+    if unknown:
+        raise ValueError(f"unknown box-prompt sources {unknown}; choose from {sorted(BOXPROMPT_SOURCES)}")
+    out_dir = Path(out_dir)
+    paths = []
+    for source in sources:
+        kind, kwargs = BOXPROMPT_SOURCES[source]
+        dataset = load_dataset(source, split=split, data_dir=data_dir, **kwargs)
+        skipped = written = 0
+        for index in np.random.default_rng(seed).permutation(len(dataset)):
+            if written == per_modality:
+                break
+            item = dataset[int(index)]
+            case = _boxprompt_case(item, kind.startswith("3D"), min_object_pixels)
+            if case is None:
+                skipped += 1
+                continue
+            paths.append(save_boxprompt_case(out_dir / case_filename(kind, item["id"]), **case))
+            written += 1
+        if skipped:
+            log.info("%s %s: skipped %d cases with no foreground", source, split, skipped)
+        if written < per_modality:
+            log.warning("%s %s: wrote %d of %d requested cases", source, split, written, per_modality)
+    return paths
