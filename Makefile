@@ -6,7 +6,11 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 # Real data beside the checkout (as in CI) is used when MDBENCH_DATA_DIR is not set.
 SHARED_DATA := $(abspath ../shared/data)
-export MDBENCH_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
+ifeq ($(MDBENCH_DATA_DIR),)
+  ifneq ($(wildcard $(SHARED_DATA)),)
+    export MDBENCH_DATA_DIR := $(SHARED_DATA)
+  endif
+endif
 # make reproduce runs the embedded default: real data (cpu profile) if there is some, else synthetic (smoke).
 PROFILE  ?= $(if $(MDBENCH_DATA_DIR),cpu,smoke)
 PAPER    ?=

@@ -20,7 +20,7 @@ def _single_thread():
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     """Root of the real datasets (``MDBENCH_DATA_DIR`` or ``../shared/data``); skips when absent."""
-    root = Path(os.environ.get("MDBENCH_DATA_DIR", _DEFAULT_SHARED_DATA))
+    root = Path(os.environ.get("MDBENCH_DATA_DIR") or _DEFAULT_SHARED_DATA)
     if not root.is_dir():
         pytest.skip(f"real data not found at {root}: set MDBENCH_DATA_DIR to the datasets' root")
     return root
