@@ -173,3 +173,8 @@ def test_shipped_references_load():
     for path in sorted(R._PAPERS_DIR.glob("*.yaml")):
         ref = R.load_reference(path.stem)
         assert ref.title and ref.citation, path
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    path = R.atomic_write_text(tmp_path / "t.md", "x")
+    assert path.stat().st_mode & 0o777 == 0o644
