@@ -1,0 +1,628 @@
+"""EFCM experiment glue: bags and splits, MIL training, the cached teacher features, stage-1 distillation and the
+stage-2 strategies (Reuse / Retrain / End-to-end CLAM), so that ``notebooks/efcm.ipynb`` stays a sequence of calls.
+
+A **bag** is a tuple ``(instances, label, instance_labels)``: instances are patches (N, 3, h, w) in [0, 1] or
+features (N, D); ``label`` an int; ``instance_labels`` an (N,) tensor or None where unknown. One protocol seed is
+one Monte-Carlo split of the bags into train / val / test (stratified, as CLAM's ``create_splits_seq.py``), or a
+fixed split where re-splitting would leak (PBC cell sets), with the seed then varying training only; tables
+report mean ± std over seeds.
+
+Stages (Li & Diao, arXiv 2409.11817, as ``shared/papers/efcm.md`` reads them):
+
+1. **Distil** the frozen teacher's (standardised) patch features into a student, without labels, on the
+   training split's patches: FPD (``L = MSE + (1 - cos)`` after a projection head) or plain feature KD (MSE).
+2. **Slide/bag level**: *Reuse* runs the CLAM trained on teacher features on the student's projected features;
+   *Retrain* trains a new CLAM on frozen student features; *ETC* trains student and CLAM end to end with bag
+   labels, starting from the stage-1 student and the Reuse CLAM, with a sub-sample of patches per step carrying
+   gradients.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
+
+from mdbench import metrics, train
+from mdbench.data.splits import split_indices
+from mdbench.losses.projection import fpd_loss
+from mdbench.models.clam import MILOutput, build_mil_head, mil_loss
+from mdbench.models.efcm import EFCMStudent, build_student
+from mdbench.repro import seed_rngs
+
+Bag = tuple[torch.Tensor, int, "torch.Tensor | None"]
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHE_ENV = "MDBENCH_CACHE_DIR"
+
+__all__ = [
+    "Bag", "BagData", "EFCMConfig", "EndToEndMIL", "FeatureScaler", "PatchEncoder", "SeedResult", "bag_metrics",
+    "cache_dir", "distill", "fit_heads", "load_bags", "map_instances", "measure_costs", "monte_carlo_index",
+    "monte_carlo_split", "mosaic", "predict_bags", "run_seed", "split_features", "teacher_features",
+    "texture_teacher", "throughput", "train_mil",
+]
+
+
+# ----------------------------------------------------------------------------------------------- bags, splits
+class _BagSet(Dataset):
+    """Bags as items ``(instances (1, N, ...), label (1,))``: one bag per batch, weighted as one sample."""
+
+    def __init__(self, bags: Sequence[Bag]) -> None:
+        if not bags:
+            raise ValueError("no bags given")
+        self.bags = bags
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        instances, label = self.bags[i][0], self.bags[i][1]
+        return instances[None], torch.tensor([int(label)])
+
+
+def _seeded(seed: int) -> torch.Generator:
+    """Seed the global RNGs (dropout, sub-sampling) and return a generator for the loader; the deterministic
+    mode the notebook chose is left as it is."""
+    seed_rngs(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _first(batch: list) -> Any:
+    return batch[0]
+
+
+def _labels(bags: Sequence[Bag]) -> np.ndarray:
+    return np.asarray([int(b[1]) for b in bags])
+
+
+def monte_carlo_index(bags: Sequence[Bag], seed: int, fractions: Sequence[float] = (0.6, 0.2, 0.2)
+                      ) -> dict[str, np.ndarray]:
+    """One seeded, label-stratified train/val/test split of the bags (CLAM's Monte-Carlo cross-validation):
+    ``{"train", "val", "test"}`` positions into ``bags``."""
+    return split_indices(len(bags), _labels(bags), fractions, seed)
+
+
+def monte_carlo_split(bags: Sequence[Bag], seed: int, fractions: Sequence[float] = (0.6, 0.2, 0.2)
+                      ) -> dict[str, list[Bag]]:
+    """The bags of :func:`monte_carlo_index`: ``{"train", "val", "test"}`` lists of bags."""
+    return {name: [bags[i] for i in index] for name, index in monte_carlo_index(bags, seed, fractions).items()}
+
+
+@dataclass
+class BagData:
+    """One dataset's bags for the notebook.
+
+    ``bags``: patch bags (``kind="patches"``) or feature bags (``kind="features"``, e.g. UCSB's published
+    features: MIL heads only). ``fixed_index``: a fixed train/val/test split (positions into ``bags``) where
+    Monte-Carlo splitting would leak (bags of one PBC split share cells), else None. ``checksum`` names the data.
+    """
+
+    name: str
+    bags: list[Bag]
+    checksum: str
+    kind: str = "patches"
+    fixed_index: dict[str, np.ndarray] | None = None
+
+
+def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), patch_size: int = 32,
+              isic_grid: int = 2, fractions: Sequence[float] = (0.6, 0.2, 0.2), data_dir: str | None = None
+              ) -> BagData:
+    """The bags of one dataset at the notebook's scale.
+
+    - ``synthetic``: :class:`~mdbench.data.synthetic.SyntheticMILBags` of ``patch_size`` texture images.
+    - ``isic2017``: ISIC 2017 images as bags of ``isic_grid``² tiles of ``patch_size`` pixels, positive =
+      melanoma (:func:`mdbench.data.tasks.isic_image_bags`); a seeded subset of ``n_bags`` images, half of them
+      melanoma (as many as there are).
+    - ``pbc``: PBC cell sets, positive = holds an erythroblast (:func:`mdbench.data.tasks.pbc_cell_set_bags`);
+      ``n_bags`` drawn across the loader's own train/val/test splits by ``fractions``, kept as a fixed split.
+    - ``ucsb_breast``: the 58 UCSB bags of published 708-d features (``kind="features"``).
+    """
+    from mdbench.data.registry import load_dataset
+    from mdbench.data.synthetic import SyntheticMILBags
+    from mdbench.data.tasks import isic_image_bags, pbc_cell_set_bags
+
+    if name == "synthetic":
+        data = SyntheticMILBags(n_bags, bag_size=tuple(bag_size), instances="images", image_size=patch_size, seed=0)
+        return BagData(name, [data[i] for i in range(len(data))], data.checksum)
+    if name == "isic2017":
+        data = isic_image_bags("all", grid=isic_grid, tile=patch_size, data_dir=data_dir)
+        rng = np.random.default_rng(0)
+        positives, negatives = np.flatnonzero(data.bag_labels == 1), np.flatnonzero(data.bag_labels == 0)
+        n_pos = min(n_bags // 2, len(positives))
+        chosen = np.sort(np.r_[rng.choice(positives, n_pos, replace=False),
+                               rng.choice(negatives, n_bags - n_pos, replace=False)])
+        checksum = hashlib.sha256(f"{data.checksum}|{chosen.tolist()}".encode()).hexdigest()
+        return BagData(name, [data[int(i)] for i in chosen], checksum)
+    if name == "pbc":
+        counts = np.maximum(2, np.round(np.asarray(fractions) * n_bags).astype(int))
+        bags, index, checksums = [], {}, []
+        for split, count in zip(("train", "val", "test"), counts):
+            data = pbc_cell_set_bags(split, n_bags=int(count), bag_size=tuple(bag_size), image_size=patch_size,
+                                     data_dir=data_dir)
+            index[split] = np.arange(len(bags), len(bags) + len(data))
+            bags += [data[i] for i in range(len(data))]
+            checksums.append(data.checksum)
+        return BagData(name, bags, hashlib.sha256("|".join(checksums).encode()).hexdigest(), fixed_index=index)
+    if name == "ucsb_breast":
+        data = load_dataset("ucsb_breast", split="all", data_dir=data_dir)
+        return BagData(name, [(x, y, None) for x, y in data], data.checksum, kind="features")
+    raise ValueError(f"unknown EFCM dataset {name!r}; choose synthetic, isic2017, pbc or ucsb_breast")
+
+
+# ------------------------------------------------------------------------------------------------ MIL training
+def _mil_step(bag_weight: float) -> train.StepFn:
+    def step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        instances, label = batch
+        out: MILOutput = model(instances, label[0])
+        bag_ce = F.cross_entropy(out.logits, label)
+        return mil_loss(out, label[0], bag_weight), {"bag_ce": bag_ce.detach()}
+    return step
+
+
+def train_mil(model: nn.Module, train_bags: Sequence[Bag], val_bags: Sequence[Bag] | None, *, epochs: int,
+              lr: float = 2e-4, weight_decay: float = 1e-5, bag_weight: float = 0.7, seed: int = 0,
+              device: str = "cpu", optimizer: torch.optim.Optimizer | None = None, weighted_sample: bool = True,
+              amp: bool = False) -> train.History:
+    """Train a MIL model (``model(instances, label) -> MILOutput``) one bag per step, as CLAM does.
+
+    Adam (lr 2e-4, weight decay 1e-5: CLAM's README recipe) unless ``optimizer`` is given; class-balanced
+    sampling (``--weighted_sample``); loss :func:`mdbench.models.clam.mil_loss` with ``bag_weight``. With
+    ``val_bags`` the weights of the epoch with the lowest validation loss are restored at the end (CLAM keeps
+    its best checkpoint by validation loss).
+    """
+    generator = _seeded(seed)
+    dataset = _BagSet(train_bags)
+    sampler = None
+    if weighted_sample:
+        labels = _labels(train_bags)
+        weights = 1.0 / np.bincount(labels)[labels]
+        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels),
+                                        generator=generator)
+    loader = DataLoader(dataset, batch_size=1, sampler=sampler, shuffle=sampler is None, generator=generator,
+                        collate_fn=_first)
+    val_loader = DataLoader(_BagSet(val_bags), batch_size=1, collate_fn=_first) if val_bags else None
+    optimizer = optimizer or torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                              weight_decay=weight_decay)
+    stopping = train.EarlyStopping("val_loss", patience=epochs, restore_best=True) if val_loader else None
+    return train.fit(model, loader, val_loader, optimizer=optimizer, epochs=epochs, device=device,
+                     step_fn=_mil_step(bag_weight), early_stopping=stopping, progress=False, amp=amp)
+
+
+@torch.no_grad()
+def predict_bags(model: nn.Module, bags: Sequence[Bag], device: str = "cpu"
+                 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(bag probabilities (B, C), labels (B,), per-bag instance scores [(N_i,)]) in eval mode."""
+    model.to(device).eval()
+    probs, scores = [], []
+    for instances, _, *_ in bags:
+        out: MILOutput = model(instances[None].to(device))
+        probs.append(out.logits.softmax(dim=1)[0].float().cpu().numpy())
+        scores.append(out.instance_scores.float().cpu().numpy())
+    return np.stack(probs), _labels(bags), scores
+
+
+def bag_metrics(model: nn.Module, bags: Sequence[Bag], device: str = "cpu") -> dict[str, float]:
+    """Bag-level accuracy and AUC in percent (macro one-vs-rest AUC for more than two classes)."""
+    probs, labels, _ = predict_bags(model, bags, device)
+    m = metrics.classification_metrics(labels, probs, num_classes=probs.shape[1])
+    return {"accuracy": 100 * m["accuracy"], "auc": 100 * m["auc"]}
+
+
+# ---------------------------------------------------------------------------------------------------- features
+@torch.no_grad()
+def map_instances(fn: Callable[[torch.Tensor], torch.Tensor], bags: Sequence[Bag], batch_size: int = 64,
+                  device: str = "cpu") -> list[Bag]:
+    """Bags with their instances replaced by ``fn(instances)`` (e.g. a frozen encoder), run in chunks."""
+    out = []
+    for instances, label, *rest in bags:
+        chunks = [fn(chunk.to(device)).float().cpu() for chunk in instances.split(batch_size)]
+        out.append((torch.cat(chunks), label, rest[0] if rest else None))
+    return out
+
+
+def split_features(features: torch.Tensor, bags: Sequence[Bag]) -> list[Bag]:
+    """Cut (sum N_i, D) features, stacked in bag order, back into feature bags with the bags' labels."""
+    sizes = [len(b[0]) for b in bags]
+    if sum(sizes) != len(features):
+        raise ValueError(f"{len(features)} feature rows for bags holding {sum(sizes)} instances")
+    return [(f, b[1], b[2] if len(b) > 2 else None) for f, b in zip(features.split(sizes), bags)]
+
+
+@dataclass
+class FeatureScaler:
+    """Per-dimension z-scoring fitted on training features; applied to teacher features before any use, so the
+    distillation targets and the teacher's CLAM live in the same standardised space."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, bags: Sequence[Bag]) -> "FeatureScaler":
+        feats = torch.cat([b[0] for b in bags])
+        return cls(feats.mean(dim=0), feats.std(dim=0).clamp_min(1e-6))
+
+    def __call__(self, bags: Sequence[Bag]) -> list[Bag]:
+        return [((b[0] - self.mean) / self.std, b[1], b[2] if len(b) > 2 else None) for b in bags]
+
+
+def cache_dir() -> Path:
+    """Where teacher features are cached: ``$MDBENCH_CACHE_DIR/efcm`` or ``<repo>/.cache/efcm`` (git-ignored)."""
+    return Path(os.environ.get(CACHE_ENV, _REPO_ROOT / ".cache")) / "efcm"
+
+
+def _fingerprint(teacher: "PatchEncoder", patches: torch.Tensor, amp: bool) -> str:
+    digest = hashlib.sha256()
+    identity = f"{type(teacher.encoder).__name__}|{teacher.mdbench_init}|{teacher.input_size}|amp={amp}"
+    digest.update(identity.encode())
+    digest.update(str(tuple(patches.shape)).encode())
+    digest.update(patches.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _autocast(device: torch.device, amp: bool):
+    if not amp:
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class PatchEncoder(nn.Module):
+    """A teacher as a patch-feature extractor: (B, 3, h, w) -> (B, D), resizing to its input size first.
+
+    ``encoder`` has ``pooled(x) -> (B, D)`` (e.g. :class:`mdbench.models.LiteMedSAMEncoder`, whose 256x256 input
+    the small tiles are bilinearly upsampled to) or ``forward(x) -> (B, D)``; ``input_size`` (default
+    ``encoder.input_size``, None = as given) is the side patches are resized to. FLOPs and latency measured on
+    this module include the resizing, as every patch pays it.
+    """
+
+    def __init__(self, encoder: nn.Module, input_size: int | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.input_size = input_size or getattr(encoder, "input_size", None)
+        self.mdbench_init = getattr(encoder, "mdbench_init", "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"patches must be (N, 3, h, w), got {tuple(x.shape)}")
+        size = self.input_size
+        if size is not None and tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return getattr(self.encoder, "pooled", self.encoder)(x)
+
+
+@torch.no_grad()
+def teacher_features(teacher: PatchEncoder, patches: torch.Tensor, *, name: str, batch_size: int = 8,
+                     amp: bool = True, device: str = "cpu", cache: bool = True,
+                     progress: Callable | None = None) -> torch.Tensor:
+    """Pooled teacher features of every patch, computed once and cached on disk.
+
+    Args:
+        teacher: the frozen teacher wrapped in :class:`PatchEncoder`.
+        patches: (N, 3, h, w) float in [0, 1] on the CPU.
+        name: a readable prefix of the cache file (dataset and tiling).
+        amp: bf16 autocast on CPU, bf16/fp16 on CUDA (the cache key includes it).
+        cache: read/write ``cache_dir()/<name>-<hash of teacher, amp and patch bytes>.pt``.
+        progress: optional wrapper of the batch iterator (e.g. ``tqdm``).
+
+    Returns:
+        (N, D) float32 features on the CPU.
+    """
+    if patches.ndim != 4 or patches.shape[1] != 3:
+        raise ValueError(f"patches must be (N, 3, h, w), got {tuple(patches.shape)}")
+    path = cache_dir() / f"{name}-{_fingerprint(teacher, patches, amp)}.pt"
+    if cache and path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    dev = torch.device(device)
+    teacher.to(dev).eval()
+    # bags may share patches (PBC cell sets reuse cells): encode each distinct patch once
+    unique, inverse = torch.unique(patches.flatten(1), dim=0, return_inverse=True)
+    batches = unique.view(-1, *patches.shape[1:]).split(batch_size)
+    out = []
+    for chunk in progress(batches) if progress else batches:
+        with _autocast(dev, amp):
+            out.append(teacher(chunk.to(dev)).float().cpu())
+    features = torch.cat(out)[inverse]
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        train.save_atomic(features, path)
+    return features
+
+
+# ------------------------------------------------------------------------------------------------------ stage 1
+def distill(student: EFCMStudent, patches: torch.Tensor, targets: torch.Tensor, *, loss: str = "fpd",
+            epochs: int, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, device: str = "cpu",
+            amp: bool = False) -> train.History:
+    """Stage 1: train ``student(patches)`` to match the teacher's ``targets`` (N, D), no labels involved.
+
+    ``loss="fpd"``: MSE + (1 - cos) (:func:`mdbench.losses.projection.fpd_loss`); ``"mse"``: plain feature KD.
+    AdamW with cosine decay to zero over the run.
+    """
+    if loss not in ("fpd", "mse"):
+        raise ValueError(f"distillation loss must be 'fpd' or 'mse', got {loss!r}")
+    if len(patches) != len(targets):
+        raise ValueError(f"{len(patches)} patches but {len(targets)} teacher features")
+    generator = _seeded(seed)
+    loader = DataLoader(TensorDataset(patches, targets), batch_size=batch_size, shuffle=True, generator=generator,
+                        drop_last=len(patches) > batch_size)  # BatchNorm needs batches of more than one
+    loss_fn = (lambda p, t: fpd_loss(p, t)) if loss == "fpd" else F.mse_loss
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.05)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
+    return train.fit(student, loader, None, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                     scheduler_interval="step", epochs=epochs, device=device, progress=False, amp=amp)
+
+
+# ------------------------------------------------------------------------------------------------------ stage 2
+class EndToEndMIL(nn.Module):
+    """ETC: a patch encoder and a MIL head trained together on bags of patches.
+
+    ``forward(patches (N, 3, h, w) or (1, N, 3, h, w), label=None) -> MILOutput``. In training mode at most
+    ``max_patches`` randomly chosen patches per bag carry gradients; the others are encoded under ``no_grad``
+    (the memory bound of the spec), and the head sees all N in their order. With ``freeze_bn`` the encoder's
+    BatchNorm layers keep their stage-1 statistics (bags are small, correlated batches).
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, max_patches: int | None = None,
+                 freeze_bn: bool = True) -> None:
+        super().__init__()
+        self.encoder, self.head, self.max_patches, self.freeze_bn = encoder, head, max_patches, freeze_bn
+
+    def train(self, mode: bool = True) -> "EndToEndMIL":
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.encoder.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, patches: torch.Tensor, label: int | torch.Tensor | None = None) -> MILOutput:
+        if patches.ndim == 5 and patches.shape[0] == 1:
+            patches = patches[0]
+        n = len(patches)
+        if not self.training or not self.max_patches or n <= self.max_patches:
+            return self.head(self.encoder(patches), label)
+        order = torch.randperm(n, device=patches.device)
+        with_grad, rest = order[: self.max_patches], order[self.max_patches:]
+        with torch.no_grad():
+            frozen = self.encoder(patches[rest])
+        features = torch.cat([self.encoder(patches[with_grad]), frozen])[order.argsort()]
+        return self.head(features, label)
+
+
+@dataclass
+class EFCMConfig:
+    """Everything one protocol seed needs (hyper-parameters of both stages and of the MIL heads)."""
+
+    head_hidden: tuple[int, int] = (512, 256)
+    k_sample: int = 8
+    dropout: float = 0.25
+    bag_weight: float = 0.7
+    head_epochs: int = 20
+    head_lr: float = 2e-4
+    student_backbone: str = "resnet10t"
+    student_out_index: int = 2
+    distill_epochs: int = 20
+    distill_lr: float = 1e-3
+    distill_batch: int = 64
+    etc_epochs: int = 5
+    etc_lr_student: float = 1e-4
+    etc_max_patches: int = 16
+    heads: tuple[str, ...] = ("clam_sb", "clam_mb", "abmil", "mil")
+    device: str = "cpu"
+    amp: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SeedResult:
+    """One protocol seed: ``rows[row] = {"accuracy", "auc"}`` (Table 1), ``heads[head]`` (MIL heads on the
+    frozen features), the test bags' indices into the bag list and ``instance_scores[row]`` per test bag,
+    and the stage-1 ``distill_loss`` (last epoch) per student variant."""
+
+    rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    heads: dict[str, dict[str, float]] = field(default_factory=dict)
+    test_index: list[int] = field(default_factory=list)
+    instance_scores: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    distill_loss: dict[str, float] = field(default_factory=dict)
+
+
+def _head(cfg: EFCMConfig, name: str, in_dim: int, n_classes: int) -> nn.Module:
+    return build_mil_head(name, in_dim, n_classes, hidden=cfg.head_hidden, dropout=cfg.dropout,
+                          k_sample=cfg.k_sample, subtyping=n_classes > 2)
+
+
+def _fit_head(cfg: EFCMConfig, name: str, train_bags, val_bags, n_classes: int, seed: int) -> nn.Module:
+    seed_rngs(seed)  # fixes the head's initial weights
+    head = _head(cfg, name, train_bags[0][0].shape[1], n_classes)
+    train_mil(head, train_bags, val_bags, epochs=cfg.head_epochs, lr=cfg.head_lr, bag_weight=cfg.bag_weight,
+              seed=seed, device=cfg.device)
+    return head
+
+
+def fit_heads(parts: dict[str, Sequence[Bag]], cfg: EFCMConfig, n_classes: int, seed: int
+              ) -> tuple[dict[str, nn.Module], dict[str, dict[str, float]]]:
+    """Train every head of ``cfg.heads`` on ``parts["train"]`` (best epoch by ``parts["val"]`` loss) and score
+    it on ``parts["test"]``: (trained heads, ``{head: {"accuracy", "auc"}}``)."""
+    heads = {name: _fit_head(cfg, name, parts["train"], parts["val"], n_classes, seed) for name in cfg.heads}
+    return heads, {name: bag_metrics(head, parts["test"], cfg.device) for name, head in heads.items()}
+
+
+def _fit_etc(cfg: EFCMConfig, student: nn.Module, head: nn.Module, parts: dict, n_classes: int, seed: int
+             ) -> EndToEndMIL:
+    model = EndToEndMIL(student, head, cfg.etc_max_patches)
+    optimizer = torch.optim.Adam([{"params": student.parameters(), "lr": cfg.etc_lr_student},
+                                  {"params": head.parameters(), "lr": cfg.head_lr}], weight_decay=1e-5)
+    train_mil(model, parts["train"], parts["val"], epochs=cfg.etc_epochs, optimizer=optimizer,
+              bag_weight=cfg.bag_weight, seed=seed, device=cfg.device, amp=cfg.amp)
+    return model
+
+
+def run_seed(bags: Sequence[Bag], feature_bags: Sequence[Bag], index: dict[str, Sequence[int]], cfg: EFCMConfig,
+             seed: int, n_classes: int = 2, keep_scores: Sequence[str] = ("teacher_clam", "fpd_ts_etc")
+             ) -> SeedResult:
+    """The whole EFCM protocol on one split of patch bags.
+
+    Args:
+        bags: patch bags ``(patches (N, 3, h, w), label, instance_labels)``.
+        feature_bags: the same bags with the teacher's (N, D) features as instances (:func:`split_features` of
+            :func:`teacher_features`).
+        index: ``{"train", "val", "test"}`` positions into ``bags`` (:func:`monte_carlo_index`, or a fixed split).
+        cfg: hyper-parameters; ``seed``: seeds initialisation, sampling and dropout of every model trained here.
+        n_classes: bag classes (more than 2 turns on CLAM's subtyping).
+        keep_scores: rows whose test-bag instance scores (attention) are kept for heatmaps.
+
+    Rows: ``teacher_clam`` (CLAM-SB on teacher features: the large-model baseline), ``no_distill_etc`` (the
+    EFCM student from random init trained end to end, no teacher), ``kd_retrain``, and ``{fpd, fpd_ts}_{reuse,
+    retrain, etc}``. ``heads``: CLAM-SB, CLAM-MB, ABMIL, max-MIL on the teacher features. Stage 1 sees the
+    training split's patches only.
+    """
+    if len(bags) != len(feature_bags):
+        raise ValueError(f"{len(bags)} patch bags but {len(feature_bags)} feature bags")
+    result = SeedResult(test_index=[int(i) for i in index["test"]])
+    parts = {name: [bags[i] for i in index[name]] for name in ("train", "val", "test")}
+    scaler = FeatureScaler.fit([feature_bags[i] for i in index["train"]])
+    teacher = {name: scaler([feature_bags[i] for i in index[name]]) for name in parts}
+    dim = feature_bags[0][0].shape[1]
+
+    def score(row: str, model: nn.Module, test_bags: Sequence[Bag]) -> None:
+        probs, labels, inst = predict_bags(model, test_bags, cfg.device)
+        m = metrics.classification_metrics(labels, probs, num_classes=n_classes)
+        result.rows[row] = {"accuracy": 100 * m["accuracy"], "auc": 100 * m["auc"]}
+        if row in keep_scores:
+            result.instance_scores[row] = inst
+
+    # MIL heads on the frozen teacher features; CLAM-SB is the large-model baseline and the Reuse head
+    heads, result.heads = fit_heads(teacher, cfg, n_classes, seed)
+    score("teacher_clam", heads["clam_sb"], teacher["test"])
+
+    # stage 1 on the training split's patches, targets = standardised teacher features
+    train_patches = torch.cat([b[0] for b in parts["train"]])
+    targets = torch.cat([b[0] for b in teacher["train"]])
+    for variant in ("kd", "fpd", "fpd_ts"):
+        seed_rngs(seed)
+        student = build_student(variant, dim, backbone=cfg.student_backbone, out_index=cfg.student_out_index)
+        history = distill(student, train_patches, targets, loss="mse" if variant == "kd" else "fpd",
+                          epochs=cfg.distill_epochs, lr=cfg.distill_lr, batch_size=cfg.distill_batch, seed=seed,
+                          device=cfg.device, amp=cfg.amp)
+        result.distill_loss[variant] = history.epochs[-1]["train_loss"]
+        student.eval()
+        encoded = {name: map_instances(student, part, device=cfg.device) for name, part in parts.items()}
+        retrained = _fit_head(cfg, "clam_sb", encoded["train"], encoded["val"], n_classes, seed)
+        score(f"{variant}_retrain", retrained, encoded["test"])
+        if variant == "kd":
+            continue
+        score(f"{variant}_reuse", heads["clam_sb"], encoded["test"])
+        etc = _fit_etc(cfg, student, copy.deepcopy(heads["clam_sb"]), parts, n_classes, seed)
+        score(f"{variant}_etc", etc, parts["test"])
+
+    # the same student and a fresh CLAM-SB trained end to end from random init: what bag labels alone give
+    seed_rngs(seed)
+    scratch = build_student("fpd_ts", dim, backbone=cfg.student_backbone, out_index=cfg.student_out_index)
+    etc = _fit_etc(cfg, scratch, _head(cfg, "clam_sb", dim, n_classes), parts, n_classes, seed)
+    score("no_distill_etc", etc, parts["test"])
+    return result
+
+
+# ------------------------------------------------------------------------------------------ smoke-profile teacher
+def texture_teacher(image_size: int, *, n_images: int = 512, epochs: int = 3, backbone: str = "resnet10t",
+                    seed: int = 0, device: str = "cpu") -> PatchEncoder:
+    """The smoke profile's stand-in for a foundation model: a timm CNN pretrained (with labels) to tell the four
+    textures of :class:`mdbench.data.synthetic.SyntheticClassification` apart, on images drawn from a seed
+    stream of their own. LiteMedSAM costs ~75 GFLOPs per patch, too much for a one-minute CPU run; the cpu and
+    gpu profiles use it. Returns the frozen (B, 3, h, w) -> (B, 512) pooled-feature extractor.
+    """
+    from mdbench.data.synthetic import SyntheticClassification
+    from mdbench.models import build_model, freeze
+
+    data = SyntheticClassification(n_images, num_classes=4, image_size=image_size, channels=3, seed=10_000 + seed)
+    generator = _seeded(seed)
+    model = build_model(f"timm:{backbone}", pretrained=False, num_classes=4)
+    model.mdbench_init = f"texture-pretrained (SyntheticClassification, {n_images} images, {epochs} epochs)"
+    loader = DataLoader(data, batch_size=64, shuffle=True, generator=generator)
+    train.fit(model, loader, loss_fn=nn.CrossEntropyLoss(), lr=3e-3, epochs=epochs, device=device, progress=False)
+    model.reset_classifier(0)  # forward now returns the pooled pre-logit features
+    return freeze(PatchEncoder(model))
+
+
+# ------------------------------------------------------------------------------------------------- efficiency
+def measure_costs(encoders: dict[str, nn.Module], head: nn.Module, patch_size: int, bag_size: int, *,
+                  repeats: int = 20, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Table 2: what extracting features and classifying one bag costs, per encoder.
+
+    Per patch (batch of one (1, 3, patch_size, patch_size) patch; for a :class:`PatchEncoder` teacher the
+    resize to its input is included): deployed parameters in millions (``params_m``, encoder + head),
+    ``gflops_patch`` (FlopCounterMode, 2 x MACs) and ``ms_patch`` (median latency on ``device``). Per bag of
+    ``bag_size`` patches: ``gflops_bag`` = bag_size x gflops_patch + the head's FLOPs on (bag_size, D), and
+    ``s_bag`` = bag_size x ms_patch + the head's latency, in seconds.
+    """
+    from mdbench.efficiency import count_flops, count_parameters, measure_latency
+
+    patch = torch.rand(1, 3, patch_size, patch_size)
+    bag = torch.randn(bag_size, head.in_dim)
+    head_flops = count_flops(head, (bag,)).flops
+    head_ms = measure_latency(head, (bag,), warmup=2, repeats=repeats, device=device).median_ms
+    head_params = count_parameters(head).total
+    rows = {}
+    for name, encoder in encoders.items():
+        encoder.to(device)
+        flops = count_flops(encoder, (patch,)).flops / 1e9
+        ms = measure_latency(encoder, (patch,), warmup=min(2, repeats), repeats=repeats, device=device).median_ms
+        rows[name] = {"params_m": (count_parameters(encoder).total + head_params) / 1e6, "gflops_patch": flops,
+                      "ms_patch": ms, "gflops_bag": bag_size * flops + head_flops / 1e9,
+                      "s_bag": (bag_size * ms + head_ms) / 1e3}
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+def mosaic(instances: torch.Tensor, values: Sequence[float] | np.ndarray, cols: int | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """A bag of N patches laid out row-major on a grid, and per-instance values on the same grid.
+
+    Args:
+        instances: (N, 3, h, w) patches in [0, 1] (an ISIC bag of ``grid``² tiles re-forms its image with
+            ``cols=grid``).
+        values: N per-instance values (attention, instance labels).
+        cols: grid columns; default ``ceil(sqrt(N))``.
+
+    Returns:
+        image (rows * h, cols * w, 3) in [0, 1] (empty cells white) and value grid (rows, cols) (empty cells NaN).
+    """
+    n, _, h, w = instances.shape
+    values = np.asarray(values, dtype=float)
+    if len(values) != n:
+        raise ValueError(f"{len(values)} values for {n} instances")
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    image = np.ones((rows * h, cols * w, 3))
+    grid = np.full((rows, cols), np.nan)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        image[r * h:(r + 1) * h, c * w:(c + 1) * w] = instances[i].permute(1, 2, 0).clamp(0, 1).numpy()
+        grid[r, c] = values[i]
+    return image, grid
+
+
+def throughput(encoder: nn.Module, patch_size: int, batch_size: int, *, amp: bool = False, repeats: int = 5,
+               device: str = "cpu") -> float:
+    """Patches per second of ``encoder`` on batches of ``batch_size`` random patches, under the same autocast as
+    :func:`teacher_features` (median batch time after one warm-up; CUDA synchronised)."""
+    from mdbench.efficiency import measure_latency
+
+    dev = torch.device(device)
+    encoder.to(dev).eval()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with _autocast(dev, amp):
+            return encoder(x)
+
+    batch = torch.rand(batch_size, 3, patch_size, patch_size, device=dev)
+    return batch_size / (measure_latency(run, (batch,), warmup=1, repeats=repeats, device=dev).median_ms / 1e3)

@@ -1,0 +1,1 @@
+"""Losses live in submodules: kd, mil, projection, segmentation."""
