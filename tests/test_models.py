@@ -142,3 +142,10 @@ def test_builder_must_record_its_init(monkeypatch):
     monkeypatch.setitem(registry._BUILDERS, "no_record", lambda pretrained=True: torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="must set model.mdbench_init"):
         build_model("no_record")
+
+
+def test_features_only_backbone_builds_without_pooled_dim():
+    with pytest.warns(Warning):
+        model = build_model("timm:resnet18", features_only=True, out_indices=(1, 2))
+    maps = model(torch.zeros(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == [64, 128] and model.pooled_feature_dim is None

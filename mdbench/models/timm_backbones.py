@@ -98,7 +98,8 @@ def build_timm(name: str, pretrained: bool = True, **kwargs) -> nn.Module:
     Returns:
         The timm model, with ``mdbench_init`` = ``"pretrained:<path>"`` or ``"random init"`` and
         ``pooled_feature_dim`` = width of the pooled feature vector (``num_classes=0`` output, or
-        ``forward_head(..., pre_logits=True)``): timm's ``head_hidden_size`` where set, else ``num_features``.
+        ``forward_head(..., pre_logits=True)``): timm's ``head_hidden_size`` where set, else ``num_features``;
+        None for ``features_only=True`` models, which return a list of stage maps.
         Input (B, in_chans, H, W) float, output (B, num_classes) logits.
     """
     weights = find_local_weights(name) if pretrained else None
@@ -116,6 +117,10 @@ def build_timm(name: str, pretrained: bool = True, **kwargs) -> nn.Module:
             )
         model = timm.create_model(name, pretrained=False, **kwargs)
         model.mdbench_init = RANDOM_INIT
-    # MobileNetV3-style heads widen the pooled features after num_features; timm records that in head_hidden_size
-    model.pooled_feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
+    if hasattr(model, "feature_info") and not hasattr(model, "num_features"):
+        # features_only=True gives a FeatureListNet: a list of stage maps, and no pooled vector
+        model.pooled_feature_dim = None
+    else:
+        # MobileNetV3-style heads widen the pooled features after num_features; timm records that in head_hidden_size
+        model.pooled_feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
     return model.eval()
