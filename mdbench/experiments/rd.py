@@ -1,0 +1,497 @@
+"""Experiment glue of the Reprogramming Distillation notebook: data as tensors, cached FM features, method runners.
+
+- :func:`load_classification`: a dataset's train and test splits as in-memory tensors at one resolution.
+- :func:`label_subset` / :func:`make_task`: the label fraction (full or low-data) of one seed, with the frozen FM's
+  features of the *un-reprogrammed* images computed once per dataset (:func:`cache_features`). Only RD and RD
+  without CKA, whose FM input passes through the trainable reprogrammer, and the FM fine-tuning baselines run the
+  FM at every step.
+- :func:`run_fm_method`, :func:`run_student_method`: train one method for one seed with ``mdbench.train.fit``
+  and score it on the test split; :func:`run_grid` runs every method, student and seed of one dataset at one
+  label fraction.
+- :func:`deployment_costs`: Table 2 (deployed parameters, FLOPs and CPU latency of students against the FM).
+
+Training length is a number of optimizer steps (``TrainConfig.steps``), the same for the full and the low-data
+setting, so a 10% run is not also a shorter run.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from mdbench import efficiency, train, tuning
+from mdbench.data.registry import load_dataset
+from mdbench.data.synthetic import SyntheticClassification
+from mdbench.losses.kd import HintLoss, RKDLoss, kd_loss
+from mdbench.metrics import classification_metrics
+from mdbench.models.reprogramming import (DeployedStudent, FrozenFM, InputReprogrammer, RDObjective, RDStep,
+                                          ReprogrammingDistillation, Student, build_fm, build_student)
+from mdbench.repro import seed_rngs
+
+FM_METHODS = ("fm_linear_probe", "fm_full_ft", "fm_lora", "fm_vpt")
+STUDENT_METHODS = ("student", "kd", "fitnet", "rkd", "rd_no_cka", "rd_no_reprogramming", "rd")
+KD_BASELINES = ("kd", "fitnet", "rkd")
+RD_METHODS = ("rd_no_cka", "rd_no_reprogramming", "rd")
+
+
+# ------------------------------------------------------------------------------------------------- data
+@dataclass
+class Split:
+    """Images (N, 3, H, W) in [0, 1], labels (N,) int64 and, once cached, FM features (N, D_t) of the images."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    features: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4 or self.x.shape[1] != 3 or self.y.ndim != 1 or len(self.x) != len(self.y):
+            raise ValueError(f"a split needs images (N, 3, H, W) and labels (N,), got {tuple(self.x.shape)} and "
+                             f"{tuple(self.y.shape)}")
+        if self.features is not None and len(self.features) != len(self.y):
+            raise ValueError(f"{len(self.features)} cached features for {len(self.y)} images")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: torch.Tensor) -> "Split":
+        return Split(self.x[index], self.y[index], None if self.features is None else self.features[index])
+
+
+@dataclass
+class ClassificationData:
+    """One dataset's train and test splits in memory; ``checksum`` identifies the data the numbers came from."""
+
+    name: str
+    train: Split
+    test: Split
+    classes: tuple[str, ...]
+    checksum: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _stratified(y: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a stratified sample of ``n`` of the labels ``y`` (all of them when n is None or >= len)."""
+    if n is None or n >= len(y):
+        return np.arange(len(y))
+    keep, _ = train_test_split(np.arange(len(y)), train_size=n, stratify=y, random_state=seed)
+    return np.sort(keep)
+
+
+def _stack(dataset, index: Iterable[int]) -> Split:
+    items = [dataset[int(i)] for i in index]
+    return Split(torch.stack([x for x, _ in items]).float(), torch.tensor([int(y) for _, y in items]))
+
+
+def load_classification(name: str, image_size: int, data_dir: str | None = None, max_train: int | None = None,
+                        max_test: int | None = None, synthetic_classes: int = 2) -> ClassificationData:
+    """A classification dataset's train and test splits as tensors of RGB images at ``image_size``.
+
+    Args:
+        name: ``"synthetic"`` (:class:`SyntheticClassification`, ``max_train``/``max_test`` images, which must be
+            given) or a registry dataset: ``pneumoniamnist``, ``pbc``, ``isic2017`` (official or seeded splits).
+        image_size: side of the square images (bilinear resize; grey images are repeated to 3 channels).
+        max_train, max_test: keep a stratified sample of at most this many images (seed 0), for CPU-scale runs.
+        synthetic_classes: number of classes of the synthetic set.
+    """
+    if name == "synthetic":
+        if max_train is None or max_test is None:
+            raise ValueError("the synthetic dataset needs max_train and max_test (its sizes)")
+        splits = {split: SyntheticClassification(n, synthetic_classes, image_size, channels=3, seed=0, split=split)
+                  for split, n in (("train", max_train), ("test", max_test))}
+        checksum = hashlib.sha256((splits["train"].checksum + splits["test"].checksum).encode()).hexdigest()
+        return ClassificationData(name, _stack(splits["train"], range(max_train)),
+                                  _stack(splits["test"], range(max_test)), splits["train"].classes, checksum)
+    splits = {split: load_dataset(name, split=split, data_dir=data_dir, image_size=image_size, channels=3)
+              for split in ("train", "test")}
+    tensors = {split: _stack(ds, _stratified(np.asarray([int(l) for l in _labels(ds)]), cap, seed=0))
+               for (split, ds), cap in zip(splits.items(), (max_train, max_test))}
+    return ClassificationData(name, tensors["train"], tensors["test"], tuple(splits["train"].classes),
+                              splits["train"].checksum)
+
+
+def _labels(dataset) -> list[int]:
+    """Labels of a registry classification dataset's split, in item order, without reading any image."""
+    return np.asarray(dataset.labels)[dataset.indices].tolist()
+
+
+def cache_features(data: ClassificationData, fm: FrozenFM, batch_size: int = 64) -> ClassificationData:
+    """Store the frozen FM's features of the (un-reprogrammed) train and test images in ``data``, once."""
+    for split in (data.train, data.test):
+        split.features = fm.cache(split.x, batch_size)
+    return data
+
+
+def label_subset(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of a stratified ``fraction`` of the labels ``y`` (the low-data setting), drawn with ``seed``;
+    at least one image per class."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    labels = y.numpy()
+    n_classes = len(np.unique(labels))
+    n = max(n_classes, round(fraction * len(labels)))
+    try:
+        return torch.from_numpy(_stratified(labels, n, seed))
+    except ValueError as err:
+        raise ValueError(f"cannot draw {n} of {len(labels)} labels stratified by class: {err}") from err
+
+
+@dataclass
+class Task:
+    """One dataset at one label fraction for one seed: what every method of that cell of Table 1 trains on."""
+
+    label: str
+    fraction: float
+    train: Split
+    test: Split
+    num_classes: int
+    fm: FrozenFM
+
+
+def fraction_label(name: str, fraction: float) -> str:
+    """The dataset label of a table row: ``name`` for full data, ``name-10pct`` for 10% of the labels."""
+    return name if fraction == 1 else f"{name}-{round(100 * fraction)}pct"
+
+
+def make_task(data: ClassificationData, fm: FrozenFM, fraction: float, seed: int) -> Task:
+    """The task of ``data`` at ``fraction`` of its training labels (``seed`` draws which ones)."""
+    if data.train.features is None:
+        raise ValueError("call cache_features(data, fm) first: the FM features are computed once per dataset")
+    train_split = data.train.subset(label_subset(data.train.y, fraction, seed))
+    return Task(fraction_label(data.name, fraction), fraction, train_split, data.test, data.num_classes, fm)
+
+
+# ------------------------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings shared by every method (recorded with each result)."""
+
+    steps: int = 100            # optimizer steps per run (full and low-data alike)
+    batch_size: int = 32
+    lr: float = 1e-3            # students, heads, reprogrammer, PEFT parameters (AdamW)
+    fm_lr: float = 1e-4         # full fine-tuning of the FM
+    temperature: float = 4.0    # KD temperature (RD and Hinton KD)
+    alpha: float = 1.0          # KD weight
+    beta: float = 1.0           # CKA weight (RD)
+    decay: bool = True          # RD: KD and CKA weights fall linearly to 0 over training (DRD's schedule)
+    hint_weight: float = 1.0    # FitNet
+    rkd_weights: tuple[float, float] = (25.0, 50.0)  # RKD distance, angle
+    reprogrammer_hidden: int = 32
+    projector: str = "linear"
+    lora_rank: int = 8
+    vpt_tokens: int = 10
+    pretrained_students: bool = True
+    device: str = "cpu"
+    amp: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MethodResult:
+    """Test metrics (accuracy and macro AUC, in %) of one trained method, and what other methods reuse."""
+
+    metrics: dict[str, float]
+    model: nn.Module
+    train_logits: torch.Tensor | None = None      # FM methods: logits on the training images (a KD teacher)
+    extra: dict[str, dict[str, float]] = field(default_factory=dict)  # rd: "teacher", its reprogrammed-FM path
+
+
+def _loader(tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int | None) -> DataLoader:
+    """Shuffled, full batches for training (BatchNorm and CKA need >= 2 samples) when ``seed`` is given; in order
+    otherwise."""
+    n = len(tensors[0])
+    size = min(batch_size, n)
+    if seed is None:
+        return DataLoader(TensorDataset(*tensors), batch_size=size)
+    return DataLoader(TensorDataset(*tensors), batch_size=size, shuffle=True, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _fit(model: nn.Module, tensors: tuple[torch.Tensor, ...], step_fn, cfg: TrainConfig, seed: int,
+         lr: float) -> train.History:
+    loader = _loader(tensors, cfg.batch_size, seed)
+    model.to(cfg.device)
+    # fused AdamW: one kernel for all parameters, several times faster than the default on CPU as well
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
+    return train.fit(model, loader, step_fn=step_fn, optimizer=optimizer, epochs=math.ceil(cfg.steps / len(loader)),
+                     max_steps=cfg.steps, device=cfg.device, amp=cfg.amp, progress=False, seed=seed)
+
+
+def _scores(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
+    scores = classification_metrics(y, logits.float(), num_classes=num_classes, scores_are="logits")
+    return {"accuracy": 100 * scores["accuracy"], "auc": 100 * scores["auc"]}
+
+
+def _evaluate(model: nn.Module, tensors: tuple[torch.Tensor, ...], num_classes: int, cfg: TrainConfig,
+              fn: Callable | None = None) -> dict[str, float]:
+    """Accuracy and macro AUC (%) of ``fn(model, batch) -> (logits, y)`` (default ``model(x)``) over ``tensors``."""
+    logits, y = train.predict(model, _loader(tensors, 256, None), cfg.device, fn)
+    return _scores(logits, y, num_classes)
+
+
+def _precise_bn(model: nn.Module, images: torch.Tensor, cfg: TrainConfig) -> None:
+    """Recompute ``model``'s BatchNorm statistics as exact averages over ``images`` (no weight changes).
+
+    A short run's running averages (momentum 0.1) lag behind the weights and can collapse eval-mode predictions to
+    one class; every trained model is scored after this. Only for modules whose BatchNorms all train: a frozen
+    FM's statistics must stay as they are.
+    """
+    with torch.no_grad():
+        update_bn(_loader((images,), 256, None), model.to(cfg.device), device=cfg.device)
+
+
+def _ce_step(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+    x, y = batch[0], batch[1]
+    return F.cross_entropy(model(x), y), {}
+
+
+# ------------------------------------------------------------------------------------------------- FM baselines
+class FMClassifier(nn.Module):
+    """FM encoder (frozen, fine-tuned or with adapters) + linear head: (B, 3, H, W) -> (B, K); deploys FM cost.
+
+    In training mode the BatchNorms whose weights are frozen (LoRA, VPT) stay in eval mode, so the FM's running
+    statistics do not move.
+    """
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, nn.Linear(feature_dim, num_classes)
+
+    def train(self, mode: bool = True) -> "FMClassifier":
+        super().train(mode)
+        return tuning.frozen_norms_to_eval(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+_TUNING = {"fm_full_ft": "full", "fm_lora": "lora", "fm_vpt": "vpt"}
+
+
+def _adapted_fm(method: str, task: Task, cfg: TrainConfig) -> FMClassifier:
+    """A copy of the FM with a head, set up by ``mdbench.tuning`` for full fine-tuning, LoRA or VPT (the frozen FM
+    of the task stays untouched)."""
+    encoder = copy.deepcopy(task.fm.encoder)
+    options = {"fm_lora": {"r": cfg.lora_rank, "target_modules": encoder.lora_targets},
+               "fm_vpt": {"num_prompts": cfg.vpt_tokens}}.get(method, {})
+    model = FMClassifier(encoder, encoder.feature_dim, task.num_classes)
+    return tuning.apply_method(model, _TUNING[method], backbone="encoder", **options)
+
+
+def run_fm_method(method: str, task: Task, seed: int, cfg: TrainConfig, teacher: bool = True) -> MethodResult:
+    """Adapt the FM to the task with ``method`` (one of :data:`FM_METHODS`) and score it on the test split.
+
+    The linear probe trains a head on the cached features; the others run the FM at every step. With ``teacher``,
+    ``train_logits`` holds the adapted FM's logits on the training images, for Hinton KD.
+    """
+    if method not in FM_METHODS:
+        raise ValueError(f"unknown FM method {method!r}; choose one of {FM_METHODS}")
+    seed_rngs(seed)
+    train_split, test_split = task.train, task.test
+    if method == "fm_linear_probe":
+        head = nn.Linear(task.fm.feature_dim, task.num_classes)
+        _fit(head, (train_split.features, train_split.y), _ce_step, cfg, seed, cfg.lr)
+        metrics = _evaluate(head, (test_split.features, test_split.y), task.num_classes, cfg)
+        train_logits = train.predict(head, _loader((train_split.features,), 256, None), cfg.device)[0] if teacher \
+            else None
+        return MethodResult(metrics, FMClassifier(task.fm, task.fm.feature_dim, task.num_classes), train_logits)
+    model = _adapted_fm(method, task, cfg)
+    _fit(model, (train_split.x, train_split.y), _ce_step, cfg, seed, cfg.fm_lr if method == "fm_full_ft" else cfg.lr)
+    if method == "fm_full_ft":  # LoRA and VPT keep the FM's BatchNorms frozen
+        _precise_bn(model, train_split.x, cfg)
+    metrics = _evaluate(model, (test_split.x, test_split.y), task.num_classes, cfg)
+    train_logits = train.predict(model, _loader((train_split.x,), 256, None), cfg.device)[0] if teacher else None
+    return MethodResult(metrics, model, train_logits)
+
+
+# ------------------------------------------------------------------------------------------------- student methods
+class DistilledStudent(nn.Module):
+    """A student with its own classifier (what is deployed) and the auxiliary module of its KD loss (dropped)."""
+
+    def __init__(self, student: Student, num_classes: int, aux: nn.Module | None = None) -> None:
+        super().__init__()
+        self.deployed = DeployedStudent(student, nn.Linear(student.embed_dim, num_classes))
+        self.aux = aux
+
+
+def _kd_step(method: str, cfg: TrainConfig):
+    """``CE(l_s, y)`` plus the method's distillation term on batches ``(x, y[, teacher logits or FM features])``."""
+
+    def step(model: DistilledStudent, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y, *teacher = batch
+        features, projected = model.deployed.student(x)
+        logits = model.deployed.classifier(projected)
+        ce = F.cross_entropy(logits, y)
+        if method == "student":
+            return ce, {"ce": ce.detach()}
+        if method == "kd":
+            term = cfg.alpha * kd_loss(logits, teacher[0], cfg.temperature)
+        elif method == "fitnet":
+            term = cfg.hint_weight * model.aux(features, teacher[0])
+        else:  # rkd
+            term = model.aux(features, teacher[0])
+        return ce + term, {"ce": ce.detach(), method: term.detach()}
+
+    return step
+
+
+def initial_student(name: str, task: Task, seed: int, cfg: TrainConfig) -> Student:
+    """The timm student ``name`` (projecting to the FM's width) as every method of ``seed`` starts it."""
+    seed_rngs(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # missing local weights: random init, recorded through mdbench_init
+        return build_student(name, task.fm.feature_dim, task.train.x.shape[-1], cfg.pretrained_students,
+                             cfg.projector)
+
+
+def run_student_method(method: str, task: Task, initial: Student, seed: int, cfg: TrainConfig,
+                       teacher_logits: torch.Tensor | None = None) -> MethodResult:
+    """Train a copy of the student ``initial`` with ``method`` (one of :data:`STUDENT_METHODS`) and score it.
+
+    Pass the same :func:`initial_student` to every method of one seed, so all start from the same weights (and
+    timm builds each student once). ``kd`` needs ``teacher_logits`` (N_train, K)
+    of the fine-tuned FM; FitNet, RKD and RD without reprogramming use the cached FM features. For ``rd``,
+    ``extra["teacher"]`` scores the reprogrammed FM path ``g(F_t(phi(x)))`` too.
+    """
+    if method not in STUDENT_METHODS:
+        raise ValueError(f"unknown student method {method!r}; choose one of {STUDENT_METHODS}")
+    if method == "kd" and teacher_logits is None:
+        raise ValueError("Hinton KD needs teacher_logits: the fine-tuned FM's logits on the training images")
+    seed_rngs(seed)
+    student = copy.deepcopy(initial)
+    tr, te = task.train, task.test
+    if method in RD_METHODS:
+        reprogrammer = None if method == "rd_no_reprogramming" else InputReprogrammer(3, cfg.reprogrammer_hidden)
+        model = ReprogrammingDistillation(task.fm, student, task.num_classes, reprogrammer)
+        objective = RDObjective(cfg.alpha, 0.0 if method == "rd_no_cka" else cfg.beta, cfg.temperature)
+        cached = reprogrammer is None
+        train_tensors = (tr.x, tr.y, tr.features) if cached else (tr.x, tr.y)
+        _fit(model, train_tensors, RDStep(objective, cfg.steps, cfg.decay), cfg, seed, cfg.lr)
+        deployed = model.deployed()
+        _precise_bn(deployed, tr.x, cfg)
+        if reprogrammer is not None:
+            _precise_bn(reprogrammer, tr.x, cfg)
+        result = MethodResult(_evaluate(deployed, (te.x, te.y), task.num_classes, cfg), deployed)
+        if method == "rd":
+            result.extra["teacher"] = _evaluate(model, (te.x, te.y), task.num_classes, cfg,
+                                                lambda m, b: (m(b[0]).teacher_logits, b[1]))
+        return result
+    aux = {"fitnet": lambda: HintLoss(student.feature_dim, task.fm.feature_dim),
+           "rkd": lambda: RKDLoss(*cfg.rkd_weights)}.get(method, lambda: None)()
+    model = DistilledStudent(student, task.num_classes, aux)
+    extra_tensor = {"kd": teacher_logits, "fitnet": tr.features, "rkd": tr.features}.get(method)
+    train_tensors = (tr.x, tr.y) if extra_tensor is None else (tr.x, tr.y, extra_tensor)
+    _fit(model, train_tensors, _kd_step(method, cfg), cfg, seed, cfg.lr)
+    _precise_bn(model.deployed, tr.x, cfg)
+    return MethodResult(_evaluate(model.deployed, (te.x, te.y), task.num_classes, cfg), model.deployed)
+
+
+# ------------------------------------------------------------------------------------------------- the grid
+def unavailable_methods(methods: Iterable[str], fm: FrozenFM) -> dict[str, str]:
+    """``{method: reason}`` for the methods of ``methods`` that cannot run on this FM."""
+    if "fm_vpt" in methods and not fm.encoder.has_attention:
+        return {"fm_vpt": f"VPT prompts attention layers, and the FM {fm.name!r} has none"}
+    return {}
+
+
+def run_grid(data: ClassificationData, fm: FrozenFM, fraction: float, students: list[str], methods: list[str],
+             seeds: list[int], cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
+    """Every method of ``methods`` for every seed (and student) on ``data`` at one label fraction.
+
+    Each seed draws its own label subset (:func:`make_task`). Hinton KD's teacher is the fully fine-tuned FM when
+    ``fm_full_ft`` runs, else the linear probe.
+
+    Returns:
+        One row per (method, student, seed): ``dataset`` (the task label), ``method``, ``student`` ("—" for FM
+        methods), ``seed``, ``accuracy``, ``auc`` (%), ``kd_teacher``, ``init`` (where the weights came from).
+        ``rd`` adds a row for its reprogrammed-FM path, method ``rd_teacher``.
+    """
+    unknown = sorted(set(methods) - set(FM_METHODS) - set(STUDENT_METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {FM_METHODS + STUDENT_METHODS}")
+    fm_methods = [m for m in FM_METHODS if m in methods]
+    student_methods = [m for m in STUDENT_METHODS if m in methods]
+    teacher_method = next((m for m in ("fm_full_ft", "fm_linear_probe") if m in fm_methods), None)
+    if "kd" in student_methods and teacher_method is None:
+        raise ValueError("Hinton KD distils the fine-tuned FM: add fm_full_ft or fm_linear_probe to methods")
+    rows = []
+    total = len(seeds) * (len(fm_methods) + len(students) * len(student_methods))
+    bar = tqdm(total=total, desc=fraction_label(data.name, fraction), disable=not progress)
+    for seed in seeds:
+        seed_task = make_task(data, fm, fraction, seed)
+        base = {"dataset": seed_task.label, "seed": seed, "kd_teacher": teacher_method or "—"}
+        teacher_logits = None
+        for method in fm_methods:
+            bar.set_postfix_str(f"seed {seed} {method}")
+            result = run_fm_method(method, seed_task, seed, cfg, teacher=method == teacher_method)
+            if method == teacher_method:
+                teacher_logits = result.train_logits
+            rows.append({**base, "method": method, "student": "—", "init": fm.encoder.mdbench_init,
+                         **result.metrics})
+            bar.update()
+        for student in students:
+            initial = initial_student(student, seed_task, seed, cfg)
+            for method in student_methods:
+                bar.set_postfix_str(f"seed {seed} {student} {method}")
+                result = run_student_method(method, seed_task, initial, seed, cfg, teacher_logits)
+                row = {**base, "student": student, "init": initial.mdbench_init}
+                rows.append({**row, "method": method, **result.metrics})
+                for name, metrics in result.extra.items():
+                    rows.append({**row, "method": f"{method}_{name}", **metrics})
+                bar.update()
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------- Table 2
+def deployment_costs(students: list[str], image_size: int, num_classes: int, embed_dim: int, fm_names: list[str],
+                     latency_repeats: int = 10) -> pd.DataFrame:
+    """Deployed parameters, FLOPs and CPU latency (batch 1) of each student and each FM with a linear head.
+
+    Students run at ``image_size`` (the deployment resolution of the run); LiteMedSAM's encoder at its native
+    256x256 and the stem stand-in at ``image_size``. A student deploys ``g(h(F_s(x)))``; an FM deploys itself and
+    a linear head (linear probe, full FT; LoRA and VPT add to it). ``embed_dim``: the students' projector width
+    (the run's FM feature width).
+
+    Returns:
+        One row per model: ``model``, ``kind`` (student / fm), ``params`` (deployed), ``flops``, ``latency_ms``
+        (median), ``latency_p90_ms``, ``threads``, ``input_shape``.
+    """
+    rows = []
+    for name in fm_names:
+        encoder = build_fm(name, None)
+        size = encoder.input_size or image_size
+        rows.append(_costs(name, "fm", FMClassifier(encoder, encoder.feature_dim, num_classes), size, latency_repeats))
+    for name in students:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            student = build_student(name, embed_dim, image_size, pretrained=False)
+        rows.append(_costs(name, "student", DeployedStudent(student, nn.Linear(student.embed_dim, num_classes)),
+                           image_size, latency_repeats))
+    return pd.DataFrame(rows)
+
+
+def _costs(name: str, kind: str, model: nn.Module, size: int, repeats: int) -> dict[str, Any]:
+    example = torch.rand(1, 3, size, size)
+    params = efficiency.count_parameters(model).deployed
+    flops = efficiency.count_flops(model, example).flops
+    latency = efficiency.measure_latency(model, example, warmup=1, repeats=repeats)
+    return {"model": name, "kind": kind, "params": params, "flops": flops, "latency_ms": latency.median_ms,
+            "latency_p90_ms": latency.p90_ms, "threads": latency.threads, "input_shape": f"1x3x{size}x{size}"}

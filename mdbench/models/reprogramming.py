@@ -1,0 +1,365 @@
+"""Reprogramming Distillation (RD; Zhou et al., MICCAI 2024): reprogram a frozen foundation model, co-train a student.
+
+The pieces, with the paper's symbols:
+
+- :class:`InputReprogrammer` ``phi``: image -> image residual block in front of the frozen FM,
+  ``phi(x) = x + Conv3x3(ReLU(BN(Conv3x3(x))))``; its last convolution starts at zero, so ``phi`` starts as the
+  identity and the FM first sees its own kind of input.
+- :class:`PooledEncoder` / :class:`FrozenFM` ``F_t``: a foundation-model image encoder followed by global pooling,
+  (B, 3, H, W) -> (B, D_t). :func:`build_fm` builds LiteMedSAM's encoder (256x256 input, 256-d) or a cheap stand-in.
+- :class:`Student` ``F_s`` and projector ``h``: any backbone (timm by name) -> (B, D_s) -> (B, D_t).
+- the shared classifier ``g``: one ``nn.Linear(D_t, K)`` used by both paths (:class:`ReprogrammingDistillation`).
+- :class:`RDObjective` and :class:`RDStep`: the co-training losses and the ``train.fit`` step.
+
+Deployment keeps ``F_s``, ``h`` and ``g`` only (:class:`DeployedStudent`); the FM and ``phi`` are discarded.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mdbench.losses.kd import cka_loss, kd_loss
+from mdbench.models.registry import build_model, freeze
+from mdbench.models.timm_backbones import find_local_weights
+
+__all__ = [
+    "FM_NAMES",
+    "DeployedStudent",
+    "FrozenFM",
+    "InputReprogrammer",
+    "MeanPool",
+    "PooledEncoder",
+    "RDObjective",
+    "RDOutput",
+    "RDStep",
+    "ReprogrammingDistillation",
+    "Student",
+    "build_fm",
+    "build_student",
+]
+
+# "litemedsam": the real encoder at its native 256x256 (gpu profile). "litemedsam_stem": the same pretrained weights
+# truncated after the first stage (pointwise patch embedding, two MBConv blocks, patch merging); it is fully
+# convolutional, so it runs at the data's own low resolution, which CPU profiles need (the whole encoder costs
+# ~75 GFLOPs and 2-3 s per image on one CPU thread, and RD back-propagates through it at every step).
+FM_NAMES = ("litemedsam", "litemedsam_stem")
+
+
+# ------------------------------------------------------------------------------------------------- reprogrammer
+class InputReprogrammer(nn.Module):
+    """``phi(x) = x + Conv3x3(ReLU(BN(Conv3x3(x))))``: (B, C, H, W) -> (B, C, H, W), C -> hidden -> C channels.
+
+    The second convolution is zero-initialised, so a new reprogrammer is exactly the identity.
+    """
+
+    def __init__(self, channels: int = 3, hidden: int = 32) -> None:
+        super().__init__()
+        if channels < 1 or hidden < 1:
+            raise ValueError(f"channels and hidden must be >= 1, got {channels} and {hidden}")
+        self.channels = channels
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"InputReprogrammer takes (B, {self.channels}, H, W) images, got {tuple(x.shape)}")
+        return x + self.body(x)
+
+
+# ------------------------------------------------------------------------------------------------- foundation model
+class MeanPool(nn.Module):
+    """Mean over ``dims``: (B, C, H, W) maps with dims (2, 3), or (B, L, C) tokens with dims (1,)."""
+
+    def __init__(self, dims: tuple[int, ...]) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=self.dims)
+
+
+class PooledEncoder(nn.Module):
+    """An FM image encoder as a feature extractor: (B, 3, H, W) in [0, 1] -> (B, feature_dim).
+
+    Images are resized (bilinear) to ``input_size`` x ``input_size`` first when it is set and they differ, so the
+    same data can feed a student at low resolution and an FM at its native one.
+
+    Args:
+        backbone: image -> maps or tokens.
+        pool: maps or tokens -> (B, feature_dim).
+        feature_dim: D_t.
+        input_size: the side the backbone needs, or None for any.
+        name: for records ("litemedsam", ...).
+        lora_targets: names of the backbone's layers LoRA adapts (``mdbench.tuning``, peft's ``target_modules``).
+        has_attention: whether the backbone has attention layers, which VPT's prompts need.
+    """
+
+    def __init__(self, backbone: nn.Module, pool: nn.Module, feature_dim: int, input_size: int | None,
+                 name: str, lora_targets: tuple[str, ...] = ("qkv",), has_attention: bool = True) -> None:
+        super().__init__()
+        self.backbone, self.pool = backbone, pool
+        self.feature_dim, self.input_size, self.name = feature_dim, input_size, name
+        self.lora_targets, self.has_attention = lora_targets, has_attention
+        self.mdbench_init = getattr(backbone, "mdbench_init", "unknown")  # where the weights came from, for records
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"the FM {self.name!r} takes (B, 3, H, W) images in [0, 1], got {tuple(x.shape)}")
+        size = self.input_size
+        if size is not None and tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return self.pool(self.backbone(x))
+
+
+class FrozenFM(nn.Module):
+    """A :class:`PooledEncoder` whose weights never train: no parameter requires grad and it stays in eval mode
+    even when a parent module calls ``.train()`` (its BatchNorm statistics never move). Gradients still flow through
+    its activations to its input, which is how the reprogrammer learns.
+    """
+
+    def __init__(self, encoder: PooledEncoder) -> None:
+        super().__init__()
+        self.encoder = freeze(encoder)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.encoder.feature_dim
+
+    @property
+    def name(self) -> str:
+        return self.encoder.name
+
+    def train(self, mode: bool = True) -> "FrozenFM":
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D_t)."""
+        return self.encoder(x)
+
+    @torch.no_grad()
+    def cache(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Features of un-reprogrammed images, computed once: (N, 3, H, W) -> (N, D_t) on the CPU.
+
+        Images are moved batch by batch to the FM's device.
+        """
+        device = next(self.encoder.parameters()).device
+        chunks = [self(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
+        if not chunks:
+            raise ValueError("FrozenFM.cache got no images")
+        return torch.cat(chunks)
+
+
+def build_fm(name: str, input_size: int | None = None) -> PooledEncoder:
+    """Build a foundation-model encoder (trainable; wrap it in :class:`FrozenFM` to freeze it).
+
+    Args:
+        name: ``"litemedsam"`` (LiteMedSAM's TinyViT encoder, 256x256 input, pooled 256-d embedding),
+            ``"litemedsam_stem"`` (its first stage, any input size, pooled 128-d; a cheap stand-in for CPU runs)
+            or ``"timm:<name>"`` (a timm backbone whose pretrained weights are on disk; pooled by timm).
+        input_size: images are resized to this side first; LiteMedSAM's full encoder always takes 256.
+
+    Returns:
+        A :class:`PooledEncoder` with ``mdbench_init`` set (where the weights came from).
+    """
+    if name == "litemedsam":
+        if input_size not in (None, 256):
+            raise ValueError(f"LiteMedSAM's encoder takes 256x256 input only, got input_size={input_size}")
+        encoder = build_model("litemedsam_encoder")
+        fm = PooledEncoder(encoder, MeanPool((2, 3)), encoder.pooled_feature_dim, 256, name)
+    elif name == "litemedsam_stem":
+        encoder = build_model("litemedsam_encoder")
+        tinyvit = encoder.tinyvit
+        stem = nn.Sequential(tinyvit.patch_embed, tinyvit.layers[0])  # -> (B, H/2 * W/2, 128) tokens
+        # no attention here: LoRA adapts the pointwise convolutions of the MBConv blocks and the patch merging
+        fm = PooledEncoder(stem, MeanPool((1,)), tinyvit.layers[0].downsample.conv3.c.out_channels, input_size, name,
+                           lora_targets=("conv1.c", "conv3.c"), has_attention=False)
+    elif name.startswith("timm:"):
+        if find_local_weights(name[len("timm:"):]) is None:
+            raise ValueError(f"{name} has no pretrained weights on disk: a randomly initialised network is no "
+                             "foundation model (set MDBENCH_WEIGHTS_DIR, see mdbench.models.timm_backbones)")
+        encoder = build_model(name, num_classes=0)
+        fm = PooledEncoder(encoder, nn.Identity(), encoder.pooled_feature_dim, input_size, name,
+                           has_attention=any(hasattr(m, "qkv") for m in encoder.modules()))
+    else:
+        raise ValueError(f"unknown foundation model {name!r}; choose one of {FM_NAMES} or 'timm:<name>'")
+    fm.mdbench_init = encoder.mdbench_init
+    return fm.eval()
+
+
+# ------------------------------------------------------------------------------------------------- student
+class Student(nn.Module):
+    """Student backbone ``F_s`` and projector ``h`` into the FM's feature space (needed because ``g`` is shared).
+
+    Args:
+        backbone: (B, 3, H, W) -> (B, feature_dim) pooled features (e.g. a timm model with ``num_classes=0``).
+        feature_dim: D_s.
+        embed_dim: D_t, the shared classifier's input width.
+        projector: ``"linear"`` (``Linear(D_s, D_t)``) or ``"mlp"`` (``Linear-BN-ReLU-Linear``).
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, embed_dim: int, projector: str = "linear") -> None:
+        super().__init__()
+        self.backbone, self.feature_dim, self.embed_dim = backbone, feature_dim, embed_dim
+        if projector == "linear":
+            self.projector = nn.Linear(feature_dim, embed_dim)
+        elif projector == "mlp":
+            self.projector = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.BatchNorm1d(feature_dim),
+                                           nn.ReLU(inplace=True), nn.Linear(feature_dim, embed_dim))
+        else:
+            raise ValueError(f"projector must be 'linear' or 'mlp', got {projector!r}")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> backbone features (B, D_s) and projected features (B, D_t)."""
+        features = self.backbone(x)
+        if features.ndim != 2 or features.shape[1] != self.feature_dim:
+            raise ValueError(f"the student backbone gave {tuple(features.shape)}, expected (B, {self.feature_dim})")
+        return features, self.projector(features)
+
+
+def build_student(name: str, embed_dim: int, image_size: int | None = None, pretrained: bool = True,
+                  projector: str = "linear") -> Student:
+    """A timm student by name (``resnet18``, ``mobilenetv3_small_100``, ``vit_tiny_patch16_224``, ...).
+
+    Pretrained weights are used where they are on disk (else random init with a warning); ``mdbench_init`` of
+    the result says which. ViTs are built for ``image_size`` (their position embedding depends on it).
+    """
+    kwargs = {"num_classes": 0}
+    if image_size is not None and name.startswith(("vit_", "deit_")):
+        kwargs["img_size"] = image_size
+    backbone = build_model(f"timm:{name}", pretrained=pretrained, **kwargs)
+    student = Student(backbone, backbone.pooled_feature_dim, embed_dim, projector)
+    student.mdbench_init = backbone.mdbench_init
+    return student
+
+
+class DeployedStudent(nn.Module):
+    """What RD deploys: ``g(h(F_s(x)))``, (B, 3, H, W) -> (B, K) logits."""
+
+    def __init__(self, student: Student, classifier: nn.Linear) -> None:
+        super().__init__()
+        self.student, self.classifier = student, classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.student(x)[1])
+
+
+# ------------------------------------------------------------------------------------------------- co-training
+class RDOutput(NamedTuple):
+    """One co-training forward pass: logits (B, K) and features (B, D_t) of both paths."""
+
+    teacher_logits: torch.Tensor
+    student_logits: torch.Tensor
+    teacher_features: torch.Tensor
+    student_features: torch.Tensor
+
+
+class ReprogrammingDistillation(nn.Module):
+    """Teacher path ``g(F_t(phi(x)))`` and student path ``g(h(F_s(x)))`` with one shared classifier ``g``.
+
+    Args:
+        fm: the frozen foundation model F_t.
+        student: F_s with its projector h (``student.embed_dim`` must equal ``fm.feature_dim``).
+        num_classes: K.
+        reprogrammer: phi, or None for the ablation "RD without reprogramming" (phi = identity). Without it the
+            teacher features do not depend on anything trainable, so they can be passed in precomputed.
+    """
+
+    def __init__(self, fm: FrozenFM, student: Student, num_classes: int,
+                 reprogrammer: InputReprogrammer | None = None) -> None:
+        super().__init__()
+        if student.embed_dim != fm.feature_dim:
+            raise ValueError(f"the student projects to {student.embed_dim} features but the FM gives "
+                             f"{fm.feature_dim}: build the student with embed_dim={fm.feature_dim}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.fm, self.student, self.reprogrammer = fm, student, reprogrammer
+        self.classifier = nn.Linear(fm.feature_dim, num_classes)
+
+    def teacher_features(self, x: torch.Tensor, cached: torch.Tensor | None = None) -> torch.Tensor:
+        """F_t(phi(x)): (B, 3, H, W) -> (B, D_t); ``cached`` F_t(x) is used (only) when there is no phi."""
+        if self.reprogrammer is None:
+            return cached if cached is not None else self.fm(x)
+        if cached is not None:
+            raise ValueError("cached FM features are only valid without a reprogrammer: F_t(phi(x)) changes as "
+                             "phi trains")
+        return self.fm(self.reprogrammer(x))
+
+    def forward(self, x: torch.Tensor, cached_teacher_features: torch.Tensor | None = None) -> RDOutput:
+        z_t = self.teacher_features(x, cached_teacher_features)
+        _, z_s = self.student(x)
+        return RDOutput(self.classifier(z_t), self.classifier(z_s), z_t, z_s)
+
+    def deployed(self) -> DeployedStudent:
+        """The deployable student ``g(h(F_s(x)))`` (shares its modules with this one)."""
+        return DeployedStudent(self.student, self.classifier)
+
+
+class RDObjective(nn.Module):
+    """``L = CE(l_t, y) + CE(l_s, y) + alpha * KD(l_s, l_t) + beta * (1 - CKA(z_s, z_t))``.
+
+    The KD term uses the detached teacher logits with temperature tau (the teacher is not pulled towards the
+    student); the CKA term the detached teacher features. ``alpha`` and ``beta`` are multiplied by the ``scale``
+    passed to :meth:`forward` (the linear decay of :class:`RDStep`).
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, temperature: float = 4.0) -> None:
+        super().__init__()
+        if alpha < 0 or beta < 0 or temperature <= 0:
+            raise ValueError(f"need alpha >= 0, beta >= 0, temperature > 0; got {alpha}, {beta}, {temperature}")
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+
+    def forward(self, out: RDOutput, y: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """Returns the individual losses ``ce_teacher``, ``ce_student``, ``kd``, ``cka`` and their weighted
+        ``total``; ``cka`` is only computed when beta > 0 (CKA needs a batch of at least 2)."""
+        losses = {
+            "ce_teacher": F.cross_entropy(out.teacher_logits, y),
+            "ce_student": F.cross_entropy(out.student_logits, y),
+            "kd": kd_loss(out.student_logits, out.teacher_logits.detach(), self.temperature),
+        }
+        total = losses["ce_teacher"] + losses["ce_student"] + scale * self.alpha * losses["kd"]
+        if self.beta > 0:
+            losses["cka"] = cka_loss(out.student_features, out.teacher_features.detach())
+            total = total + scale * self.beta * losses["cka"]
+        losses["total"] = total
+        return losses
+
+
+class RDStep:
+    """``train.fit`` step for :class:`ReprogrammingDistillation` on batches ``(x, y)`` or ``(x, y, cached F_t(x))``.
+
+    Args:
+        objective: the losses.
+        total_steps: the run's number of optimizer steps; with ``decay`` the KD and CKA weights fall linearly
+            from their full value at step 0 to 0 at ``total_steps`` (DRD's schedule).
+        decay: whether to decay.
+
+    Logs every individual loss; counts optimizer steps only in training mode.
+    """
+
+    def __init__(self, objective: RDObjective, total_steps: int, decay: bool = True) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.objective, self.total_steps, self.decay = objective, total_steps, decay
+        self.step = 0
+
+    def scale(self) -> float:
+        return max(0.0, 1.0 - self.step / self.total_steps) if self.decay else 1.0
+
+    def __call__(self, model: ReprogrammingDistillation, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y, *cached = batch
+        out = model(x, cached[0] if cached else None)
+        losses = self.objective(out, y, self.scale())
+        if model.training:
+            self.step += 1
+        return losses["total"], {k: v.detach() for k, v in losses.items() if k != "total"}

@@ -1,0 +1,322 @@
+"""Reprogramming Distillation: reprogrammer, frozen FM, student, co-training losses and step."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mdbench import train
+from mdbench.data.synthetic import SyntheticClassification
+from mdbench.efficiency import count_parameters
+from mdbench.losses.kd import kd_loss, linear_cka
+from mdbench.models.reprogramming import (FrozenFM, InputReprogrammer, MeanPool, PooledEncoder, RDObjective, RDStep,
+                                          ReprogrammingDistillation, Student, build_fm, build_student)
+from mdbench.repro import seed_rngs
+
+
+def _tiny_fm(dim: int = 8) -> PooledEncoder:
+    """A small frozen random conv net standing in for a foundation model: (B, 3, H, W) -> (B, dim)."""
+    seed_rngs(0)
+    body = nn.Sequential(nn.Conv2d(3, dim, 5, padding=2), nn.BatchNorm2d(dim), nn.ReLU())
+    return PooledEncoder(body, MeanPool((2, 3)), dim, None, "tiny")
+
+
+def _tiny_student(embed_dim: int = 8) -> Student:
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Student(body, 16, embed_dim)
+
+
+def _rd(reprogram: bool = True, num_classes: int = 3) -> ReprogrammingDistillation:
+    return ReprogrammingDistillation(FrozenFM(_tiny_fm()), _tiny_student(), num_classes,
+                                     InputReprogrammer(3, 8) if reprogram else None)
+
+
+def test_reprogrammer_starts_as_identity_keeps_shape_and_refuses_bad_input():
+    phi = InputReprogrammer(3, 16)
+    x = torch.rand(2, 3, 12, 12)
+    assert torch.equal(phi(x), x)
+    with torch.no_grad():
+        phi.body[-1].weight.normal_()
+    assert phi(x).shape == x.shape and not torch.equal(phi(x), x)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        phi(torch.rand(2, 1, 12, 12))
+
+
+def test_frozen_fm_stays_frozen_in_eval_mode_under_a_training_parent():
+    model = _rd()
+    model.train()
+    assert model.student.training and not model.fm.encoder.training
+    assert not any(p.requires_grad for p in model.fm.parameters())
+    stats = model.fm.encoder.backbone[1].running_mean.clone()
+    model(torch.rand(4, 3, 16, 16))
+    assert torch.equal(stats, model.fm.encoder.backbone[1].running_mean)
+
+
+def test_pooled_encoder_resizes_to_its_input_size_and_refuses_grey_images():
+    fm = PooledEncoder(nn.Conv2d(3, 4, 1), MeanPool((2, 3)), 4, 8, "toy")
+    seen = []
+    fm.backbone.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    assert fm(torch.rand(2, 3, 20, 20)).shape == (2, 4) and seen == [(2, 3, 8, 8)]
+    with pytest.raises(ValueError, match="'toy' takes"):
+        fm(torch.rand(2, 1, 8, 8))
+
+
+def test_forward_shapes_and_gradients_reach_reprogrammer_classifier_student_but_not_fm():
+    model = _rd(num_classes=3).train()
+    x, y = torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    out = model(x)
+    assert out.teacher_logits.shape == out.student_logits.shape == (6, 3)
+    assert out.teacher_features.shape == out.student_features.shape == (6, 8)
+    losses = RDObjective()(out, y)
+    assert set(losses) == {"ce_teacher", "ce_student", "kd", "cka", "total"}
+    losses["total"].backward()
+    # phi's last convolution starts at zero, so at the first step only it gets a gradient (its input's is zero)
+    for part in (model.reprogrammer.body[-1], model.classifier, model.student.backbone, model.student.projector):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters() if p.ndim > 1)
+    assert all(p.grad is None for p in model.fm.parameters())
+
+
+def test_kd_and_cka_terms_do_not_pull_the_teacher():
+    model = _rd().train()
+    objective = RDObjective(alpha=1.0, beta=1.0)
+    out = model(torch.rand(6, 3, 16, 16))
+    losses = objective(out, torch.tensor([0, 1, 2, 0, 1, 2]))
+    (losses["kd"] + losses["cka"]).backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.reprogrammer.parameters())
+    assert model.student.projector.weight.grad.abs().sum() > 0
+
+
+def test_objective_total_is_the_weighted_sum_worked_out_by_hand():
+    torch.manual_seed(0)
+    out = _rd()(torch.rand(5, 3, 16, 16))
+    y = torch.tensor([0, 1, 2, 0, 1])
+    losses = RDObjective(alpha=0.5, beta=2.0, temperature=3.0)(out, y, scale=0.5)
+    ce = nn.functional.cross_entropy
+    expected = (ce(out.teacher_logits, y) + ce(out.student_logits, y)
+                + 0.25 * kd_loss(out.student_logits, out.teacher_logits, 3.0)
+                + 1.0 * (1 - linear_cka(out.student_features, out.teacher_features)))
+    assert losses["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert "cka" not in RDObjective(beta=0.0)(out, y)
+
+
+def test_step_decays_weights_linearly_and_counts_training_steps_only():
+    step = RDStep(RDObjective(), total_steps=4)
+    model = _rd().train()
+    batch = (torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))
+    scales = []
+    for _ in range(4):
+        scales.append(step.scale())
+        loss, logs = step(model, batch)
+    assert scales == [1.0, 0.75, 0.5, 0.25] and set(logs) == {"ce_teacher", "ce_student", "kd", "cka"}
+    model.eval()
+    step(model, batch)
+    assert step.step == 4
+    assert RDStep(RDObjective(), 4, decay=False).scale() == 1.0
+
+
+def test_cached_features_only_without_reprogrammer():
+    x = torch.rand(4, 3, 16, 16)
+    plain = _rd(reprogram=False)
+    cached = plain.fm.cache(x, batch_size=3)
+    assert cached.shape == (4, 8)
+    assert torch.allclose(plain.eval()(x, cached).teacher_logits, plain(x).teacher_logits)
+    with pytest.raises(ValueError, match="only valid without a reprogrammer"):
+        _rd(reprogram=True)(x, cached)
+
+
+def test_mismatched_widths_refused():
+    with pytest.raises(ValueError, match="embed_dim=8"):
+        ReprogrammingDistillation(FrozenFM(_tiny_fm(8)), _tiny_student(embed_dim=5), 3)
+
+
+def test_deployed_student_holds_only_student_projector_and_classifier():
+    model = _rd()
+    deployed = model.deployed()
+    assert deployed(torch.rand(2, 3, 16, 16)).shape == (2, 3)
+    counts = count_parameters(model, deployed_modules=deployed)
+    expected = sum(p.numel() for m in (model.student, model.classifier) for p in m.parameters())
+    assert counts.deployed == expected < counts.total
+    assert counts.trainable == counts.total - sum(p.numel() for p in model.fm.parameters())
+
+
+def test_co_training_beats_untrained_on_tiny_synthetic_data():
+    def tensors(split, n):
+        data = SyntheticClassification(n, num_classes=2, image_size=16, seed=0, split=split)
+        return torch.stack([data[i][0] for i in range(n)]), torch.as_tensor(data.labels)
+
+    (x_train, y_train), (x_test, y_test) = tensors("train", 128), tensors("test", 128)
+    seed_rngs(0)
+    model = ReprogrammingDistillation(FrozenFM(_tiny_fm()), _tiny_student(), 2, InputReprogrammer(3, 8))
+    deployed = model.deployed()
+
+    def accuracy():
+        logits, _ = train.predict(deployed, DataLoader(TensorDataset(x_test, y_test), batch_size=64))
+        return (logits.argmax(1) == y_test).float().mean().item()
+
+    before = accuracy()
+    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=32, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    history = train.fit(model, loader, step_fn=RDStep(RDObjective(), total_steps=12 * 4), epochs=12, lr=1e-2,
+                        progress=False)
+    after = accuracy()
+    assert history.epochs[-1]["train_loss"] < history.epochs[0]["train_loss"]
+    assert after > max(before, 0.5) + 0.15, (before, after)
+
+
+def test_build_fm_litemedsam_stem_shapes_and_bad_names():
+    fm = build_fm("litemedsam_stem")
+    assert fm.mdbench_init.startswith("pretrained:") and fm.feature_dim == 128
+    with torch.no_grad():
+        assert fm(torch.rand(2, 3, 16, 16)).shape == (2, 128)
+    with pytest.raises(ValueError, match="256x256 input only"):
+        build_fm("litemedsam", input_size=64)
+    with pytest.raises(ValueError, match="unknown foundation model 'sam'"):
+        build_fm("sam")
+    with pytest.raises(ValueError, match="no pretrained weights on disk"):
+        build_fm("timm:resnet18")
+
+
+@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("mobilenetv3_small_100", 1024),
+                                       ("vit_tiny_patch16_224", 192)])
+def test_build_student_by_timm_name(name, dim):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no local weights: random init, said in mdbench_init
+        student = build_student(name, embed_dim=128, image_size=32, pretrained=False)
+    features, projected = student.eval()(torch.rand(2, 3, 32, 32))
+    assert features.shape == (2, dim) and projected.shape == (2, 128)
+    assert student.mdbench_init == "random init"
+
+
+# ------------------------------------------------------------------------------------------------- experiment glue
+from mdbench.experiments import rd as rdx  # noqa: E402  (kept beside the tests that use it)
+
+
+def _tiny_task(fraction: float = 1.0, seed: int = 0) -> tuple[rdx.ClassificationData, rdx.Task]:
+    data = rdx.load_classification("synthetic", 16, max_train=40, max_test=24, synthetic_classes=2)
+    fm = FrozenFM(_tiny_fm())
+    rdx.cache_features(data, fm)
+    return data, rdx.make_task(data, fm, fraction, seed)
+
+
+def test_load_classification_synthetic_shapes_and_sizes_required():
+    data, task = _tiny_task()
+    assert data.train.x.shape == (40, 3, 16, 16) and data.test.x.shape == (24, 3, 16, 16)
+    assert data.train.features.shape == (40, 8) and data.num_classes == 2 and len(data.checksum) == 64
+    with pytest.raises(ValueError, match="needs max_train and max_test"):
+        rdx.load_classification("synthetic", 16)
+
+
+def test_label_subset_is_stratified_seeded_and_refuses_bad_fractions():
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    subset = rdx.label_subset(y, 0.1, seed=0)
+    assert len(subset) == 10 and torch.bincount(y[subset]).tolist() == [5, 3, 2]
+    assert torch.equal(subset, rdx.label_subset(y, 0.1, seed=0))
+    assert not torch.equal(subset, rdx.label_subset(y, 0.1, seed=1))
+    assert len(rdx.label_subset(torch.tensor([0, 1] * 5), 0.01, seed=0)) == 2  # at least one image per class
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+        rdx.label_subset(y, 0.0, seed=0)
+    assert rdx.fraction_label("pbc", 0.1) == "pbc-10pct" and rdx.fraction_label("pbc", 1.0) == "pbc"
+
+
+def test_make_task_needs_cached_features():
+    data = rdx.load_classification("synthetic", 16, max_train=8, max_test=8)
+    with pytest.raises(ValueError, match="cache_features"):
+        rdx.make_task(data, FrozenFM(_tiny_fm()), 1.0, 0)
+
+
+def test_precise_bn_sets_statistics_to_the_training_images_exact_mean_and_variance():
+    images = torch.rand(300, 3, 4, 4) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    norm = nn.BatchNorm2d(3)
+    rdx._precise_bn(norm, images, rdx.TrainConfig())
+    # one batch of 256 and one of 44 images: the cumulative average of the two batches' statistics
+    batches = (images[:256], images[256:])
+    mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    var = torch.stack([b.transpose(0, 1).reshape(3, -1).var(1) for b in batches]).mean(0)
+    assert torch.allclose(norm.running_mean, mean, atol=1e-5) and torch.allclose(norm.running_var, var, atol=1e-5)
+    assert norm.momentum == 0.1  # restored after the exact averaging
+
+
+def test_student_methods_start_from_the_same_weights_and_return_scores():
+    _, task = _tiny_task(fraction=0.5)
+    cfg = rdx.TrainConfig(steps=2, batch_size=8)
+    initial = Student(_tiny_student().backbone, 16, 8)
+    teacher = rdx.run_fm_method("fm_linear_probe", task, 0, cfg)
+    assert teacher.train_logits.shape == (20, 2)
+    before = {k: v.clone() for k, v in initial.state_dict().items()}
+    for method in rdx.STUDENT_METHODS:
+        result = rdx.run_student_method(method, task, initial, 0, cfg, teacher.train_logits)
+        assert 0 <= result.metrics["accuracy"] <= 100 and 0 <= result.metrics["auc"] <= 100
+        assert result.model(task.test.x[:2]).shape == (2, 2)
+        assert ("teacher" in result.extra) == (method == "rd")
+    assert all(torch.equal(before[k], v) for k, v in initial.state_dict().items())  # trained on copies
+    with pytest.raises(ValueError, match="needs teacher_logits"):
+        rdx.run_student_method("kd", task, initial, 0, cfg)
+    with pytest.raises(ValueError, match="unknown student method 'dkd'"):
+        rdx.run_student_method("dkd", task, initial, 0, cfg)
+
+
+def test_full_fine_tuning_trains_a_copy_and_leaves_the_frozen_fm_alone():
+    _, task = _tiny_task()
+    frozen = {k: v.clone() for k, v in task.fm.state_dict().items()}
+    result = rdx.run_fm_method("fm_full_ft", task, 0, rdx.TrainConfig(steps=2, batch_size=8, fm_lr=1e-2))
+    assert result.train_logits.shape == (40, 2)
+    assert all(torch.equal(frozen[k], v) for k, v in task.fm.state_dict().items())
+    tuned = result.model.encoder.state_dict()
+    assert any(not torch.equal(frozen[f"encoder.{k}"], v) for k, v in tuned.items() if v.is_floating_point())
+
+
+def test_lora_on_the_stem_trains_only_adapters_and_head_and_vpt_needs_attention():
+    data = rdx.load_classification("synthetic", 16, max_train=16, max_test=8, synthetic_classes=2)
+    fm = FrozenFM(build_fm("litemedsam_stem", 16))
+    task = rdx.make_task(rdx.cache_features(data, fm), fm, 1.0, 0)
+    model = rdx._adapted_fm("fm_lora", task, rdx.TrainConfig())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    assert any(n.startswith("head.") for n in trainable)
+    assert not model.train().encoder.backbone[0].seq[0].bn.training  # frozen BatchNorm statistics stay fixed
+    result = rdx.run_fm_method("fm_lora", task, 0, rdx.TrainConfig(steps=1, batch_size=8))
+    assert result.train_logits.shape == (16, 2)
+    assert set(rdx.unavailable_methods(["fm_vpt", "fm_lora"], fm)) == {"fm_vpt"}
+
+
+def test_grid_rows_and_kd_needs_an_fm_teacher(monkeypatch):
+    data, task = _tiny_task()
+    def tiny(name, task, seed, cfg):
+        student = Student(_tiny_student().backbone, 16, 8)
+        student.mdbench_init = "random init"
+        return student
+
+    monkeypatch.setattr(rdx, "initial_student", tiny)
+    cfg = rdx.TrainConfig(steps=1, batch_size=8)
+    runs = rdx.run_grid(data, task.fm, 1.0, ["tiny"], ["fm_linear_probe", "student", "kd", "rd"], [0, 1], cfg,
+                        progress=False)
+    assert len(runs) == 2 * 5 and set(runs.method) == {"fm_linear_probe", "student", "kd", "rd", "rd_teacher"}
+    assert set(runs.kd_teacher) == {"fm_linear_probe"} and set(runs.dataset) == {"synthetic"}
+    with pytest.raises(ValueError, match="add fm_full_ft or fm_linear_probe"):
+        rdx.run_grid(data, task.fm, 1.0, ["tiny"], ["kd"], [0], cfg, progress=False)
+    with pytest.raises(ValueError, match="unknown methods"):
+        rdx.run_grid(data, task.fm, 1.0, ["tiny"], ["dkd"], [0], cfg, progress=False)
+
+
+def test_deployment_costs_of_a_student_and_the_stem_stand_in():
+    costs = rdx.deployment_costs(["resnet18"], 16, 3, 128, ["litemedsam_stem"], latency_repeats=1).set_index("model")
+    assert costs.loc["resnet18", "input_shape"] == "1x3x16x16" and costs.loc["resnet18", "kind"] == "student"
+    # resnet18 without its 1000-class head: 11.18M, plus projector 512x128 + 128 and classifier 128x3 + 3
+    assert costs.loc["resnet18", "params"] == 11_176_512 + 512 * 128 + 128 + 128 * 3 + 3
+    assert (costs.flops > 0).all() and (costs.latency_ms > 0).all()
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("name, classes", [("pneumoniamnist", 2), ("pbc", 8), ("isic2017", 3)])
+def test_real_datasets_load_as_small_stratified_tensors(real_data_dir, name, classes):
+    from conftest import real_dataset
+
+    real_dataset(real_data_dir, name)
+    data = rdx.load_classification(name, 16, data_dir=real_data_dir, max_train=2 * classes, max_test=6 * classes)
+    assert data.train.x.shape == (2 * classes, 3, 16, 16) and data.num_classes == classes
+    assert len(data.test) == 6 * classes and set(data.test.y.tolist()) == set(range(classes))  # stratified
+    assert 0 <= data.train.x.min() and data.train.x.max() <= 1
