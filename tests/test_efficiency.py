@@ -1,6 +1,7 @@
 """Efficiency protocol: hand-computed parameter and FLOP counts, latency/memory reports, export parity."""
 from __future__ import annotations
 
+import mmap
 import sys
 import time
 
@@ -126,9 +127,14 @@ def test_cpu_peak_memory_grows_with_a_big_allocation(method):
     size = 64 * 2**20  # bytes
 
     def allocate_big():
-        block = torch.ones(size // 4)  # float32, every page touched
-        time.sleep(0.02)  # hold it long enough for the 1 ms sampler to see it
-        return block.sum()
+        # A fresh anonymous mapping: malloc may hand back pages still resident from earlier tests, mmap cannot.
+        with mmap.mmap(-1, size) as block:
+            pages = np.frombuffer(block, dtype=np.uint8)
+            pages[:] = 1  # touch every page
+            time.sleep(0.02)  # hold it long enough for the 1 ms sampler to see it
+            total = int(pages[:: 4096].sum())
+            del pages
+        return total
 
     small = eff.peak_memory(lambda: torch.ones(16).sum(), "cpu", cpu_method=method)
     big = eff.peak_memory(allocate_big, "cpu", cpu_method=method)

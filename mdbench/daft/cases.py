@@ -1,0 +1,157 @@
+"""Case folders for DAFT: real datasets converted to challenge ``.npz`` cases, per-modality splits, tolerant reading.
+
+- :func:`write_real_cases`: the real datasets of the suite as MedSAM-on-Laptop cases (Kvasir-SEG -> Endoscopy,
+  ISIC 2017 -> Dermoscopy, HC18 -> US, MSD hippocampus -> 3D MR), under ``<out>/<split>/``, using each loader's
+  fixed seeded split. 2D masks become instance labels by connected components (one box per object, as in the
+  challenge data); the MR volumes keep their two labels (anterior, posterior) and are min-max scaled to uint8.
+- :func:`case_splits`: train/val/test lists of any folder of challenge ``.npz`` files: its ``train/``, ``val/``,
+  ``test/`` sub-folders when present, else a seeded split inside every modality (DAFT's ``split_dataset.py`` split
+  80/20 inside every dataset folder with seed 2024; here val and test are cut the same way).
+- :func:`read_cases`: read many cases, logging and skipping the bad ones, so one broken file never stops a batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from mdbench.data.boxprompt import boxes_from_labels, case_filename, read_boxprompt_case, save_boxprompt_case
+from mdbench.data.errors import DataError
+from mdbench.data.registry import load_dataset
+from mdbench.data.splits import SPLITS, split_indices
+from mdbench.daft.routing import modality_from_name
+
+__all__ = ["REAL_SOURCES", "case_splits", "cases_checksum", "read_cases", "write_real_cases"]
+
+log = logging.getLogger(__name__)
+
+# case kind -> (registered dataset, loader keyword arguments)
+REAL_SOURCES: Mapping[str, tuple[str, dict[str, Any]]] = {
+    "2DBox_Endoscopy": ("kvasir_seg", {"foreground_only": True}),
+    "2DBox_Dermoscopy": ("isic2017", {"task": "segmentation", "foreground_only": True}),
+    "2DBox_US": ("hc18", {"foreground_only": True}),
+    "3DBox_MR": ("msd_hippocampus", {"normalize": "minmax"}),
+}
+
+
+def _instances(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """Connected components of a binary (H, W) mask as labels 1..K (largest first); components < min_pixels dropped."""
+    components, n = ndimage.label(mask > 0)
+    sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    order = [k + 1 for k in np.argsort(-sizes, kind="stable") if sizes[k] >= min_pixels]
+    labels = np.zeros(mask.shape, dtype=np.uint8 if len(order) < 256 else np.uint16)
+    for new, old in enumerate(order, start=1):
+        labels[components == old] = new
+    return labels
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _real_case(kind: str, item: dict[str, Any], min_pixels: int) -> dict[str, np.ndarray] | None:
+    """One loader item as a challenge case, or None when no object is left."""
+    if kind.startswith("3D"):
+        gts = item["label"].numpy().astype(np.uint8)
+        case = {"imgs": _to_uint8(item["image"][0].numpy()), "gts": gts, "spacing": np.asarray(item["spacing"])}
+    else:
+        gts = _instances(item["mask"].numpy(), min_pixels)
+        case = {"imgs": _to_uint8(item["image"].permute(1, 2, 0).numpy()), "gts": gts}
+    if gts.max() == 0:
+        return None
+    case["boxes"] = boxes_from_labels(case["gts"])
+    return case
+
+
+def write_real_cases(out_dir: str | Path, counts: Mapping[str, int], data_dir: str | Path | None = None,
+                     kinds: Sequence[str] = tuple(REAL_SOURCES), min_pixels: int = 20) -> dict[str, list[Path]]:
+    """Convert the first ``counts[split]`` items of each real dataset's split into ``<out_dir>/<split>/*.npz``.
+
+    Existing files are kept (the conversion is deterministic), so a second call costs only the listing.
+
+    Returns:
+        ``{split: [paths]}``.
+    """
+    out_dir = Path(out_dir)
+    written: dict[str, list[Path]] = defaultdict(list)
+    for kind in kinds:
+        name, kwargs = REAL_SOURCES[kind]
+        for split, count in counts.items():
+            dataset = load_dataset(name, split=split, data_dir=data_dir, **kwargs)
+            for index in range(min(count, len(dataset))):
+                item = dataset[index]
+                path = out_dir / split / case_filename(kind, item["id"])
+                if not path.exists():
+                    case = _real_case(kind, item, min_pixels)
+                    if case is None:
+                        log.info("%s %s: no object of >= %d px left, skipped", name, item["id"], min_pixels)
+                        continue
+                    save_boxprompt_case(path, **case)
+                written[split].append(path)
+    return dict(written)
+
+
+def case_splits(folder: str | Path, fractions: Sequence[float] = (0.7, 0.15, 0.15),
+                seed: int = 2024) -> dict[str, list[Path]]:
+    """Train/val/test case files of a folder of challenge ``.npz`` cases (see the module docstring).
+
+    Raises:
+        FileNotFoundError: the folder holds no ``.npz`` file.
+    """
+    folder = Path(folder)
+    if all((folder / split).is_dir() for split in SPLITS):
+        splits = {split: sorted((folder / split).glob("*.npz")) for split in SPLITS}
+    else:
+        by_modality: dict[str, list[Path]] = defaultdict(list)
+        for path in sorted(folder.rglob("*.npz")):
+            by_modality[modality_from_name(path.name) or "unknown"].append(path)
+        splits = {split: [] for split in SPLITS}
+        for paths in by_modality.values():
+            if len(paths) < 3:  # too few to cut three ways: all of them test
+                splits["test"].extend(paths)
+                continue
+            for split, idx in split_indices(len(paths), fractions=fractions, seed=seed).items():
+                splits[split].extend(paths[i] for i in idx)
+    if not any(splits.values()):
+        raise FileNotFoundError(f"no challenge .npz cases in {folder}")
+    return splits
+
+
+def read_cases(paths: Sequence[str | Path], require_gts: bool = True) -> tuple[list[dict], dict[str, str]]:
+    """Read and validate cases (``read_boxprompt_case``); bad files are logged and skipped.
+
+    Returns:
+        ``(cases, errors)``: the readable cases in order, and ``{file name: message}`` for the others (unreadable,
+        missing key, box outside the image, unknown modality, no foreground in ``gts``).
+    """
+    cases, errors = [], {}
+    for path in paths:
+        try:
+            case = read_boxprompt_case(path, require_gts=require_gts)
+            if require_gts and not np.asarray(case["gts"]).any():
+                raise DataError(f"{Path(path).name}: empty ground truth (no labelled pixel)")
+        except (DataError, ValueError) as err:
+            errors[Path(path).name] = str(err)
+            log.warning("skipping case %s: %s", Path(path).name, err)
+            continue
+        cases.append(case)
+    return cases, errors
+
+
+def cases_checksum(cases: Sequence[dict]) -> str:
+    """SHA-256 over the cases' names and arrays (``imgs``, ``gts``, ``boxes``): names the data exactly, unlike the
+    ``.npz`` bytes, which carry zip timestamps."""
+    digest = hashlib.sha256()
+    for case in sorted(cases, key=lambda c: c["name"]):
+        digest.update(case["name"].encode())
+        for key in ("imgs", "gts", "boxes"):
+            if key in case:
+                array = np.ascontiguousarray(case[key])
+                digest.update(f"{key}{array.dtype}{array.shape}".encode())
+                digest.update(array.tobytes())
+    return digest.hexdigest()
