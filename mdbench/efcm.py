@@ -37,6 +37,7 @@ from mdbench.data.splits import split_indices
 from mdbench.losses.projection import fpd_loss
 from mdbench.models.clam import MILOutput, build_mil_head, mil_loss
 from mdbench.models.efcm import EFCMStudent, build_student
+from mdbench.models.inputs import rgb_batch_at_size
 from mdbench.repro import seed_rngs
 
 Bag = tuple[torch.Tensor, int, "torch.Tensor | None"]
@@ -290,11 +291,7 @@ class PatchEncoder(nn.Module):
         self.mdbench_init = getattr(encoder, "mdbench_init", "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"patches must be (N, 3, h, w), got {tuple(x.shape)}")
-        size = self.input_size
-        if size is not None and tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        x = rgb_batch_at_size(x, self.input_size, "the patch encoder")
         return getattr(self.encoder, "pooled", self.encoder)(x)
 
 

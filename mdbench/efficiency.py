@@ -86,14 +86,18 @@ def _flatten_outputs(out: Any) -> list[np.ndarray]:
 
 @contextlib.contextmanager
 def _eval_no_grad(model: nn.Module):
-    """Eval mode and no autograd for the duration; the caller's training flag is restored afterwards."""
-    was_training = model.training
+    """Eval mode and no autograd for the duration; every submodule's training flag is restored afterwards.
+
+    Restoring only the root's flag would put, e.g., a deliberately frozen BatchNorm back into train mode.
+    """
+    flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        model.train(was_training)
+        for module, training in flags:
+            module.training = training
 
 
 # ------------------------------------------------------------------------------------------ parameters

@@ -110,7 +110,9 @@ def classification_metrics(
 # Segmentation
 # --------------------------------------------------------------------------------------------------------------
 def _as_tensor(x: ArrayLike) -> torch.Tensor:
-    return x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    """CPU tensor of ``x``; unsigned label maps (the challenge's uint16) widen to int64, which every op supports."""
+    t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return t.long() if t.dtype in (torch.uint16, torch.uint32, torch.uint64) else t
 
 
 def _one_hot_pair(pred: ArrayLike, target: ArrayLike, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

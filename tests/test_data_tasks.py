@@ -105,6 +105,14 @@ def test_round_trip_2d_and_3d(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2DBox_Dermoscopy_a.npz", "3DBox_CT_b.npz"]
 
 
+def test_case_of_unknown_modality_is_read_with_modality_none(tmp_path):
+    # DAFT routes such a case to its general model instead of dropping it; the arrays tell 2D from 3D
+    for name, case, dims in (("2DBox_Histology_a.npz", _case_2d(), 2), ("case_17.npz", _case_2d(), 2),
+                             ("volume_9.npz", _case_3d(), 3)):
+        read = read_boxprompt_case(_write_npz(tmp_path / name, **case))
+        assert read["modality"] is None and read["dims"] == dims and read["name"] == name
+
+
 def test_many_labels_are_stored_as_uint16(tmp_path):
     case = _case_2d(labels=3)
     case["gts"][case["gts"] == 3] = 300

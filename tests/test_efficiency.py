@@ -64,6 +64,11 @@ def test_count_flops_restores_training_mode_and_leaves_no_grad():
     assert model.training and model[1].training
     assert all(p.grad is None for p in model.parameters())
 
+    frozen_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    frozen_bn[1].eval()  # a frozen BatchNorm inside a training model stays frozen
+    eff.count_flops(frozen_bn, torch.randn(1, 3, 8, 8))
+    assert frozen_bn.training and not frozen_bn[1].training
+
 
 def test_trainable_count_after_freezing():
     model = nn.Sequential(nn.Linear(10, 5), nn.Linear(5, 2))

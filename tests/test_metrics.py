@@ -153,6 +153,16 @@ def test_challenge_mean_over_gt_labels_2d_and_3d():
     assert math.isnan(empty["dsc"]) and math.isnan(empty["nsd"])
 
 
+def test_challenge_scores_uint16_label_maps_like_int64():
+    """The challenge stores segmentations as uint16, which many torch ops do not support."""
+    gt = np.zeros((3, 16, 16), dtype=np.uint16)
+    gt[:, 4:12, 4:12], gt[1, 1:3, 1:3] = 1, 2
+    pred = np.zeros_like(gt)
+    pred[:, 4:12, 5:13] = 1
+    wide = dsc_nsd_challenge(pred.astype(np.int64), gt.astype(np.int64), spacing=(1.0, 1.0, 1.0))
+    assert dsc_nsd_challenge(pred, gt, spacing=(1.0, 1.0, 1.0)) == wide
+
+
 def test_challenge_nsd_uses_spacing_in_mm():
     gt = np.zeros((3, 16, 16), dtype=np.int64)
     gt[:, 4:12, 4:12] = 1

@@ -127,7 +127,8 @@ def read_cases(paths: Sequence[str | Path], require_gts: bool = True) -> tuple[l
 
     Returns:
         ``(cases, errors)``: the readable cases in order, and ``{file name: message}`` for the others (unreadable,
-        missing key, box outside the image, unknown modality, no foreground in ``gts``).
+        missing key, box outside the image, no foreground in ``gts``); a case of unknown modality is kept (modality
+        None) for the general model.
     """
     cases, errors = [], {}
     for path in paths:

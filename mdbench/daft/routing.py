@@ -14,11 +14,12 @@ Torch-free (numpy; scikit-learn only inside :class:`LearnedRouter`), so the depl
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+
+from mdbench.data.boxprompt import modality_from_name
 
 __all__ = ["EXPERT_GROUPS", "GENERAL", "FileNameRouter", "LearnedRouter", "image_features", "modality_from_name"]
 
@@ -27,39 +28,6 @@ log = logging.getLogger(__name__)
 GENERAL = "general"
 # volumetric modalities share one expert, as in the post-challenge DAFT (datasplit/modalities3D.py: ^(CT|MR|PET))
 EXPERT_GROUPS: Mapping[str, str] = {"CT": "3D", "MR": "3D", "PET": "3D"}
-
-# (modality, name fragments) in the order they are tried; the order matters only for the substring fall-back:
-# "OCT" before "CT" ("OCT" contains "CT") and "PET" before "CT" ("PET-CT"). Same table as the challenge data
-# convention of mdbench.data.boxprompt (a test checks they agree); kept here so the deployed path needs no torch.
-_MODALITY_FRAGMENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Dermoscopy", ("Dermoscop",)),
-    ("Endoscopy", ("Endoscop",)),
-    ("Fundus", ("Fundus",)),
-    ("Mammography", ("Mamm",)),
-    ("Microscopy", ("Microscop",)),
-    ("OCT", ("OCT",)),
-    ("US", ("US", "Ultra")),
-    ("XRay", ("XRay", "X-Ray", "Xray")),
-    ("PET", ("PET",)),
-    ("CT", ("CT",)),
-    ("MR", ("MR",)),
-)
-_PREFIX = re.compile(r"^[23]DBox_(?P<rest>.+)$")
-
-
-def modality_from_name(filename: str | Path) -> str | None:
-    """The modality a case's file name announces, or None: ``"2DBox_OCT_1.npz" -> "OCT"``, ``"x.npz" -> None``."""
-    name = Path(filename).name
-    match = _PREFIX.match(name)
-    if match:
-        for modality, fragments in _MODALITY_FRAGMENTS:
-            if match["rest"].startswith(fragments):
-                return modality
-    for modality, fragments in _MODALITY_FRAGMENTS:
-        if any(fragment in name for fragment in fragments):
-            return modality
-    return None
-
 
 class FileNameRouter:
     """DAFT's oracle router: the expert for a case from its file name alone.

@@ -44,12 +44,12 @@ _CASE_NAME = re.compile(r"^(?P<dims>[23])DBox_(?P<rest>.+)$")
 _KIND = re.compile(r"^[23]DBox_[A-Za-z-]+$")
 
 
-def modality_of(filename: str | Path) -> str:
-    """Canonical modality (one of :data:`MODALITIES`) of a case from its file name.
+def modality_from_name(filename: str | Path) -> str | None:
+    """Canonical modality (one of :data:`MODALITIES`) a case's file name announces, or None.
 
-    ``"2DBox_Endoscopy_x.npz" -> "Endoscopy"``, ``"3DBox_CT_x.npz" -> "CT"``, ``"2DBox_OCT_x.npz" -> "OCT"``.
-    Names without the ``{2,3}DBox_`` prefix fall back to a substring search that tries ``OCT``
-    before ``CT``, as DAFT's router does. Raises ``ValueError`` naming the file when nothing matches.
+    ``"2DBox_Endoscopy_x.npz" -> "Endoscopy"``, ``"3DBox_CT_x.npz" -> "CT"``, ``"2DBox_OCT_x.npz" -> "OCT"``,
+    ``"case_17.npz" -> None``. Names without the ``{2,3}DBox_`` prefix fall back to a substring search that
+    tries ``OCT`` before ``CT``, as DAFT's router does. Torch-free: DAFT's deployed router uses it.
     """
     name = Path(filename).name
     match = _CASE_NAME.match(name)
@@ -60,7 +60,16 @@ def modality_of(filename: str | Path) -> str:
     for modality, prefixes in _MODALITY_PREFIXES:
         if any(prefix in name for prefix in prefixes):
             return modality
-    raise ValueError(f"cannot tell the modality of {name!r}: expected a name like '2DBox_<Modality>_<id>.npz'")
+    return None
+
+
+def modality_of(filename: str | Path) -> str:
+    """:func:`modality_from_name`, but a name without a known modality raises ``ValueError`` naming the file."""
+    modality = modality_from_name(filename)
+    if modality is None:
+        name = Path(filename).name
+        raise ValueError(f"cannot tell the modality of {name!r}: expected a name like '2DBox_<Modality>_<id>.npz'")
+    return modality
 
 
 def dims_of(filename: str | Path) -> int:
@@ -173,11 +182,21 @@ def save_boxprompt_case(
     return path
 
 
+def _dims_from_arrays(case: dict) -> int:
+    """2 or 3 for a case whose name lacks the ``{2,3}DBox_`` prefix: (H,W,3) images are 2D, (D,H,W) volumes 3D."""
+    imgs = np.asarray(case.get("imgs"))
+    return 2 if imgs.ndim == 3 and imgs.shape[2] == 3 and "spacing" not in case else 3
+
+
 def read_boxprompt_case(path: str | Path, require_gts: bool = True) -> dict:
     """Load and validate one case.
 
+    A name without a known modality (``2DBox_Histology_1.npz``, ``case_17.npz``) is still read, with modality
+    None, so DAFT can route it to its general model; without the ``{2,3}DBox_`` prefix the dimensionality comes
+    from the arrays.
+
     Returns:
-        ``{"imgs", "boxes", "gts" (when present), "spacing" (3D), "modality": str, "dims": 2|3,
+        ``{"imgs", "boxes", "gts" (when present), "spacing" (3D), "modality": str | None, "dims": 2|3,
         "name": file name}``; arrays as stored.
 
     Raises:
@@ -189,11 +208,10 @@ def read_boxprompt_case(path: str | Path, require_gts: bool = True) -> dict:
     if not path.is_file():
         raise DataNotFoundError(f"box-prompt case {path} does not exist")
     try:
-        dims = dims_of(path)
-        modality = modality_of(path)
         with np.load(path, allow_pickle=False) as npz:
             case = {key: npz[key] for key in npz.files}
+        dims = dims_of(path) if _CASE_NAME.match(path.name) else _dims_from_arrays(case)
         _check_case(case, dims, require_gts)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
         raise CorruptFileError(f"malformed box-prompt case {path}: {err}") from err
-    return {**case, "modality": modality, "dims": dims, "name": path.name}
+    return {**case, "modality": modality_from_name(path), "dims": dims, "name": path.name}

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdbench.losses.kd import cka_loss, kd_loss
+from mdbench.models.inputs import rgb_batch_at_size
 from mdbench.models.registry import build_model, freeze
 from mdbench.models.timm_backbones import find_local_weights
 
@@ -112,12 +113,7 @@ class PooledEncoder(nn.Module):
         self.mdbench_init = getattr(backbone, "mdbench_init", "unknown")  # where the weights came from, for records
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"the FM {self.name!r} takes (B, 3, H, W) images in [0, 1], got {tuple(x.shape)}")
-        size = self.input_size
-        if size is not None and tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        return self.pool(self.backbone(x))
+        return self.pool(self.backbone(rgb_batch_at_size(x, self.input_size, f"the FM {self.name!r}")))
 
 
 class FrozenFM(nn.Module):
