@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-__all__ = ["IMAGE_SIZE", "postprocess_logits", "preprocess_image", "resize", "resized_hw", "scale_boxes"]
+__all__ = ["IMAGE_SIZE", "as_rgb", "postprocess_logits", "preprocess_image", "resize", "resized_hw", "scale_boxes"]
 
 IMAGE_SIZE = 256
 
@@ -56,8 +56,8 @@ def resize(array: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
     return np.moveaxis(np.tensordot(cols, out, axes=(1, 1)), 0, 1)  # (h, w, ...)
 
 
-def preprocess_image(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """(H, W[, 1 | 3]) image -> (1, 3, size, size) float32: longest side to ``size``, [0, 1] min-max, zero pad."""
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """(H, W), (H, W, 1) or (H, W, 3) image -> (H, W, 3), grey replicated; any other shape is refused."""
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
@@ -65,6 +65,12 @@ def preprocess_image(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
         raise ValueError(f"expected an image of shape (H, W), (H, W, 1) or (H, W, 3), got {np.shape(image)}")
+    return array
+
+
+def preprocess_image(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """(H, W[, 1 | 3]) image -> (1, 3, size, size) float32: longest side to ``size``, [0, 1] min-max, zero pad."""
+    array = as_rgb(image)
     x = array.astype(np.float32)
     height, width = resized_hw(array.shape[:2], size)
     if (height, width) != array.shape[:2]:

