@@ -195,13 +195,24 @@ class ResultStore:
         return load_records(self.records_dir)
 
     def save_table(self, df: pd.DataFrame, name: str) -> tuple[Path, Path]:
-        """Write a table as ``<name>.csv`` and ``<name>.md``."""
+        """Write a table as ``<name>.csv`` and ``<name>.md``; multi-level column names are joined with spaces."""
+        df = flatten_columns(df)
         csv = atomic_write_text(self.dir / f"{name}.csv", df.to_csv(index=False))
         md = atomic_write_text(self.dir / f"{name}.md", to_markdown(df) + "\n")
         return csv, md
 
     def save_figure(self, fig, name: str) -> Path:
         return save_figure(fig, self.dir / f"{name}.png")
+
+
+def flatten_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with each multi-level column name such as ``("dsc", "MR")`` joined to ``"dsc MR"`` (empty levels dropped),
+    so CSV and Markdown headers read as words rather than tuples."""
+    if not isinstance(df.columns, pd.MultiIndex):
+        return df
+    flat = df.copy()
+    flat.columns = [" ".join(str(level) for level in column if str(level)) for column in df.columns]
+    return flat
 
 
 def load_record(path: Path) -> Record:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -167,6 +168,14 @@ def test_table_beside_paper_values(tmp_path):
     csv, md = store.save_table(table.reset_index(), "t1")
     assert md.read_text().splitlines()[0].startswith("| row | dataset |")
     assert csv.read_text().count("\n") == 4
+
+
+def test_multi_level_columns_are_saved_as_words(tmp_path):
+    wide = pd.DataFrame([[90.0, 80.0]], index=pd.Index(["A"], name="row"),
+                        columns=pd.MultiIndex.from_tuples([("dsc", "MR"), ("nsd", "MR")]))
+    csv, md = _store(tmp_path).save_table(wide.reset_index(), "wide")
+    assert md.read_text().splitlines()[0] == "| row | dsc MR | nsd MR |"
+    assert csv.read_text().splitlines()[0] == "row,dsc MR,nsd MR"
 
 
 def test_shipped_references_load():
