@@ -469,19 +469,32 @@ class OpenVinoModel:
 class ParityReport(_AsDict):
     """Agreement of an exported model with PyTorch over one or more input sets.
 
+    Each output is judged against its own scale, ``max|torch output|``: it passes when
+    ``max|torch - exported| <= atol + rtol * scale``. An absolute tolerance alone would depend on the output's
+    magnitude, and for FP32 exports the differences (float summation order of the backends' kernels) grow with it.
+
     ``max_abs_diff``: largest absolute difference over all outputs (inf when shapes differ).
+    ``max_rel_diff``: largest ``max|torch - exported| / scale`` over all outputs (inf when shapes differ).
     ``agreement``: fraction of predictions that match: argmax along ``class_dim``, or ``output > threshold``
-    when a threshold is given. ``passed``: ``max_abs_diff <= atol`` and ``agreement >= min_agreement``.
+    when a threshold is given. ``passed``: every output within its tolerance and ``agreement >= min_agreement``.
     """
 
     max_abs_diff: float
+    max_rel_diff: float
     agreement: float
     passed: bool
     atol: float
+    rtol: float
     min_agreement: float
     input_shapes: list[list[tuple[int, ...]]]
     torch_output_shapes: list[list[tuple[int, ...]]]
     exported_output_shapes: list[list[tuple[int, ...]]]
+
+    def describe(self) -> str:
+        """The differences beside their tolerances, for error messages."""
+        return (f"max_abs_diff={self.max_abs_diff:.3g}, max_rel_diff={self.max_rel_diff:.3g} of the output's scale "
+                f"max|torch| (allowed: atol {self.atol:g} + rtol {self.rtol:g} x scale), "
+                f"agreement={self.agreement:.4f} (min {self.min_agreement:g})")
 
 
 def _predictions(output: np.ndarray, class_dim: int, threshold: float | None) -> np.ndarray:
@@ -490,47 +503,77 @@ def _predictions(output: np.ndarray, class_dim: int, threshold: float | None) ->
     return output.argmax(axis=class_dim)
 
 
+def compare_outputs(
+    reference: Any,
+    candidate: Any,
+    atol: float = 1e-5,
+    rtol: float = 1e-3,
+    min_agreement: float = 1.0,
+    class_dim: int = 1,
+    threshold: float | None = None,
+    input_shapes: Sequence[tuple[int, ...]] = (),
+) -> ParityReport:
+    """Compare PyTorch's outputs (``reference``) with an export's (``candidate``) output by output.
+
+    Both are a tensor/array or a tuple/list/dict of them. Each output passes when
+    ``max|reference - candidate| <= atol + rtol * max|reference|``. Outputs with no or a size-1 ``class_dim``
+    (e.g. a ``(B,)`` or ``(B, 1)`` score) are compared as ``output > 0`` (logits) unless ``threshold`` is given;
+    with ``threshold`` every output is compared thresholded (e.g. segmentation probabilities). A shape mismatch
+    fails the check. ``input_shapes`` is only recorded.
+    """
+    reference, candidate = _flatten_outputs(reference), _flatten_outputs(candidate)
+    shapes_ref, shapes_exp = _shapes(reference), _shapes(candidate)
+    if shapes_ref != shapes_exp:
+        max_abs, max_rel, agreement, within = float("inf"), float("inf"), 0.0, False
+    else:
+        pairs = list(zip(reference, candidate))
+        abs_diffs = np.array([np.max(np.abs(r.astype(np.float64) - c), initial=0.0) for r, c in pairs])
+        scales = np.array([np.max(np.abs(r.astype(np.float64)), initial=0.0) for r, _ in pairs])
+        # an all-zero reference has no scale: matched exactly it is 0 off, else infinitely
+        rel_diffs = [d / s if s > 0 else (np.inf if d > 0 else 0.0) for d, s in zip(abs_diffs, scales)]
+        max_abs, max_rel = float(np.max(abs_diffs)), float(np.max(rel_diffs))
+        within = bool(np.all(abs_diffs <= atol + rtol * scales))
+        matches = [_predictions(r, class_dim, threshold) == _predictions(c, class_dim, threshold) for r, c in pairs]
+        agreement = float(np.concatenate([m.ravel() for m in matches]).mean())
+    return ParityReport(
+        max_abs_diff=max_abs, max_rel_diff=max_rel, agreement=agreement,
+        passed=within and agreement >= min_agreement, atol=atol, rtol=rtol, min_agreement=min_agreement,
+        input_shapes=[list(input_shapes)], torch_output_shapes=[shapes_ref], exported_output_shapes=[shapes_exp],
+    )
+
+
 def check_parity(
     torch_model: nn.Module,
     exported: Callable,
     inputs: Inputs,
-    atol: float = 1e-4,
+    atol: float = 1e-5,
+    rtol: float = 1e-3,
     min_agreement: float = 1.0,
     class_dim: int = 1,
     threshold: float | None = None,
 ) -> ParityReport:
-    """Compare ``torch_model(*inputs)`` (eval, no_grad) with ``exported(*inputs)`` output by output.
+    """Compare ``torch_model(*inputs)`` (eval, no_grad) with ``exported(*inputs)``: :func:`compare_outputs`.
 
-    Outputs with no or a size-1 ``class_dim`` (e.g. a ``(B,)`` or ``(B, 1)`` score) are compared as
-    ``output > 0`` (logits) unless ``threshold`` is given; with ``threshold`` every output is compared
-    thresholded (e.g. segmentation probabilities). A shape mismatch fails the check.
+    The defaults suit FP32 exports: their differences from PyTorch are float rounding, typically 1e-7 to 1e-5 of
+    the output's scale, so ``rtol=1e-3`` leaves ample room across CPUs and thread counts and still catches a wrong
+    graph or weight.
     """
     args = _as_args(inputs)
     with _eval_no_grad(torch_model):
-        reference = _flatten_outputs(torch_model(*_to_device(args, _module_device(torch_model))))
-    candidate = _flatten_outputs(exported(*args))
-    shapes_ref, shapes_exp = _shapes(reference), _shapes(candidate)
-    if shapes_ref != shapes_exp:
-        max_diff, agreement = float("inf"), 0.0
-    else:
-        pairs = list(zip(reference, candidate))
-        max_diff = max(float(np.max(np.abs(r.astype(np.float64) - c), initial=0.0)) for r, c in pairs)
-        matches = [_predictions(r, class_dim, threshold) == _predictions(c, class_dim, threshold) for r, c in pairs]
-        agreement = float(np.concatenate([m.ravel() for m in matches]).mean())
-    return ParityReport(
-        max_abs_diff=max_diff, agreement=agreement, passed=max_diff <= atol and agreement >= min_agreement,
-        atol=atol, min_agreement=min_agreement, input_shapes=[_shapes(args)],
-        torch_output_shapes=[shapes_ref], exported_output_shapes=[shapes_exp],
-    )
+        reference = torch_model(*_to_device(args, _module_device(torch_model)))
+    return compare_outputs(reference, exported(*args), atol=atol, rtol=rtol, min_agreement=min_agreement,
+                           class_dim=class_dim, threshold=threshold, input_shapes=_shapes(args))
 
 
 def _combine(reports: Sequence[ParityReport]) -> ParityReport:
-    """The worst case over several input sets: largest difference, lowest agreement, all must pass."""
+    """The worst case over several input sets: largest differences, lowest agreement, all must pass."""
     return ParityReport(
-        max_abs_diff=max(r.max_abs_diff for r in reports),
+        max_abs_diff=float(np.max([r.max_abs_diff for r in reports])),
+        max_rel_diff=float(np.max([r.max_rel_diff for r in reports])),
         agreement=min(r.agreement for r in reports),
         passed=all(r.passed for r in reports),
         atol=reports[0].atol,
+        rtol=reports[0].rtol,
         min_agreement=reports[0].min_agreement,
         input_shapes=[s for r in reports for s in r.input_shapes],
         torch_output_shapes=[s for r in reports for s in r.torch_output_shapes],
@@ -553,7 +596,8 @@ def export_with_parity(
     example_inputs: Inputs,
     backend: str = "onnxruntime",
     workdir: str | Path = ".",
-    atol: float = 1e-4,
+    atol: float = 1e-5,
+    rtol: float = 1e-3,
     min_agreement: float = 1.0,
     dynamic_batch: bool = True,
     parity_inputs: Sequence[Inputs] | None = None,
@@ -565,11 +609,12 @@ def export_with_parity(
     """Export ``model`` to ``workdir/<name>.onnx``, load it with ``backend``, and check parity with PyTorch.
 
     Parity is checked on each input set in ``parity_inputs`` (default: ``example_inputs`` and, with
-    ``dynamic_batch``, a batch twice as large). Returns ``(exported_model, worst-case ParityReport)``.
+    ``dynamic_batch``, a batch twice as large) with :func:`check_parity`: each output within
+    ``atol + rtol * max|torch output|``. Returns ``(exported_model, worst-case ParityReport)``.
 
     Raises:
         ValueError: unknown ``backend``.
-        ParityError: the export disagrees with PyTorch beyond ``atol`` / ``min_agreement``.
+        ParityError: the export disagrees with PyTorch beyond ``atol`` / ``rtol`` / ``min_agreement``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown export backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -579,12 +624,11 @@ def export_with_parity(
     exported = wrapper(onnx_path, num_threads=num_threads)
     if parity_inputs is None:
         parity_inputs = [args, _other_batch(args)] if dynamic_batch else [args]
-    tolerances = dict(atol=atol, min_agreement=min_agreement, class_dim=class_dim, threshold=threshold)
+    tolerances = dict(atol=atol, rtol=rtol, min_agreement=min_agreement, class_dim=class_dim, threshold=threshold)
     report = _combine([check_parity(model, exported, inputs, **tolerances) for inputs in parity_inputs])
     if not report.passed:
         raise ParityError(
-            f"{backend} export {onnx_path} fails parity with PyTorch: max_abs_diff={report.max_abs_diff:.3g} "
-            f"(atol {atol:g}), agreement={report.agreement:.4f} (min {min_agreement:g}); "
+            f"{backend} export {onnx_path} fails parity with PyTorch: {report.describe()}; "
             f"output shapes torch {report.torch_output_shapes} vs exported {report.exported_output_shapes}"
         )
     return exported, report

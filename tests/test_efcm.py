@@ -89,7 +89,7 @@ def test_student_variants_shapes_and_parameter_counts():
 def test_student_exports_to_onnx_runtime_with_parity(tmp_path):
     student = build_student("fpd_ts", 32, out_index=1).eval()
     _, report = export_with_parity(student, (torch.rand(2, 3, 16, 16),), backend="onnxruntime", workdir=tmp_path)
-    assert report.passed and report.max_abs_diff < 1e-4
+    assert report.passed and report.max_rel_diff < 1e-4  # of the features' scale
 
 
 # ------------------------------------------------------------------------------------------ teacher features

@@ -1,6 +1,7 @@
 """Efficiency protocol: hand-computed parameter and FLOP counts, latency/memory reports, export parity."""
 from __future__ import annotations
 
+import copy
 import mmap
 import sys
 import time
@@ -164,8 +165,9 @@ def test_peak_memory_refuses_unknown_device_and_method():
 def test_export_passes_parity_with_dynamic_batch(backend, tmp_path):
     model = _small_cnn()
     x = torch.randn(2, 1, 8, 8)
-    exported, report = eff.export_with_parity(model, x, backend=backend, workdir=tmp_path, atol=1e-4)
-    assert report.passed and report.max_abs_diff < 1e-4 and report.agreement == 1.0
+    exported, report = eff.export_with_parity(model, x, backend=backend, workdir=tmp_path)
+    assert report.passed and report.max_rel_diff < 1e-4 and report.agreement == 1.0
+    assert (report.atol, report.rtol) == (1e-5, 1e-3)  # the defaults for FP32 exports
     # Checked at the example batch and at twice that batch (dynamic axis).
     assert report.input_shapes == [[(2, 1, 8, 8)], [(4, 1, 8, 8)]]
     assert (tmp_path / "model.onnx").is_file()
@@ -185,9 +187,43 @@ def test_parity_fails_against_a_model_with_other_weights(tmp_path):
 
 def test_export_with_parity_raises_when_exported_output_is_perturbed(tmp_path, monkeypatch):
     original_call = eff.OnnxRuntimeModel.__call__
-    monkeypatch.setattr(eff.OnnxRuntimeModel, "__call__", lambda self, *a: original_call(self, *a) + 1e-3)
-    with pytest.raises(eff.ParityError, match="max_abs_diff=0.001"):
-        eff.export_with_parity(_small_cnn(), torch.randn(2, 1, 8, 8), workdir=tmp_path, atol=1e-4)
+    monkeypatch.setattr(eff.OnnxRuntimeModel, "__call__", lambda self, *a: original_call(self, *a) * 1.01)
+    with pytest.raises(eff.ParityError, match=r"max_rel_diff=0\.01 .*rtol 0\.001"):
+        eff.export_with_parity(_small_cnn(), torch.randn(2, 1, 8, 8), workdir=tmp_path)
+
+
+def test_export_of_a_perturbed_copy_fails_parity(tmp_path, monkeypatch):
+    """A 1% error in one weight of the exported copy is caught at the default tolerances."""
+    export_onnx = eff.export_onnx
+
+    def export_perturbed_copy(model, *args, **kwargs):
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            model[0].weight.mul_(1.01)
+        return export_onnx(model, *args, **kwargs)
+
+    monkeypatch.setattr(eff, "export_onnx", export_perturbed_copy)
+    for backend in eff.BACKENDS:
+        with pytest.raises(eff.ParityError, match=f"{backend} export"):
+            eff.export_with_parity(_small_cnn(), torch.randn(2, 1, 8, 8), backend=backend, workdir=tmp_path)
+
+
+def test_parity_tolerance_is_relative_to_each_outputs_scale():
+    torch.manual_seed(0)
+    model = _TwoHeads().eval()
+    with torch.no_grad():
+        model.cls.weight.mul_(1e4)  # class logits ~1e4, score logit ~1
+    x = torch.randn(6, 10)
+    scaled = lambda factor: lambda *a: tuple(o * factor for o in model(*a))  # noqa: E731
+    # 5e-4 of each output's scale: differences of several units on the class logits are within rtol 1e-3
+    report = eff.check_parity(model, scaled(1 + 5e-4), x)
+    assert report.passed and report.max_abs_diff > 1 and report.max_rel_diff == pytest.approx(5e-4, rel=1e-3)
+    assert not eff.check_parity(model, scaled(1 + 5e-4), x, rtol=0.0, atol=1e-3).passed  # absolute alone fails
+    assert not eff.check_parity(model, scaled(1 + 2e-3), x).passed
+    # each output is judged by its own scale: 5e-4 of the class logits' scale, added to the score (scale ~1), fails
+    shift = 5e-4 * model(x)[0].abs().max().item()
+    report = eff.check_parity(model, lambda *a: (model(*a)[0], model(*a)[1] + shift), x)
+    assert not report.passed and report.max_abs_diff == pytest.approx(shift, rel=1e-4)
 
 
 def test_parity_with_several_outputs_and_threshold_agreement(tmp_path):

@@ -171,7 +171,8 @@ def test_boxes_share_one_embedding(model, disc_image, disc_maps):
     assert masks.shape == (2, 200, 300) and masks.dtype == np.uint8
     assert set(np.unique(masks)) <= {0, 1}
     for mask, box in zip(masks, boxes):
-        assert np.array_equal(mask, model.predict_from_embedding(embedding, box, image.shape))
+        # decoding 2 boxes vs 1 may sum in another order (GEMM blocking), which can flip a pixel whose logit is ~0
+        assert (mask == model.predict_from_embedding(embedding, box, image.shape)).mean() > 0.999
     print(f"disc Dice {dice(masks[0], disc):.4f}, corner-box foreground {masks[1].mean():.4f}")
     assert dice(masks[0], disc) > 0.9
     assert dice(masks[1], disc) < 0.1

@@ -123,7 +123,9 @@ def test_cached_features_only_without_reprogrammer():
     plain = _rd(reprogram=False)
     cached = plain.fm.cache(x, batch_size=3)
     assert cached.shape == (4, 8)
-    assert torch.allclose(plain.eval()(x, cached).teacher_logits, plain(x).teacher_logits)
+    direct = plain.eval()(x).teacher_logits
+    # the cache ran batches of 3 and 1, the direct pass one of 4 (another float order): tolerance by the logits' scale
+    torch.testing.assert_close(plain(x, cached).teacher_logits, direct, rtol=0, atol=1e-5 * direct.abs().max().item())
     with pytest.raises(ValueError, match="only valid without a reprogrammer"):
         _rd(reprogram=True)(x, cached)
 

@@ -3,8 +3,9 @@
 DAFT's path: PyTorch -> ONNX (checked with ``allclose`` at atol 1e-3) -> OpenVINO IR (``ov.convert_model`` +
 ``ov.save_model``; here ``Core.read_model`` + ``ov.save_model``). Here both halves of a model go to ONNX (:func:`mdbench.efficiency.export_onnx`) and then to IR;
 the saved IR (what the runtime loads) and the ONNX file under ONNX Runtime are both compared with PyTorch on a
-real preprocessed image (:func:`mdbench.efficiency.check_parity`). ``export_with_parity`` is not used because it
-checks a model converted in memory, not the saved IR, and would convert every model twice.
+real preprocessed image (:func:`mdbench.efficiency.check_parity`), with tolerances relative to each output's scale,
+and so are the masks that deployment delivers (:class:`MaskParityReport`). ``export_with_parity`` is not used because
+it checks a model converted in memory, not the saved IR, and would convert every model twice.
 
 - ``encoder``: (1, 3, 256, 256) -> (1, 256, 64, 64);
 - ``decoder``: prompt encoder + mask decoder, embedding (1, 256, 64, 64) + one box (1, 4) -> logits (1, 1, 256, 256)
@@ -18,18 +19,21 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from mdbench.efficiency import OnnxRuntimeModel, ParityError, ParityReport, check_parity, export_onnx
-from mdbench.models.litemedsam import LiteMedSAM, preprocess_image
+from mdbench.deploy import preprocess
 from mdbench.deploy.runtime import MANIFEST
+from mdbench.efficiency import (BACKENDS, OnnxRuntimeModel, ParityError, ParityReport, check_parity, compare_outputs,
+                                export_onnx)
+from mdbench.models.litemedsam import LiteMedSAM, preprocess_image
 
-__all__ = ["SamDecoder", "export_openvino", "save_deployment"]
+__all__ = ["MaskParityReport", "SamDecoder", "export_openvino", "save_deployment"]
 
 
 class SamDecoder(nn.Module):
@@ -56,22 +60,82 @@ class _CompiledCall:
         return tuple(np.asarray(result[output]) for output in self.compiled.outputs)
 
 
+@dataclass(frozen=True)
+class MaskParityReport(ParityReport):
+    """Parity of the masks deployment delivers: (K, H, W) mask logits at the image's resolution (mask = logit > 0).
+
+    ``max_abs_diff`` / ``max_rel_diff``: the logits' differences; ``agreement``: fraction of mask pixels that agree;
+    ``dice``: the smallest Dice of a deployed mask against PyTorch's (1 where both are empty). ``passed`` also needs
+    ``dice >= min_dice``.
+    """
+
+    dice: float
+    min_dice: float
+
+    def describe(self) -> str:
+        return f"{super().describe()}, dice={self.dice:.4f} (min {self.min_dice:g})"
+
+
+def _first_output(fn: Callable) -> Callable[..., np.ndarray]:
+    """``fn`` (a torch module or an exported model; both take tensors) as numpy arrays in -> its first output."""
+
+    def call(*arrays: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = fn(*(torch.tensor(a) for a in arrays))
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        return first.numpy() if isinstance(first, torch.Tensor) else np.asarray(first)
+
+    return call
+
+
+def _mask_logits(encoder: Callable, decoder: Callable, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(H, W[, 3]) image and (K, 4) xyxy boxes in its pixels -> (K, H, W) mask logits, computed the way the runtime
+    computes its masks (:class:`mdbench.deploy.runtime.OpenVinoSAM`: numpy pre- and post-processing, one decoder call
+    per box), with ``encoder``/``decoder`` either PyTorch's halves or their exports."""
+    encode, decode = _first_output(encoder), _first_output(decoder)
+    hw = image.shape[:2]
+    embedding = encode(preprocess.preprocess_image(image))
+    low_res = np.concatenate([decode(embedding, box[None]) for box in preprocess.scale_boxes(boxes, hw)])
+    return preprocess.postprocess_logits(low_res, hw)
+
+
+def _check_masks(reference: np.ndarray, deployed: np.ndarray, input_shapes: list[tuple[int, ...]],
+                 min_dice: float, **tolerances) -> MaskParityReport:
+    """Compare (K, H, W) mask logits: :func:`mdbench.efficiency.compare_outputs` at threshold 0, plus the masks' Dice."""
+    from mdbench.metrics import dice_per_class  # MONAI takes seconds to import: only exports pay for it
+
+    report = compare_outputs(reference, deployed, threshold=0.0, input_shapes=input_shapes, **tolerances)
+    per_mask = dice_per_class((deployed > 0).astype(np.uint8), (reference > 0).astype(np.uint8), num_classes=2)
+    dice = float(np.nan_to_num(per_mask.numpy(), nan=1.0).min())  # nan: both masks empty, which agree
+    fields = {**report.as_dict(), "passed": report.passed and dice >= min_dice}
+    return MaskParityReport(**fields, dice=dice, min_dice=min_dice)
+
+
 def export_openvino(model: LiteMedSAM, folder: str | Path, example_image: np.ndarray | None = None,
-                    box: tuple[float, float, float, float] = (64.0, 64.0, 192.0, 192.0), atol: float = 1e-3,
-                    min_agreement: float = 0.999, threads: int | None = None) -> dict[str, dict[str, ParityReport]]:
+                    box: tuple[float, float, float, float] = (64.0, 64.0, 192.0, 192.0), atol: float = 1e-5,
+                    rtol: float = 1e-3, min_agreement: float = 0.999, min_dice: float = 0.99,
+                    threads: int | None = None) -> dict[str, dict[str, ParityReport]]:
     """Export ``model`` to ``folder/encoder.xml`` and ``folder/decoder.xml`` (FP32 OpenVINO IR), checking parity.
 
     The saved IR itself (what the runtime loads) is compiled and compared with PyTorch; so is the intermediate ONNX
-    file under ONNX Runtime. The model is moved to the CPU.
+    file under ONNX Runtime. Each half is compared on its own inputs (the decoder on PyTorch's embedding), then the
+    masks: the example image and box through each backend's encoder and decoder, pre- and post-processed as the
+    runtime does, against the same pipeline with PyTorch's halves. The model is moved to the CPU.
 
     Args:
         example_image: an (H, W[, 3]) image for the parity inputs (default: a smooth synthetic one).
-        box: the parity box in the 256 frame.
-        atol, min_agreement: largest absolute difference allowed, and the fraction of elements whose sign (> 0)
-            must agree (embedding values and mask logits).
+        box: the parity box in the 256 frame (for the masks, the same box in the image's pixels).
+        atol, rtol: each output (embedding, low-res logits, IoU, the masks' logits) may differ from PyTorch's by at
+            most ``atol + rtol * max|torch output|``.
+        min_agreement: the fraction of elements whose sign (> 0) must agree: embedding values, mask logits, and the
+            masks' pixels.
+        min_dice: the smallest Dice allowed between a deployed mask and PyTorch's.
+        threads: inference threads of both backends (None: OpenVINO's default, all cores; ONNX Runtime's
+            :class:`mdbench.efficiency.OnnxRuntimeModel` default, torch's thread count).
 
     Returns:
-        ``{"encoder" | "decoder": {"openvino": ParityReport, "onnxruntime": ParityReport}}``.
+        ``{"encoder" | "decoder" | "masks": {"openvino": ParityReport, "onnxruntime": ParityReport}}``; the masks'
+        reports are :class:`MaskParityReport`.
 
     Raises:
         mdbench.efficiency.ParityError: an export disagrees with PyTorch beyond the tolerances.
@@ -92,8 +156,8 @@ def export_openvino(model: LiteMedSAM, folder: str | Path, example_image: np.nda
     # wrapper's flag (True) would switch the wrapped model's BatchNorm layers to batch statistics
     parts = {"encoder": (model.image_encoder, (x,)), "decoder": (SamDecoder(model).eval(), (embedding, boxes))}
     config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
-    tolerances = dict(atol=atol, min_agreement=min_agreement, threshold=0.0)
-    reports = {}
+    tolerances = dict(atol=atol, rtol=rtol, min_agreement=min_agreement)
+    reports, runtimes = {}, {}
     with tempfile.TemporaryDirectory() as workdir:
         for name, (module, inputs) in parts.items():
             with warnings.catch_warnings():
@@ -104,15 +168,21 @@ def export_openvino(model: LiteMedSAM, folder: str | Path, example_image: np.nda
             xml = folder / f"{name}.xml"
             # read_model (the ONNX frontend alone) gives the same graph as ov.convert_model here, ten times faster
             ov.save_model(ov.Core().read_model(str(onnx_path)), str(xml), compress_to_fp16=False)
-            runtimes = {"openvino": _CompiledCall(ov.Core().compile_model(str(xml), "CPU", config)),
-                        "onnxruntime": OnnxRuntimeModel(onnx_path, num_threads=threads)}
-            reports[name] = {}
-            for backend, runtime in runtimes.items():
-                report = check_parity(module, runtime, inputs, **tolerances)
-                if not report.passed:
-                    raise ParityError(f"{backend} export of the {name} fails parity with PyTorch: max_abs_diff="
-                                      f"{report.max_abs_diff:.3g} (atol {atol:g}), agreement={report.agreement:.4f}")
-                reports[name][backend] = report
+            runtimes[name] = {"openvino": _CompiledCall(ov.Core().compile_model(str(xml), "CPU", config)),
+                              "onnxruntime": OnnxRuntimeModel(onnx_path, num_threads=threads)}
+            reports[name] = {backend: check_parity(module, runtime, inputs, threshold=0.0, **tolerances)
+                             for backend, runtime in runtimes[name].items()}
+        image_boxes = np.asarray([box]) * max(example_image.shape[:2]) / preprocess.IMAGE_SIZE
+        reference = _mask_logits(parts["encoder"][0], parts["decoder"][0], example_image, image_boxes)
+        reports["masks"] = {
+            backend: _check_masks(reference, _mask_logits(runtimes["encoder"][backend], runtimes["decoder"][backend],
+                                                          example_image, image_boxes),
+                                  [example_image.shape, image_boxes.shape], min_dice, **tolerances)
+            for backend in BACKENDS}
+    failures = [f"{backend} export of the {name}: {report.describe()}"
+                for name, by_backend in reports.items() for backend, report in by_backend.items() if not report.passed]
+    if failures:
+        raise ParityError(f"exports fail parity with PyTorch: {'; '.join(failures)}")
     return reports
 
 
@@ -122,10 +192,11 @@ def save_deployment(folder: str | Path, experts: Mapping[str, LiteMedSAM], defau
     """Write a deployment folder: ``torch/<expert>.pt`` (state dicts), ``openvino/<expert>/`` (IR), ``manifest.json``.
 
     Every expert must share the student architecture of the first (its encoder's ``config``), which the manifest
-    stores so the PyTorch path can rebuild them.
+    stores so the PyTorch path can rebuild them. ``export_kwargs`` (tolerances, ``box``) go to :func:`export_openvino`.
 
     Returns:
-        The manifest: ``{"experts", "default", "student", "parity": {expert: {part: report dict}}}``.
+        The manifest: ``{"experts", "default", "student",
+        "parity": {expert: {"encoder" | "decoder" | "masks": {"openvino" | "onnxruntime": report dict}}}}``.
     """
     folder = Path(folder)
     if default not in experts:
