@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mdbench.data.checksums import verification_state
+
 # Packages whose versions decide the numbers; the fingerprint records exactly these.
 KEY_PACKAGES = (
     "torch", "torchvision", "timm", "monai", "numpy", "scikit-learn", "pandas", "peft",
@@ -119,12 +121,14 @@ def _cpu_name() -> str:
 
 
 def fingerprint() -> dict[str, Any]:
-    """Everything a result depends on besides its config: Python, packages, git state and hardware."""
+    """Everything a result depends on besides its config: Python, packages, git state, hardware, and whether the
+    datasets were verified against their SHA256SUMS (``"sha256"``, or ``"off ..."`` saying how and for which)."""
     return {
         "python": platform.python_version(),
         "packages": package_versions(),
         "git": git_state(),
         "hardware": hardware(),
+        "data_verification": verification_state(),
     }
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real-data root and quiet, single-threaded torch for fast, repeatable tests."""
+"""Shared fixtures: the real-data root, a session cache folder, and torch threads (1 unless told otherwise)."""
 from __future__ import annotations
 
 import os
@@ -13,8 +13,19 @@ _DEFAULT_SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _single_thread():
-    torch.set_num_threads(1)
+def _torch_threads():
+    """One thread by default; ``MDBENCH_TEST_THREADS=2`` reruns the suite multi-threaded to show that no result
+    depends on the thread count (kernels sum in another order with more threads)."""
+    torch.set_num_threads(int(os.environ.get("MDBENCH_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache_dir(tmp_path_factory):
+    """Caches (the dataset hash cache, EFCM features) go to a session folder, never to the user's cache folder
+    (~/.cache/mdbench) or the checkout's .cache/."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MDBENCH_CACHE_DIR", str(tmp_path_factory.mktemp("mdbench-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

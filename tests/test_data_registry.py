@@ -66,6 +66,8 @@ def _tiny_pbc_root(root: Path) -> Path:
         for k in range(4):
             Image.new("RGB", (8, 8), (40 * k, 10, 200)).save(
                 root / "pbc" / "PBC_dataset_normal_DIB" / cls / f"{k}.jpg")
+    _write_sums(root / "pbc", [f"PBC_dataset_normal_DIB/{cls}/{k}.jpg" for cls in ("basophil", "eosinophil")
+                               for k in range(4)])  # load_dataset verifies before reading
     return root
 
 

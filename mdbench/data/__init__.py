@@ -9,8 +9,10 @@ import importlib
 
 _EXPORTS = {
     "ChecksumReport": "checksums", "tree_checksum": "checksums", "verify_sha256sums": "checksums",
-    "CorruptFileError": "errors", "DataError": "errors", "DataNotFoundError": "errors", "LabelError": "errors",
-    "UnknownDatasetError": "errors",
+    "verification_state": "checksums",
+    "CorruptFileError": "errors", "DataError": "errors", "DataIntegrityError": "errors",
+    "DataNotFoundError": "errors", "LabelError": "errors", "UnknownDatasetError": "errors",
+    "UnverifiedDataWarning": "errors",
     "DATASETS": "registry", "DatasetSpec": "registry", "data_root": "registry", "dataset_table": "registry",
     "get_spec": "registry", "is_present": "registry", "load_dataset": "registry",
     "kfold_splits": "splits", "split_indices": "splits",

@@ -14,6 +14,15 @@ class CorruptFileError(DataError):
     """A file exists but cannot be decoded (truncated image, broken archive, malformed checksum list)."""
 
 
+class DataIntegrityError(DataError):
+    """A dataset folder does not match its ``SHA256SUMS`` (or has none); the message names the dataset, the folder,
+    the bad files and how to restore the data or opt out of verification."""
+
+
+class UnverifiedDataWarning(UserWarning):
+    """A dataset is read without checking its ``SHA256SUMS`` (``MDBENCH_VERIFY_DATA=0`` or ``verify=False``)."""
+
+
 class UnknownDatasetError(DataError, KeyError):
     """A dataset name that the registry does not know (message lists the known names)."""
 

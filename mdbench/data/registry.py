@@ -2,6 +2,8 @@
 
 The data root is ``data_dir`` when given, else the environment variable ``MDBENCH_DATA_DIR``; each
 dataset sits in ``<root>/<spec.folder>`` in its official layout (see ``data_cards/<name>.md``).
+:func:`load_dataset` checks that folder against its ``SHA256SUMS`` before a loader reads it
+(see :mod:`mdbench.data.checksums`).
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from typing import Any, Callable
 
 from torch.utils.data import Dataset
 
-from mdbench.data.errors import DataNotFoundError, UnknownDatasetError
+from mdbench.data.checksums import (SUMS_FILE, VERIFY_ENV, note_unverified, verification_enabled,
+                                    verify_sha256sums)
+from mdbench.data.errors import DataIntegrityError, DataNotFoundError, UnknownDatasetError
 from mdbench.data.hc18 import HC18Dataset
 from mdbench.data.isic2017 import ISIC2017Dataset
 from mdbench.data.kvasir_seg import KvasirSegDataset
@@ -22,6 +26,12 @@ from mdbench.data.pneumoniamnist import PneumoniaMNISTDataset
 from mdbench.data.ucsb_breast import UCSBBreastDataset
 
 ENV_VAR = "MDBENCH_DATA_DIR"
+# Bad files named in a DataIntegrityError; `mdbench data check` lists them all.
+_MAX_LISTED = 10
+
+# resolved dataset folder -> (size, mtime_ns) of the SHA256SUMS it passed against, so that one process
+# verifies a dataset once however many splits it loads
+_verified: dict[Path, tuple[int, int]] = {}
 
 
 @dataclass(frozen=True)
@@ -115,12 +125,13 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
     chosen = data_dir if data_dir is not None else os.environ.get(ENV_VAR)
     if not chosen:
         raise DataNotFoundError(f"no data folder given: set {ENV_VAR} to the folder that holds the datasets "
-                                "(pbc/, isic2017/, ...) or pass data_dir=")
+                                "(pbc/, isic2017/, ...), or pass --data-dir (command line) / data_dir= (Python)")
     root = Path(chosen).expanduser()
     if not root.is_dir():
-        source = "data_dir" if data_dir is not None else ENV_VAR
-        raise DataNotFoundError(f"data folder {root} (from {source}) does not exist: set {ENV_VAR} "
-                                "to the folder that holds the datasets")
+        source = "--data-dir / data_dir=" if data_dir is not None else ENV_VAR
+        problem = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataNotFoundError(f"data folder {root} (from {source}) {problem}: point {source} at the folder "
+                                "that holds the datasets (pbc/, isic2017/, ...)")
     return root
 
 
@@ -138,10 +149,62 @@ def dataset_table(data_dir: str | os.PathLike | None = None) -> list[dict[str, A
 
 
 def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
-                 **kwargs: Any) -> Dataset:
-    """Build dataset ``name``'s ``split`` from ``<data root>/<folder>``; ``kwargs`` go to its loader."""
+                 verify: bool | None = None, **kwargs: Any) -> Dataset:
+    """Build dataset ``name``'s ``split`` from ``<data root>/<folder>``; ``kwargs`` go to its loader.
+
+    Before the loader reads anything, the folder is checked against its ``SHA256SUMS`` (once per process; digests
+    of unchanged files come from the hash cache, see :func:`mdbench.data.checksums.verify_sha256sums`).
+
+    Args:
+        verify: check the folder first (True), read it unverified (False, warned once and recorded in the result
+            fingerprint), or follow ``$MDBENCH_VERIFY_DATA`` (None, the default; unset means verify).
+
+    Raises:
+        DataIntegrityError: a listed file is missing or differs, a file is not listed, or there is no
+            ``SHA256SUMS``; the message names the files and the fix.
+        DataNotFoundError: the data root or the dataset's folder does not exist.
+    """
     spec = get_spec(name)
-    return spec.loader(data_root(data_dir) / spec.folder, split=split, **kwargs)
+    folder = data_root(data_dir) / spec.folder
+    # an absent folder is left to the loader, whose error says what is missing and how to point at the data
+    if folder.is_dir():
+        if verification_enabled(verify):
+            _verify_once(spec, folder)
+        else:
+            reason = "verify=False" if verify is not None else f"{VERIFY_ENV}={os.environ[VERIFY_ENV]}"
+            note_unverified(name, folder, reason)
+    return spec.loader(folder, split=split, **kwargs)
+
+
+def _verify_once(spec: DatasetSpec, folder: Path) -> None:
+    """Raise :class:`DataIntegrityError` unless ``folder`` matches its ``SHA256SUMS`` (memoised per process)."""
+    opt_out = (f"if you changed the data on purpose, set {VERIFY_ENV}=0 (or pass verify=False to load_dataset) "
+               "to read it unverified; result records then say so")
+    sums = folder / SUMS_FILE
+    try:
+        st = sums.stat()
+    except FileNotFoundError:
+        raise DataIntegrityError(
+            f"dataset {spec.name!r}: {folder} has no {SUMS_FILE}, so its files cannot be verified. Copy the "
+            f"{SUMS_FILE} that came with the data into it, or write one for data you trust with "
+            f"`cd {folder} && find . -type f ! -name {SUMS_FILE} -printf '%P\\n' | sort | xargs -d '\\n' "
+            f"sha256sum > {SUMS_FILE}`; {opt_out}") from None
+    key, signature = folder.resolve(), (st.st_size, st.st_mtime_ns)
+    if _verified.get(key) == signature:
+        return
+    report = verify_sha256sums(folder, use_cache=True)
+    if not report.passed:
+        problems = report.problems() or [("lists no files", SUMS_FILE)]
+        lines = [f"  {kind + ':':<12}{path}" for kind, path in problems[:_MAX_LISTED]]
+        if len(problems) > _MAX_LISTED:
+            lines.append(f"  ... and {len(problems) - _MAX_LISTED} more")
+        raise DataIntegrityError(
+            f"dataset {spec.name!r} in {folder} does not match its {SUMS_FILE} "
+            f"({len(report.mismatched)} mismatched, {len(report.missing)} missing, {len(report.unlisted)} "
+            "unlisted):\n" + "\n".join(lines) + "\n"
+            f"Restore the data from its source ({spec.card}), move unlisted files out of {folder}, and run "
+            f"`mdbench data check {spec.name}` to list every problem; {opt_out}.")
+    _verified[key] = signature
 
 
 def _root_or_none(data_dir: str | os.PathLike | None) -> Path | None:
