@@ -2,15 +2,28 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from mdbench.runner import reproduce, summary_table
+    """Exit status: 0 every notebook that ran is ok; 1 one failed or timed out; 2 (from ``main``) bad input, a results
+    folder in use by another run, or nothing to run; 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM."""
+    from mdbench.runner import Interrupted, reproduce, summary_table
 
-    results = reproduce(papers=args.paper, profile_name=args.profile, jobs=args.jobs,
-                        results_dir=args.results_dir, data_dir=args.data_dir, progress=not args.quiet)
+    if args.no_verify_data:  # the notebooks' processes inherit it; their records' fingerprints say so
+        os.environ["MDBENCH_VERIFY_DATA"] = "0"
+    try:
+        results = reproduce(papers=args.paper, profile_name=args.profile, jobs=args.jobs,
+                            results_dir=args.results_dir, data_dir=args.data_dir, progress=not args.quiet,
+                            manifest=args.manifest)
+    except Interrupted as stopped:
+        print()
+        print(summary_table(stopped.results))
+        print(f"\nmdbench: {stopped}: the running notebooks were stopped; the last good outputs are kept.",
+              file=sys.stderr)
+        return 128 + stopped.signum
     print()
     print(summary_table(results))
     failed = [r for r in results if r.status == "failed"]
@@ -33,8 +46,10 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _data_list(args: argparse.Namespace) -> int:
-    from mdbench.data.registry import dataset_table
+    from mdbench.data.registry import data_root, dataset_table
 
+    if args.data_dir is not None:
+        data_root(args.data_dir)  # a wrong --data-dir is an error, not a table of absent datasets
     rows = dataset_table(args.data_dir)
     print(f"{'dataset':<16} {'present':<8} {'task':<34} {'licence'}")
     for r in rows:
@@ -43,21 +58,44 @@ def _data_list(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
+    """Verify datasets with the loaders' own check; 1 if any listed file is missing or differs, any file is
+    unlisted, a folder has no valid SHA256SUMS, a dataset named on the command line is absent, or none is present."""
+
     from mdbench.data.checksums import verify_sha256sums
+    from mdbench.data.errors import DataError
     from mdbench.data.registry import DATASETS, data_root, get_spec
 
     root = data_root(args.data_dir)
-    names = args.names or list(DATASETS)
-    bad = 0
-    for name in names:
-        folder = root / get_spec(name).folder
+    specs = [get_spec(name) for name in args.names or DATASETS]  # refuse an unknown name before hashing
+    failed, checked = [], 0
+    for spec in specs:
+        folder = root / spec.folder
         if not folder.is_dir():
-            print(f"{name:<16} absent ({folder})")
+            print(f"{spec.name:<16} absent  {folder}")
+            if args.names:  # asked for by name, so its absence is a failure
+                failed.append(spec.name)
             continue
-        report = verify_sha256sums(folder)
-        print(f"{name:<16} {report.summary()}")
-        bad += not report.ok
-    return 1 if bad else 0
+        checked += 1
+        try:
+            report = verify_sha256sums(folder, use_cache=args.fast)
+        except DataError as err:  # no or malformed SHA256SUMS: this dataset fails, the others are still checked
+            print(f"{spec.name:<16} FAILED  {err}")
+            failed.append(spec.name)
+            continue
+        print(f"{spec.name:<16} {'ok' if report.passed else 'FAILED':<7} {report.summary()}")
+        for kind, path in report.problems():
+            print(f"  {kind:<11} {os.path.join(folder, path)}")  # keeps an unlisted folder's trailing /
+        if not report.passed:
+            failed.append(spec.name)
+    if failed:
+        print(f"\n{len(failed)} dataset(s) failed: {', '.join(failed)}. Restore them from their sources "
+              "(data_cards/<name>.md) and move unlisted files out of their folders.")
+        return 1
+    if not checked:
+        print(f"\nno dataset found under {root}: point --data-dir or MDBENCH_DATA_DIR at the folder that holds "
+              "the datasets (pbc/, isic2017/, ...)")
+        return 1
+    return 0
 
 
 def _execute_notebooks(args: argparse.Namespace) -> int:
@@ -76,13 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    rep = sub.add_parser("reproduce", help="execute the paper notebooks with papermill at a profile")
+    rep = sub.add_parser("reproduce", help="execute the paper notebooks with papermill at a profile",
+                         epilog="exit status: 0 every notebook that ran is ok; 1 a notebook failed or timed out; "
+                                "2 bad input, a results folder in use by another run, or nothing to run; "
+                                "130/143 stopped by SIGINT/SIGTERM")
     rep.add_argument("--paper", action="append", help="paper to run (repeatable; default: all in the manifest)")
     rep.add_argument("--profile", default="cpu", choices=available_profiles(), help="default: cpu")
     rep.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1)")
     rep.add_argument("--results-dir", type=Path, default=None, help="default: results/ or MDBENCH_RESULTS_DIR")
-    rep.add_argument("--data-dir", type=Path, default=None, help="default: MDBENCH_DATA_DIR")
+    rep.add_argument("--data-dir", type=Path, default=None,
+                     help="root of the real datasets; wins over MDBENCH_DATA_DIR (the default)")
+    rep.add_argument("--no-verify-data", action="store_true",
+                     help="read the datasets without checking their SHA256SUMS (for your own modified data); "
+                          "recorded in every result's fingerprint")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep.add_argument("--manifest", type=Path, default=None, help=argparse.SUPPRESS)  # tests run toy notebooks
     rep.set_defaults(func=_reproduce)
 
     doc = sub.add_parser("doctor", help="check this machine: Python, packages, CUDA, kernel, data")
@@ -95,11 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="the dataset registry")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     lst = data_sub.add_parser("list", help="each dataset, its task and licence, and whether it is present")
-    lst.add_argument("--data-dir", type=Path, default=None)
+    lst.add_argument("--data-dir", type=Path, default=None, help="default: MDBENCH_DATA_DIR")
     lst.set_defaults(func=_data_list)
-    chk = data_sub.add_parser("check", help="verify each present dataset against its SHA256SUMS")
-    chk.add_argument("names", nargs="*", help="datasets to check (default: all)")
-    chk.add_argument("--data-dir", type=Path, default=None)
+    chk = data_sub.add_parser("check", help="verify each present dataset against its SHA256SUMS: every listed "
+                              "file present and unchanged, no file unlisted (exit status 1 otherwise)")
+    chk.add_argument("names", nargs="*", help="datasets to check (default: all present)")
+    chk.add_argument("--data-dir", type=Path, default=None, help="default: MDBENCH_DATA_DIR")
+    chk.add_argument("--fast", action="store_true",
+                     help="trust cached digests of files whose size and mtime are unchanged, as loading does "
+                          "(default: re-read every byte)")
     chk.set_defaults(func=_data_check)
     return parser
 
@@ -115,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RunnerError, DataError, RecordError, PaperReferenceError, OSError) as err:
         print(f"mdbench: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the notebook runs, which reproduce handles itself
+        print("\nmdbench: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

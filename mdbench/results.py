@@ -226,10 +226,11 @@ def load_record(path: Path) -> Record:
 
 
 def load_records(folder: Path) -> list[Record]:
+    """Every record in ``folder``; the ``.tmp-*`` files of a write that was cut off are not records."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return [load_record(p) for p in sorted(folder.glob("*.json"))]
+    return [load_record(p) for p in sorted(folder.glob("*.json")) if not p.name.startswith(".tmp-")]
 
 
 # ------------------------------------------------------------------------------------------ paper references

@@ -4,32 +4,77 @@ Each notebook runs in its own papermill process (so a timeout can stop it and ``
 profile's parameters injected into the cell tagged ``parameters``. The executed notebook and its stderr are kept in
 ``results/<paper>/<profile>/``; a notebook that fails is kept as ``<name>.failed.ipynb`` and never replaces the last
 good ``<name>.executed.ipynb``.
+
+Run control (Linux first; where noted, other platforms get less):
+
+* **One run per results folder.** ``reproduce`` holds an exclusive ``flock`` on ``<folder>/.tmp-reproduce.lock`` for
+  every notebook it runs; another run into the same folder is refused at once, naming the folder and the holder's
+  pid. The operating system drops the lock when its holder dies, even by ``kill -9``. (No lock where ``fcntl`` is
+  missing.)
+* **Nothing outlives the run.** papermill runs under a guard process (:func:`mdbench.process_guard.guard`) in a session of its own. The guard
+  is a child subreaper (Linux), so the Jupyter kernel, which jupyter_client starts in yet another session, stays its
+  descendant even if papermill dies first. When the guard is told to stop (SIGTERM, SIGINT, SIGHUP) or sees that the
+  mdbench process that started it is gone (also after ``kill -9``; it polls its parent pid), it kills all its
+  descendants and exits, so no notebook of a dead run goes on writing records or tables.
+* **Signals.** SIGINT (Ctrl-C) and SIGTERM stop every running notebook within seconds, remove the run's temporary
+  files, and ``reproduce`` raises :class:`Interrupted` carrying the summary so far (running notebooks ``interrupted``,
+  the rest ``not run``); ``mdbench reproduce`` prints it and exits 130 (SIGINT) or 143 (SIGTERM).
+* **Files.** Temporary files have names unique to the run (``.tmp-run-<name>-*``); the executed notebook, the failed
+  notebook and the stderr reach their final names by ``os.replace``. A good run removes a stale ``<name>.failed.ipynb``.
+  A notebook papermill could not write whole (a full disk) is not kept; the reason reported is then the OSError in
+  papermill's stderr (``[Errno 28] No space left on device: '<path>'``), not the last line of a cut-off traceback.
+  Temporary files a killed run left (its own and half-written records of its kernel) are removed by the next run that
+  holds the folder's lock, and by each run when it ends.
+* **Nothing to run is an error.** When every selected notebook would be skipped (no GPU, no data), ``reproduce``
+  raises :class:`RunnerError` with the reason and the fix instead of succeeding having run nothing.
 """
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import nbformat
 import yaml
 
-from mdbench.results import atomic_write_text, results_root
+from mdbench.process_guard import POLL_S, guard_command, kill_descendants
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs into one folder are not serialised
+    fcntl = None
+
+# nbformat and mdbench.results (which imports torch) are imported where they are used, to keep the CLI quick to start.
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 KERNEL = "python3"
+TMP_PREFIX = ".tmp-run-"  # the runner's temporary files; results.atomic_write_bytes uses ".tmp-" + 8 random chars
+LOCK_NAME = ".tmp-reproduce.lock"  # ".tmp" so that git ignores it beside the results
+STOP_WAIT_S = 10.0  # how long the runner waits for a guard to stop before killing its tree itself
 
 
 class RunnerError(ValueError):
-    """Bad input to the runner: unknown paper or profile, malformed manifest, unknown parameter."""
+    """Bad input to the runner: unknown paper or profile, malformed manifest, unknown parameter, folder in use."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped :func:`reproduce`; ``results`` says what finished, was interrupted or never ran."""
+
+    def __init__(self, signum: int, results: list[RunResult]):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.results = results
 
 
 # --------------------------------------------------------------------------------------------------- profiles
@@ -98,13 +143,14 @@ def load_manifest(path: Path = NOTEBOOKS_DIR / "manifest.yaml") -> list[Notebook
 
 
 def select(entries: list[NotebookEntry], papers: list[str] | None) -> list[NotebookEntry]:
+    """The entries of ``papers`` in the order given, each once (all entries when none are given)."""
     if not papers:
         return entries
     known = {e.paper: e for e in entries}
     unknown = [p for p in papers if p not in known]
     if unknown:
         raise RunnerError(f"unknown paper(s) {unknown}; the manifest lists: {', '.join(known)}")
-    return [known[p] for p in papers]
+    return [known[p] for p in dict.fromkeys(papers)]  # a paper named twice would run twice into one folder at once
 
 
 def notebook_parameters(path: Path) -> dict[str, Any]:
@@ -120,6 +166,8 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
 
 
 def _has_parameters_cell(path: Path) -> bool:
+    import nbformat
+
     nb = nbformat.read(path, as_version=4)
     return any("parameters" in cell.get("metadata", {}).get("tags", []) for cell in nb.cells)
 
@@ -133,12 +181,32 @@ def check_parameters(entry: NotebookEntry, parameters: dict[str, Any]) -> None:
                           f"its parameters cell declares {sorted(declared)}")
 
 
+def run_parameters(entry: NotebookEntry, profile: Profile, data_dir: Path | None) -> dict[str, Any]:
+    """What papermill injects: the profile's parameters, and ``data_dir`` where the notebook declares one."""
+    parameters = profile.parameters_for(entry.paper)
+    if data_dir is not None and "data_dir" in notebook_parameters(entry.notebook):
+        parameters["data_dir"] = str(data_dir)
+    return parameters
+
+
+def resolve_data_dir(data_dir: Path | str | None) -> Path | None:
+    """The data root as an absolute path (notebooks run in ``notebooks/``): ``data_dir`` (``--data-dir``), which must
+    exist, else ``MDBENCH_DATA_DIR``, else None."""
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise RunnerError(f"--data-dir {path} does not exist or is not a folder")
+        return path.absolute()
+    env_dir = os.environ.get("MDBENCH_DATA_DIR")
+    return Path(env_dir).expanduser().absolute() if env_dir else None
+
+
 # ---------------------------------------------------------------------------------------------------- running
 @dataclass
 class RunResult:
     paper: str
     notebook: str
-    status: str  # ok | failed | skipped
+    status: str  # ok | failed | skipped | interrupted | not run
     minutes: float = 0.0
     detail: str = ""
     output: Path | None = None
@@ -146,39 +214,79 @@ class RunResult:
 
 
 def missing_needs(entry: NotebookEntry, profile: Profile, data_dir: Path | None) -> str | None:
-    """Why this machine cannot run the notebook at this profile, or None if it can."""
+    """Why this machine cannot run the notebook at this profile, and the fix; None if it can."""
     if profile.requires_gpu:
         import torch
 
         if not torch.cuda.is_available():
-            return f"profile {profile.name!r} needs a CUDA GPU and none is visible"
+            return f"profile {profile.name!r} needs a CUDA GPU and none is visible (use --profile cpu or smoke)"
     if profile.real_data and entry.datasets:
         if data_dir is None:
-            return f"profile {profile.name!r} needs real data: set MDBENCH_DATA_DIR"
+            return (f"profile {profile.name!r} needs real data: pass --data-dir or set MDBENCH_DATA_DIR "
+                    "(or use --profile smoke)")
+        if not data_dir.is_dir():
+            return f"data folder {data_dir} (from MDBENCH_DATA_DIR) does not exist: pass --data-dir"
         from mdbench.data.registry import get_spec
 
         missing = [d for d in entry.datasets if not (data_dir / get_spec(d).folder).is_dir()]
         if missing:
-            return f"datasets {missing} not found under {data_dir}"
+            return f"datasets {missing} not found under {data_dir} (see data_cards/ for how to get them)"
     return None
 
 
 def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` and write and sync a byte in it, so that a full disk is found before anything runs."""
+    probe = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-probe-"):
-            pass
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}probe-")
+        try:
+            os.write(fd, b"\n")
+            os.fsync(fd)  # a full disk may only say so here
+        finally:
+            os.close(fd)
     except OSError as err:
-        raise RunnerError(f"results folder {folder} cannot be written: {err}") from err
+        raise RunnerError(f"results folder {folder} cannot be written: {err.strerror or err}") from err
+    finally:
+        if probe:
+            Path(probe).unlink(missing_ok=True)
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s run lock; refuse at once, naming the holder's pid, when another process holds it."""
+    path = folder / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise RunnerError(f"cannot create the lock file {path}: {err.strerror or err}") from err
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                raise RunnerError(f"results folder {folder} is in use by another mdbench reproduce (pid {holder}); "
+                                  "wait for it to end or stop it, or pass another --results-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Delete the temporary files under ``folder`` (its lock excepted): the caller holds the lock, so they belong to
+    no live writer; a half-written ``.tmp-*.json`` in ``records/`` would otherwise be read as a corrupt record."""
+    for path in folder.rglob(".tmp-*"):
+        if path.name != LOCK_NAME and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def first_error(path: Path) -> str:
     """'In [N]: ExcName: message' of the first error in an executed notebook (N as Jupyter shows it)."""
-    try:
-        nb = nbformat.read(path, as_version=4)
-    except Exception:  # noqa: BLE001 - a notebook papermill could not even write is reported by the caller
-        return ""
-    for cell in nb.cells:
+    nb = _read_notebook(path)
+    for cell in nb.cells if nb else []:
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
                 message = str(out.get("evalue", "")).strip().splitlines()
@@ -186,60 +294,237 @@ def first_error(path: Path) -> str:
     return ""
 
 
-def run_notebook(entry: NotebookEntry, profile: Profile, results_dir: Path, progress: bool = False) -> RunResult:
-    """Execute one notebook through papermill in a subprocess, with the manifest's timeout."""
-    out_dir = results_dir / entry.paper / profile.name
-    ensure_writable(out_dir)
-    parameters = profile.parameters_for(entry.paper)
-    check_parameters(entry, parameters)
-    stem = entry.notebook.stem
-    params_file = out_dir / f".tmp-{stem}-params.yaml"
-    tmp_out = out_dir / f".tmp-{stem}.ipynb"
-    stderr_path = out_dir / f"{stem}.stderr.txt"
-    atomic_write_text(params_file, yaml.safe_dump(parameters))
-    cmd = [sys.executable, "-m", "papermill", str(entry.notebook), str(tmp_out), "-f", str(params_file),
-           "-k", KERNEL, "--cwd", str(entry.notebook.parent), "--no-progress-bar" if not progress else "--progress-bar"]
-    env = {**os.environ, "MDBENCH_RESULTS_DIR": str(results_dir), "PYTHONUNBUFFERED": "1"}
-    start = time.monotonic()
+def _read_notebook(path: Path):
+    """The notebook at ``path``, or None when it is missing or not a whole notebook (papermill cut off)."""
+    import nbformat
+
     try:
-        with stderr_path.open("w") as err:
-            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env,
-                                  timeout=entry.timeout_s(profile.name))
-        returncode, detail = proc.returncode, ""
-    except subprocess.TimeoutExpired:
-        returncode, detail = -1, f"timed out after {entry.timeout_s(profile.name) / 60:.0f} min"
+        return nbformat.read(path, as_version=4)
+    except Exception:  # noqa: BLE001 - truncated JSON, a missing file, an invalid notebook: all mean "none"
+        return None
+
+
+_ERRNO_LINE = re.compile(r"\b\w*Error: \[Errno \d+\] .+")
+
+
+def stderr_reason(text: str) -> str:
+    """Why a papermill process died, from its stderr: the last ``...Error: [Errno N] ...`` line if there is one (a
+    full disk cuts the traceback short, so its last line is often a fragment), else the last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errno_lines = [m.group(0) for line in lines if (m := _ERRNO_LINE.search(line))]
+    return errno_lines[-1] if errno_lines else (lines[-1] if lines else "")
+
+
+def papermill_command(notebook: Path, output: Path, params_file: Path) -> list[str]:
+    """The papermill command line that executes ``notebook`` into ``output`` (tests substitute a fake)."""
+    return [sys.executable, "-m", "papermill", str(notebook), str(output), "-f", str(params_file), "-k", KERNEL,
+            "--cwd", str(notebook.parent), "--no-progress-bar"]
+
+
+def _temp_file(folder: Path, stem: str, suffix: str) -> Path:
+    """A new empty file ``.tmp-run-<stem>-<random><suffix>`` in ``folder``, readable by all like the results."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{stem}-", suffix=suffix, dir=folder)
+        os.close(fd)
+        os.chmod(name, 0o644)  # mkstemp makes it private; the executed notebook and stderr are kept
+    except OSError as err:
+        raise RunnerError(f"cannot create a file in {folder}: {err.strerror or err}") from err
+    return Path(name)
+
+
+class NotebookRun:
+    """One notebook being executed by papermill under a guard; :meth:`start` it, then :meth:`poll` until done."""
+
+    def __init__(self, entry: NotebookEntry, profile: Profile, results_dir: Path, data_dir: Path | None):
+        self.entry, self.profile, self.results_dir, self.data_dir = entry, profile, results_dir, data_dir
+        self.out_dir = results_dir / entry.paper / profile.name
+        self.stem = entry.notebook.stem
+        self.proc: subprocess.Popen | None = None
+        self.temp_files: list[Path] = []
+        self.start_time = time.monotonic()
+
+    def start(self) -> None:
+        """Write the parameters and start papermill under its guard, in a session of its own (so the terminal's
+        Ctrl-C reaches only mdbench, which then stops the notebook itself)."""
+        parameters = run_parameters(self.entry, self.profile, self.data_dir)  # checked by reproduce
+        self.tmp_out = _temp_file(self.out_dir, self.stem, ".ipynb")
+        self.temp_files.append(self.tmp_out)
+        params_file = _temp_file(self.out_dir, self.stem, "-params.yaml")
+        self.temp_files.append(params_file)
+        self.stderr_tmp = _temp_file(self.out_dir, self.stem, ".stderr.txt")
+        self.temp_files.append(self.stderr_tmp)
+        try:
+            params_file.write_text(yaml.safe_dump(parameters))
+        except OSError as err:
+            raise RunnerError(f"cannot write {params_file}: {err.strerror or err}") from err
+        env = {**os.environ, "MDBENCH_RESULTS_DIR": str(self.results_dir), "PYTHONUNBUFFERED": "1"}
+        if self.data_dir is not None:
+            env["MDBENCH_DATA_DIR"] = str(self.data_dir)
+        cmd = guard_command(papermill_command(self.entry.notebook, self.tmp_out, params_file))
+        try:
+            with self.stderr_tmp.open("w") as err:
+                self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                             start_new_session=True)
+        except OSError as err:
+            raise RunnerError(f"cannot start papermill for {self.entry.notebook.name}: {err}") from err
+        self.start_time = time.monotonic()
+
+    @property
+    def minutes(self) -> float:
+        return (time.monotonic() - self.start_time) / 60
+
+    def poll(self) -> RunResult | None:
+        """The result once papermill has ended (or was stopped past the timeout); None while it runs."""
+        returncode = self.proc.poll()
+        if returncode is not None:
+            return self.finish(returncode)
+        timeout_s = self.entry.timeout_s(self.profile.name)
+        if time.monotonic() - self.start_time > timeout_s:
+            self.stop()
+            self.wait_stopped()
+            return self.finish(self.proc.returncode, f"timed out after {timeout_s / 60:g} min")
+        return None
+
+    def stop(self) -> None:
+        """Ask the guard to kill the notebook's process tree (returns at once; see :meth:`wait_stopped`)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
+    def wait_stopped(self) -> None:
+        """Wait for the guard to end; kill its tree from here if it does not in time."""
+        try:
+            self.proc.wait(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            kill_descendants(self.proc.pid, grace_s=0)
+            self.proc.kill()
+            self.proc.wait()
+
+    def finish(self, returncode: int, detail: str = "") -> RunResult:
+        """Move the outputs to their final names and say how the notebook went; no temporary file is left."""
+        try:
+            return self._finish(returncode, detail)
+        except OSError as err:
+            return self.result("failed", f"{err.strerror or err}: {err.filename}")
+        finally:
+            self._remove_temp_files()
+
+    def _finish(self, returncode: int, detail: str) -> RunResult:
+        executed = self.out_dir / f"{self.stem}.executed.ipynb"
+        failed = self.out_dir / f"{self.stem}.failed.ipynb"
+        stderr = self.out_dir / f"{self.stem}.stderr.txt"
+        if returncode == 0 and not detail:
+            os.replace(self.tmp_out, executed)
+            os.replace(self.stderr_tmp, stderr)
+            failed.unlink(missing_ok=True)  # it was older than this good run
+            return self.result("ok", output=executed)
+        os.replace(self.stderr_tmp, stderr)
+        if _read_notebook(self.tmp_out) is not None:
+            os.replace(self.tmp_out, failed)
+            detail = detail or first_error(failed)
+        else:  # cut off (a full disk): keep only the stderr, and no failed notebook from an older run beside it
+            failed.unlink(missing_ok=True)
+        text = stderr.read_text(errors="replace")
+        reason = stderr_reason(text)
+        if not detail and not _ERRNO_LINE.search(reason):
+            try:  # a disk so full that papermill could not even write its traceback
+                ensure_writable(self.out_dir)
+            except RunnerError as err:
+                detail = str(err)
+        detail = detail or reason or f"papermill exited with code {returncode}"
+        return self.result("failed", detail, output=failed if failed.exists() else stderr)
+
+    def discard(self, status: str, detail: str) -> RunResult:
+        """The result of a notebook that did not start or was stopped by a signal: its temporary files are removed
+        and nothing it left replaces an earlier run's outputs."""
+        self._remove_temp_files()
+        return self.result(status, detail)
+
+    def _remove_temp_files(self) -> None:
+        for path in self.temp_files:
+            path.unlink(missing_ok=True)
+
+    def result(self, status: str, detail: str = "", output: Path | None = None) -> RunResult:
+        return RunResult(self.entry.paper, self.entry.notebook.name, status, self.minutes, detail, output)
+
+
+@contextmanager
+def _signals_to_stop() -> Iterator[list[int]]:
+    """While the notebooks run, SIGINT and SIGTERM only append to the yielded list, so the main loop can stop the
+    notebooks and clean up instead of dying at a random point (off the main thread, signals cannot be caught)."""
+    stop: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
     finally:
-        params_file.unlink(missing_ok=True)
-    minutes = (time.monotonic() - start) / 60
-    if returncode == 0:
-        final = out_dir / f"{stem}.executed.ipynb"
-        os.replace(tmp_out, final)
-        return RunResult(entry.paper, entry.notebook.name, "ok", minutes, output=final)
-    final = out_dir / f"{stem}.failed.ipynb"
-    if tmp_out.exists():
-        os.replace(tmp_out, final)
-        detail = detail or first_error(final)
-    if not detail:
-        lines = [ln for ln in stderr_path.read_text(errors="replace").splitlines() if ln.strip()]
-        detail = lines[-1] if lines else f"papermill exited with code {returncode}"
-    return RunResult(entry.paper, entry.notebook.name, "failed", minutes, detail=detail,
-                     output=final if final.exists() else stderr_path)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_all(todo: list[NotebookEntry], profile: Profile, results_dir: Path, data_dir: Path | None, jobs: int,
+             progress: bool) -> list[RunResult]:
+    """Run the notebooks, at most ``jobs`` at once, from the main thread so that signals are handled at once."""
+    from tqdm.auto import tqdm
+
+    pending, running, done = deque(todo), [], []
+    with _signals_to_stop() as stop, \
+            tqdm(total=len(todo), desc=f"reproduce ({profile.name})", unit="nb", disable=not progress) as bar:
+        def report(result: RunResult) -> None:
+            done.append(result)
+            bar.update(1)
+            bar.write(f"{result.status:<6} {result.paper:<12} {result.minutes:5.1f} min  {result.detail}")
+
+        try:
+            while (pending or running) and not stop:
+                while pending and len(running) < jobs:
+                    run = NotebookRun(pending.popleft(), profile, results_dir, data_dir)
+                    try:
+                        run.start()
+                        running.append(run)
+                    except RunnerError as err:  # the disk filled up since the checks: this notebook fails
+                        report(run.discard("failed", str(err)))
+                for run in list(running):
+                    result = run.poll()
+                    if result is not None:
+                        running.remove(run)
+                        report(result)
+                time.sleep(POLL_S)
+        finally:  # stopped by a signal, or an error in this loop: nothing may outlive it
+            for run in running:
+                run.stop()
+            for run in running:
+                run.wait_stopped()
+        if stop:
+            done += [run.discard("interrupted", f"stopped by {signal.Signals(stop[0]).name}") for run in running]
+            done += [RunResult(e.paper, e.notebook.name, "not run", detail="interrupted before it started")
+                     for e in pending]
+            raise Interrupted(stop[0], done)
+    return done
 
 
 def reproduce(papers: list[str] | None = None, profile_name: str = "cpu", jobs: int = 1,
               results_dir: Path | None = None, data_dir: Path | None = None, progress: bool = True,
               manifest: Path | None = None, log=print) -> list[RunResult]:
-    """Run the selected notebooks at a profile; returns one result per notebook (ok, failed or skipped)."""
+    """Run the selected notebooks at a profile; returns one result per notebook (ok, failed or skipped).
+
+    ``data_dir`` (``--data-dir``) wins over ``MDBENCH_DATA_DIR``; the notebooks get it as their ``data_dir`` parameter
+    and in their environment. Raises :class:`RunnerError` for bad input, a results folder held by another run, or
+    when every notebook would be skipped; :class:`Interrupted` when SIGINT or SIGTERM stopped the run.
+    """
+    from mdbench.results import results_root
+
     if jobs < 1:
         raise RunnerError(f"--jobs must be at least 1, got {jobs}")
     profile = load_profile(profile_name)
     entries = select(load_manifest(manifest or NOTEBOOKS_DIR / "manifest.yaml"), papers)
-    results_dir = Path(results_dir or results_root())
+    data_dir = resolve_data_dir(data_dir)
+    results_dir = Path(results_dir or results_root()).absolute()  # the notebooks' working folder is notebooks/
     ensure_writable(results_dir)
-    env_dir = os.environ.get("MDBENCH_DATA_DIR")
-    data_dir = Path(data_dir) if data_dir else (Path(env_dir) if env_dir else None)
     for entry in entries:  # refuse bad parameters before spending minutes on the first notebook
-        check_parameters(entry, profile.parameters_for(entry.paper))
+        check_parameters(entry, run_parameters(entry, profile, data_dir))
 
     todo, results = [], []
     for entry in entries:
@@ -249,35 +534,41 @@ def reproduce(papers: list[str] | None = None, profile_name: str = "cpu", jobs: 
             log(f"skip  {entry.paper:<12} {reason}")
         else:
             todo.append(entry)
-    expected = sum(float(e.minutes.get(profile.name, 0)) for e in todo)
-    log(f"profile {profile.name}: {len(todo)} notebook(s) to run, about {expected:.0f} min expected, jobs={jobs}")
+    if not todo:
+        raise RunnerError("nothing to run: " + "; ".join(dict.fromkeys(r.detail for r in results)))
 
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(todo), desc=f"reproduce ({profile.name})", unit="nb", disable=not progress) as bar:
-        def _run(entry: NotebookEntry) -> RunResult:
-            result = run_notebook(entry, profile, results_dir)
-            bar.update(1)
-            bar.write(f"{result.status:<6} {entry.paper:<12} {result.minutes:5.1f} min  {result.detail}")
-            return result
-
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            results.extend(pool.map(_run, todo))
     order = {e.paper: i for i, e in enumerate(entries)}
+    with ExitStack() as stack:
+        for entry in todo:
+            folder = results_dir / entry.paper / profile.name
+            ensure_writable(folder)
+            stack.enter_context(folder_lock(folder))
+            remove_temp_files(folder)  # what a killed run left
+            stack.callback(remove_temp_files, folder)  # what this run's stopped notebooks left, before unlocking
+        expected = sum(float(e.minutes.get(profile.name, 0)) for e in todo)
+        log(f"profile {profile.name}: {len(todo)} notebook(s) to run, about {expected:.0f} min expected, jobs={jobs}")
+        try:
+            results.extend(_run_all(todo, profile, results_dir, data_dir, jobs, progress))
+        except Interrupted as stopped:
+            stopped.results = sorted(results + stopped.results, key=lambda r: order[r.paper])
+            raise
     return sorted(results, key=lambda r: order[r.paper])
 
 
 def summary_table(results: list[RunResult]) -> str:
-    lines = [f"{'notebook':<28} {'status':<8} {'minutes':>7}  first error / reason", "-" * 78]
+    lines = [f"{'notebook':<28} {'status':<11} {'minutes':>7}  first error / reason", "-" * 81]
     for r in results:
-        minutes = f"{r.minutes:7.1f}" if r.status != "skipped" else f"{'-':>7}"
-        lines.append(f"{r.notebook:<28} {r.status:<8} {minutes}  {r.detail}")
+        minutes = f"{r.minutes:7.1f}" if r.status not in ("skipped", "not run") else f"{'-':>7}"
+        lines.append(f"{r.notebook:<28} {r.status:<11} {minutes}  {r.detail}")
     return "\n".join(lines)
 
 
 def execute_in_place(path: Path, timeout_s: float = 600) -> None:
     """Re-run a notebook with its own (smoke) defaults and store the outputs in it, as committed for nbval."""
+    import nbformat
     from nbclient import NotebookClient
+
+    from mdbench.results import atomic_write_text
 
     notebook_parameters(path)  # refuses a notebook without a parameters cell
     nb = nbformat.read(path, as_version=4)

@@ -61,6 +61,13 @@ def test_corrupt_record_file_is_named(tmp_path):
         R.load_record(path)
 
 
+def test_temp_file_of_an_interrupted_write_is_not_a_record(tmp_path):
+    store = _store(tmp_path)
+    path = _write(store, "A", "acc", [1.0]) and store.record_path("t1", "synthetic", "A", "acc")
+    (path.parent / ".tmp-abc123.json").write_text('{"cut off')  # what a kernel killed mid-write leaves
+    assert [r.key for r in store.records()] == [("t1", "synthetic", "A", "acc")]
+
+
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
     target = tmp_path / "table.csv"
     R.atomic_write_text(target, "old\n")

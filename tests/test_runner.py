@@ -108,17 +108,19 @@ def test_good_notebook_gets_profile_parameters(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_gpu_profile_is_skipped_without_a_gpu(tmp_path):
     notebook = _notebook(tmp_path / "ok.ipynb", "pass", params="profile = 'gpu'\ndevice = 'cuda'")
-    [result] = runner.reproduce(profile_name="gpu", results_dir=tmp_path / "r",
-                                manifest=_manifest(tmp_path, notebook), progress=False, log=lambda *_: None)
-    assert result.status == "skipped" and "needs a CUDA GPU" in result.detail
+    skipped = []
+    with pytest.raises(runner.RunnerError, match=r"nothing to run: profile 'gpu' needs a CUDA GPU .*--profile cpu"):
+        runner.reproduce(profile_name="gpu", results_dir=tmp_path / "r", manifest=_manifest(tmp_path, notebook),
+                         progress=False, log=skipped.append)
+    assert skipped and skipped[0].startswith("skip  toy")
 
 
 def test_real_data_profile_is_skipped_without_its_datasets(tmp_path):
     notebook = _notebook(tmp_path / "ok.ipynb", "pass", params="profile = 'cpu'\ndevice = 'cpu'")
-    [result] = runner.reproduce(profile_name="cpu", results_dir=tmp_path / "r", data_dir=tmp_path,
-                                manifest=_manifest(tmp_path, notebook, datasets=["pbc"]),
-                                progress=False, log=lambda *_: None)
-    assert result.status == "skipped" and "['pbc'] not found" in result.detail
+    with pytest.raises(runner.RunnerError, match=r"nothing to run: datasets \['pbc'\] not found under"):
+        runner.reproduce(profile_name="cpu", results_dir=tmp_path / "r", data_dir=tmp_path,
+                         manifest=_manifest(tmp_path, notebook, datasets=["pbc"]), progress=False,
+                         log=lambda *_: None)
 
 
 def test_unwritable_results_folder(tmp_path):
