@@ -280,10 +280,10 @@ class PaperReference:
 
 
 def load_reference(paper: str, path: Path | None = None) -> PaperReference:
-    """Read ``mdbench/papers/<paper>.yaml``."""
-    path = Path(path or _PAPERS_DIR / f"{paper}.yaml")
+    """Read ``mdbench/papers/<paper>/paper.yaml``."""
+    path = Path(path or _PAPERS_DIR / paper / "paper.yaml")
     if not path.exists():
-        known = sorted(p.stem for p in _PAPERS_DIR.glob("*.yaml"))
+        known = sorted(p.parent.name for p in _PAPERS_DIR.glob("*/paper.yaml"))
         raise PaperReferenceError(f"no paper reference {path}; known papers: {known}")
     try:
         data = yaml.safe_load(path.read_text()) or {}

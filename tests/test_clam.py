@@ -10,7 +10,7 @@ from conftest import real_dataset
 
 from mdbench.data.synthetic import SyntheticMILBags
 from mdbench.data.ucsb_breast import UCSBBreastDataset
-from mdbench.efcm import FeatureScaler, bag_metrics, monte_carlo_split, train_mil
+from mdbench.papers.efcm.experiment import FeatureScaler, bag_metrics, monte_carlo_split, train_mil
 from mdbench.losses.mil import SmoothTop1SVM, smooth_top1_svm
 from mdbench.models.clam import CLAM, MaxMIL, abmil, build_mil_head, clam_mb, clam_sb, mil_loss, pseudo_labels
 

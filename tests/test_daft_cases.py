@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mdbench.daft.cases import case_splits, cases_checksum, read_cases, write_real_cases
-from mdbench.daft.inference import load_case, segment_case
-from mdbench.daft.training import PromptSamples, encoder_inputs
+from mdbench.papers.daft.cases import case_splits, cases_checksum, read_cases, write_real_cases
+from mdbench.papers.daft.inference import load_case, segment_case
+from mdbench.papers.daft.training import PromptSamples, encoder_inputs
 from mdbench.data.boxprompt import boxes_from_labels
 from mdbench.data.synthetic import write_synthetic_boxprompt_cases
 

@@ -13,15 +13,16 @@ import pytest
 import torch
 from torch.optim.swa_utils import update_bn
 
-from mdbench.daft.inference import load_case, segment_case
+from mdbench.papers.daft.inference import load_case, segment_case
 from mdbench.data.synthetic import write_synthetic_boxprompt_cases
-from mdbench.deploy import export, preprocess
-from mdbench.deploy.export import export_openvino, save_deployment
-from mdbench.deploy.runtime import ExpertPool, read_manifest
-from mdbench.deploy.timing import Stage, table_b_stages, time_cases
+from mdbench.deploy import preprocess
 from mdbench.efficiency import BACKENDS, ParityError
+from mdbench.papers.daft.deploy import export
+from mdbench.papers.daft.deploy.export import export_openvino, save_deployment
+from mdbench.papers.daft.deploy.runtime import ExpertPool, read_manifest
+from mdbench.papers.daft.deploy.timing import Stage, table_b_stages, time_cases
 from mdbench.models import build_model, litemedsam
-from mdbench.models.daft import build_daft_student
+from mdbench.models.efficientvit_sam import build_daft_student
 
 SMALL = dict(backbone="efficientvit_b0", depths=None, neck_width=32, neck_depth=1, neck_block="mbconv")
 
@@ -157,7 +158,7 @@ def test_predict_command_routes_skips_bad_cases_and_never_imports_torch(deployme
     cases = [deployment["broken"], *deployment["cases"]]
     # run the command as `python -m` would, and report afterwards whether torch was imported along the way
     check = ("import runpy, sys\n"
-             "try:\n    runpy.run_module('mdbench.deploy.predict', run_name='__main__')\n"
+             "try:\n    runpy.run_module('mdbench.papers.daft.deploy.predict', run_name='__main__')\n"
              "except SystemExit:\n    print('torch imported:', 'torch' in sys.modules)\n    raise\n")
     done = subprocess.run([sys.executable, "-c", check, "--models", str(deployment["root"] / "models"),
                            "--out", str(out), "--embedding-cache", "--lazy", *map(str, cases)],
@@ -182,7 +183,7 @@ def test_fresh_process_timer_runs_each_case_in_its_own_process(deployment, tmp_p
 
 
 def test_predict_arguments_are_checked():
-    from mdbench.deploy.predict import parse_args
+    from mdbench.papers.daft.deploy.predict import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["x.npz", "--out", "o", "--baseline"])  # the baseline is PyTorch only
@@ -192,7 +193,7 @@ def test_predict_arguments_are_checked():
 
 
 def test_benchmark_script_prints_seconds_and_speed_up(deployment, monkeypatch, capsys):
-    from mdbench.deploy import timing
+    from mdbench.papers.daft.deploy import timing
 
     stages = [Stage("ov", ("--backend", "openvino")), Stage("ov lazy", ("--backend", "openvino", "--lazy"))]
     monkeypatch.setattr(timing, "table_b_stages", lambda: stages)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mdbench.daft.evaluation import CaseEvaluator, load_cases, modality_summary, score_case
-from mdbench.daft.inference import CaseError, load_case, segment_case
+from mdbench.papers.daft.evaluation import CaseEvaluator, load_cases, modality_summary, score_case
+from mdbench.papers.daft.inference import CaseError, load_case, segment_case
 
 
 class BrightInBox:

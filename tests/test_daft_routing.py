@@ -9,7 +9,7 @@ import pytest
 
 from mdbench.data.boxprompt import modality_of
 from mdbench.data.synthetic import SyntheticBoxPromptCases
-from mdbench.daft.routing import GENERAL, FileNameRouter, LearnedRouter, image_features, modality_from_name
+from mdbench.papers.daft.routing import GENERAL, FileNameRouter, LearnedRouter, image_features, modality_from_name
 
 EXPERTS = ("Endoscopy", "Dermoscopy", "OCT", "CT", "3D")
 
@@ -40,7 +40,7 @@ def test_ct_has_its_own_expert_when_present():
 
 def test_unknown_prefix_goes_to_general_and_is_logged(caplog):
     router = FileNameRouter(EXPERTS)
-    with caplog.at_level(logging.WARNING, logger="mdbench.daft.routing"):
+    with caplog.at_level(logging.WARNING, logger="mdbench.papers.daft.routing"):
         assert router.route("2DBox_Histology_slide_3.npz") == GENERAL
     assert "2DBox_Histology_slide_3.npz" in caplog.text and "unknown modality" in caplog.text
 

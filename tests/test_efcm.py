@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdbench import efcm
+from mdbench.papers.efcm import experiment as efcm
 from mdbench.data.synthetic import SyntheticMILBags
 from mdbench.efficiency import count_flops, export_with_parity
 from mdbench.losses.projection import FPDLoss, fpd_loss
 from mdbench.models.clam import clam_sb
-from mdbench.models.efcm import EFCMStudent, TransScan, build_student
+from mdbench.models.transscan import EFCMStudent, TransScan, build_student
 
 warnings.filterwarnings("ignore", message="no local pretrained weights")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import real_dataset
-from mdbench.experiments import med_tuning as mt
+from mdbench.papers.med_tuning import experiment as mt
 from mdbench.models import build_model
 from mdbench.models.slicewise import MedAdapterConfig, SliceWiseSegmenter, TinyViTSlices, build_slice_backbone
 from mdbench.tuning import apply_method, trainable_report

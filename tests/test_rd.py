@@ -194,7 +194,7 @@ def test_build_student_by_timm_name(name, dim):
 
 
 # ------------------------------------------------------------------------------------------------- experiment glue
-from mdbench.experiments import rd as rdx  # noqa: E402  (kept beside the tests that use it)
+from mdbench.papers.rd import experiment as rdx  # noqa: E402  (kept beside the tests that use it)
 
 
 def _tiny_task(fraction: float = 1.0, seed: int = 0) -> tuple[rdx.ClassificationData, rdx.Task]:

@@ -12,7 +12,7 @@ image encoder of EfficientViT-SAM-L0 and reuses LiteMedSAM's prompt encoder and 
   A (B, 3, 256, 256) input gives the (B, 256, 64, 64) embedding of LiteMedSAM's encoder, so the mask decoder
   takes it unchanged. Upsampling is bilinear (EfficientViT-SAM uses bicubic) to keep exports simple.
 
-The routers (file name, learned) live in :mod:`mdbench.daft.routing` (torch-free, for the deployed path) and are
+The routers (file name, learned) live in :mod:`mdbench.papers.daft.routing` (torch-free, for the deployed path) and are
 re-exported here.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from timm.layers import GELU, LayerNorm2d
 from timm.models.efficientvit_mit import ConvNormAct, FusedMBConv, MBConv, ResidualBlock
 from torch import nn
 
-from mdbench.daft.routing import EXPERT_GROUPS, GENERAL, FileNameRouter, LearnedRouter, image_features
+from mdbench.papers.daft.routing import EXPERT_GROUPS, GENERAL, FileNameRouter, LearnedRouter, image_features
 
 from .litemedsam import EMBEDDING_SHAPE, IMAGE_SIZE, LiteMedSAM, build_litemedsam
 from .registry import register_model

@@ -2,9 +2,11 @@
 
 Modules (import them directly; this package imports nothing so that the torch-free ones stay light):
 
-- :mod:`mdbench.daft.routing`: file-name router (the paper's) and a learned router from the image (numpy/sklearn).
-- :mod:`mdbench.daft.inference`: challenge-format case reading and 2D / 3D box-prompt inference (numpy only).
-- :mod:`mdbench.daft.cases`: case folders, splits and real-data conversion to challenge ``.npz`` cases.
-- :mod:`mdbench.daft.training`: KD of the encoder, general fine-tuning, data-aware fine-tuning (torch).
-- :mod:`mdbench.daft.evaluation`: DSC / NSD per case with the challenge rule, routed experts, Table A rows.
+- :mod:`~mdbench.papers.daft.routing`: file-name router (the paper's) and a learned router from the image
+  (numpy/sklearn).
+- :mod:`~mdbench.papers.daft.inference`: challenge-format case reading and 2D / 3D box-prompt inference (numpy only).
+- :mod:`~mdbench.papers.daft.cases`: case folders, splits and real-data conversion to challenge ``.npz`` cases.
+- :mod:`~mdbench.papers.daft.training`: KD of the encoder, general fine-tuning, data-aware fine-tuning (torch).
+- :mod:`~mdbench.papers.daft.evaluation`: DSC / NSD per case with the challenge rule, routed experts, Table A rows.
+- :mod:`~mdbench.papers.daft.deploy`: OpenVINO export, the torch-free runtime, the per-case command and its timer.
 """

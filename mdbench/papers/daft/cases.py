@@ -24,7 +24,7 @@ from mdbench.data.boxprompt import boxes_from_labels, case_filename, read_boxpro
 from mdbench.data.errors import DataError
 from mdbench.data.registry import load_dataset
 from mdbench.data.splits import SPLITS, split_indices
-from mdbench.daft.routing import modality_from_name
+from mdbench.papers.daft.routing import modality_from_name
 
 __all__ = ["REAL_SOURCES", "case_splits", "cases_checksum", "read_cases", "write_real_cases"]
 

@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from mdbench.daft.inference import CaseError, Predictor, load_case, segment_case
+from mdbench.papers.daft.inference import CaseError, Predictor, load_case, segment_case
 from mdbench.metrics import dsc_nsd_challenge
 
 __all__ = ["AVERAGE", "CaseEvaluator", "load_cases", "modality_summary", "score_case", "summary_metrics"]
@@ -28,7 +28,7 @@ COLUMNS = ["case", "modality", "model", "dsc", "nsd", "seconds", "error"]
 
 
 def load_cases(paths: Sequence[str | Path]) -> tuple[list[dict], dict[str, str]]:
-    """Cases for inference (:func:`mdbench.daft.inference.load_case`); unreadable ones logged and listed, not raised."""
+    """Cases for inference (:func:`mdbench.papers.daft.inference.load_case`); unreadable ones logged and listed."""
     cases, errors = [], {}
     for path in paths:
         try:
@@ -61,7 +61,7 @@ class CaseEvaluator:
     """Segment and score cases with named models, each (model, case) pair once.
 
     Args:
-        models: model name -> predictor (see :mod:`mdbench.daft.inference`).
+        models: model name -> predictor (see :mod:`mdbench.papers.daft.inference`).
         cache_embeddings: embed each 3D slice once (same masks as without, fewer encoder calls).
     """
 

@@ -7,7 +7,8 @@ A *predictor* is any object with
 - ``predict_from_embedding(embedding, boxes, orig_hw) -> masks``: ``boxes`` (K, 4) xyxy in original pixels,
   ``masks`` (K, H, W) in {0, 1}.
 
-:class:`mdbench.models.LiteMedSAM` (teacher and students) and :class:`mdbench.deploy.runtime.OpenVinoSAM` are both.
+:class:`mdbench.models.LiteMedSAM` (teacher and students) and
+:class:`mdbench.papers.daft.deploy.runtime.OpenVinoSAM` are both.
 
 2D (one image, K boxes): the image is embedded once, every box decoded against it, and box k writes label k+1
 into a uint16 map in box order (later boxes overwrite earlier ones), as DAFT's inference does.
@@ -29,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mdbench.daft.routing import modality_from_name
+from mdbench.papers.daft.routing import modality_from_name
 
 __all__ = ["CaseError", "Predictor", "SliceEmbeddings", "load_case", "segment_case", "PROPAGATION_SHIFT_256"]
 

@@ -74,7 +74,7 @@ class PromptSamples(Dataset):
     """Training items from challenge cases: one object of one image / slice with its box prompt.
 
     Args:
-        cases: cases from :func:`mdbench.daft.cases.read_cases` (``imgs``, ``gts``, ``dims``).
+        cases: cases from :func:`mdbench.papers.daft.cases.read_cases` (``imgs``, ``gts``, ``dims``).
         slices: ``"random"``: one item per case, a random slice with an object each time (general FT);
             ``"all"``: one item per slice with an object (DAFT on 3D subsets). 2D cases give one item either way.
         augment: flips, box jitter and random object / slice; False gives a fixed item per index (validation).
@@ -155,7 +155,7 @@ def embed_images(encoder: nn.Module | Callable[[np.ndarray], np.ndarray], images
     ~1e-3 relative, is far below the KD loss levels).
 
     ``encoder``: a module (run in eval mode on ``device``) or a numpy callable taking one (1, 3, 256, 256) input,
-    such as a parity-checked OpenVINO export (:meth:`mdbench.deploy.runtime.OpenVinoSAM.encode`).
+    such as a parity-checked OpenVINO export (:meth:`mdbench.papers.daft.deploy.runtime.OpenVinoSAM.encode`).
     """
     if not isinstance(encoder, nn.Module):
         return torch.cat([torch.from_numpy(np.asarray(encoder(x[None].numpy()))).half() for x in images])

@@ -36,12 +36,12 @@ from mdbench import metrics, train
 from mdbench.data.splits import split_indices
 from mdbench.losses.projection import fpd_loss
 from mdbench.models.clam import MILOutput, build_mil_head, mil_loss
-from mdbench.models.efcm import EFCMStudent, build_student
+from mdbench.models.transscan import EFCMStudent, build_student
 from mdbench.models.inputs import rgb_batch_at_size
 from mdbench.repro import seed_rngs
 
 Bag = tuple[torch.Tensor, int, "torch.Tensor | None"]
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+_REPO_ROOT = Path(__file__).resolve().parents[3]
 CACHE_ENV = "MDBENCH_CACHE_DIR"
 
 __all__ = [

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from mdbench.deploy import preprocess
-from mdbench.deploy.runtime import MANIFEST
 from mdbench.efficiency import (BACKENDS, OnnxRuntimeModel, ParityError, ParityReport, check_parity, compare_outputs,
                                 export_onnx)
 from mdbench.models.litemedsam import LiteMedSAM, preprocess_image
+from mdbench.papers.daft.deploy.runtime import MANIFEST
 
 __all__ = ["MaskParityReport", "SamDecoder", "export_openvino", "save_deployment"]
 

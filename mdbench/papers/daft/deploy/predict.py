@@ -1,6 +1,6 @@
 """Segment challenge cases from the command line, one process per call, as the challenge container ran them.
 
-    python -m mdbench.deploy.predict --models DEPLOY_DIR --out OUT_DIR [options] CASE.npz [CASE.npz ...]
+    python -m mdbench.papers.daft.deploy.predict --models DEPLOY_DIR --out OUT_DIR [options] CASE.npz [CASE.npz ...]
 
 Each case is read, routed to an expert by its file name (DAFT's rule), segmented (2D, or 3D slice propagation) and
 written to ``OUT_DIR/<case name>`` as an ``.npz`` with ``segs`` (uint16), the challenge's output format. A case
@@ -25,15 +25,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mdbench.daft.inference import CaseError, load_case, segment_case
-from mdbench.daft.routing import FileNameRouter
-from mdbench.deploy.runtime import ExpertPool, read_manifest
+from mdbench.papers.daft.inference import CaseError, load_case, segment_case
+from mdbench.papers.daft.routing import FileNameRouter
+from mdbench.papers.daft.deploy.runtime import ExpertPool, read_manifest
 
 __all__ = ["main", "parse_args"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mdbench.deploy.predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mdbench.papers.daft.deploy.predict",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("cases", nargs="+", type=Path, help="challenge .npz case files")
     parser.add_argument("--models", type=Path, help="deployment folder (manifest.json, torch/, openvino/)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the <case>.npz outputs (segs)")
@@ -55,7 +56,7 @@ def _torch_experts(args: argparse.Namespace) -> Callable[[str], Any]:
     """expert name -> PyTorch predictor (imports torch: only the PyTorch stages pay for it)."""
     import torch
 
-    from mdbench.models.daft import student_from_config
+    from mdbench.models.efficientvit_sam import student_from_config
     from mdbench.models.litemedsam import build_litemedsam
 
     if args.threads:

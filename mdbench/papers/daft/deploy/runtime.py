@@ -1,11 +1,11 @@
 """Torch-free OpenVINO runtime of box-prompted SAM experts (DAFT's deployed inference).
 
-A deployment folder (written by :func:`mdbench.deploy.export.save_deployment`) holds, per expert,
+A deployment folder (written by :func:`mdbench.papers.daft.deploy.export.save_deployment`) holds, per expert,
 ``openvino/<expert>/encoder.xml`` ((1, 3, 256, 256) -> (1, 256, 64, 64)) and ``decoder.xml`` (embedding
 (1, 256, 64, 64) + box (1, 4) in the 256 frame -> low-res logits (1, 1, 256, 256), IoU (1, 1)), and a
 ``manifest.json`` listing the experts.
 
-- :class:`OpenVinoSAM`: one expert as a predictor for :func:`mdbench.daft.inference.segment_case`.
+- :class:`OpenVinoSAM`: one expert as a predictor for :func:`mdbench.papers.daft.inference.segment_case`.
 - :class:`ExpertPool`: the experts of a folder, compiled lazily (only the one a case needs, DAFT's "lazy loading")
   or all at start; with ``cache_dir`` OpenVINO stores compiled blobs there and later processes load them instead of
   compiling again (``core.set_property({"CACHE_DIR": ...})``, DAFT's compiled-model cache).
@@ -29,7 +29,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The deployment folder's ``manifest.json`` (experts, default expert, student config, parity reports)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: write the deployment with mdbench.deploy.export.save_deployment")
+        raise FileNotFoundError(
+            f"{path} not found: write the deployment with mdbench.papers.daft.deploy.export.save_deployment"
+        )
     return json.loads(path.read_text())
 
 

@@ -1,13 +1,14 @@
 """Seconds per case with each case in a fresh process, as the MedSAM-on-Laptop challenge measured runtime.
 
 The challenge ran ``docker container run ... predict.sh`` once per test case (``CVPR24_time_eval.py``), so its time
-includes interpreter start, imports and model loading. Here each case is one ``python -m mdbench.deploy.predict``
-process (no container: its start-up is the one part of the challenge's time not measured), timed from launch to exit
-with ``time.perf_counter``. :func:`table_b_stages` gives DAFT's cumulative improvements as command-line options.
+includes interpreter start, imports and model loading. Here each case is one
+``python -m mdbench.papers.daft.deploy.predict`` process (no container: its start-up is the one part of the
+challenge's time not measured), timed from launch to exit with ``time.perf_counter``. :func:`table_b_stages` gives
+DAFT's cumulative improvements as command-line options.
 
 As a benchmark script, it prints seconds per case for every stage and the speed-up over the first::
 
-    python -m mdbench.deploy.timing --models DEPLOY_DIR [--threads N] CASE.npz [CASE.npz ...]
+    python -m mdbench.papers.daft.deploy.timing --models DEPLOY_DIR [--threads N] CASE.npz [CASE.npz ...]
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ __all__ = ["Stage", "main", "table_b_stages", "time_cases"]
 
 @dataclass(frozen=True)
 class Stage:
-    """One row of Table B: a name and the options of ``mdbench.deploy.predict`` it runs with.
+    """One row of Table B: a name and the options of ``mdbench.papers.daft.deploy.predict`` it runs with.
 
     ``compile_cache``: the stage uses OpenVINO's compiled-model cache; the timer empties it before the stage's first
     case, so that case pays the compilation and later ones load the cached blobs (as in the challenge, where the
@@ -43,7 +44,7 @@ class Stage:
 
 
 def table_b_stages() -> list[Stage]:
-    """DAFT's efficiency steps, cumulative, as ``mdbench.deploy.predict`` options (Table B rows, in order)."""
+    """DAFT's efficiency steps, cumulative, as options of ``mdbench.papers.daft.deploy.predict`` (Table B rows)."""
     return [
         Stage("LiteMedSAM (PyTorch)", ("--backend", "torch", "--baseline"),
               notes="eager PyTorch TinyViT baseline; every 3D slice re-embedded per box"),
@@ -58,7 +59,7 @@ def table_b_stages() -> list[Stage]:
 
 def time_cases(cases: Sequence[str | Path], stage: Stage, models: str | Path, workdir: str | Path,
                threads: int | None = None, timeout_s: float = 600.0) -> pd.DataFrame:
-    """Run each case in its own fresh ``python -m mdbench.deploy.predict`` process and time it.
+    """Run each case in its own fresh ``python -m mdbench.papers.daft.deploy.predict`` process and time it.
 
     Args:
         cases: challenge ``.npz`` files.
@@ -81,7 +82,7 @@ def time_cases(cases: Sequence[str | Path], stage: Stage, models: str | Path, wo
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     rows = []
     for case in cases:
-        command = [sys.executable, "-m", "mdbench.deploy.predict", *options, str(case)]
+        command = [sys.executable, "-m", "mdbench.papers.daft.deploy.predict", *options, str(case)]
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s)
         seconds = time.perf_counter() - start
@@ -92,7 +93,7 @@ def time_cases(cases: Sequence[str | Path], stage: Stage, models: str | Path, wo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mdbench.deploy.timing",
+    parser = argparse.ArgumentParser(prog="python -m mdbench.papers.daft.deploy.timing",
                                      description="seconds per case, each case in a fresh process, for every stage")
     parser.add_argument("cases", nargs="+", type=Path, help="challenge .npz case files")
     parser.add_argument("--models", type=Path, required=True, help="deployment folder (save_deployment)")
