@@ -15,7 +15,7 @@ from torch.optim.swa_utils import update_bn
 
 from mdbench.papers.daft.inference import load_case, segment_case
 from mdbench.data.synthetic import write_synthetic_boxprompt_cases
-from mdbench.deploy import preprocess
+from mdbench.data import boxprompt as preprocess
 from mdbench.efficiency import BACKENDS, ParityError
 from mdbench.papers.daft.deploy import export
 from mdbench.papers.daft.deploy.export import export_openvino, save_deployment

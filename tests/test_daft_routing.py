@@ -7,9 +7,9 @@ import logging
 import numpy as np
 import pytest
 
-from mdbench.data.boxprompt import modality_of
+from mdbench.data.boxprompt import modality_from_name, modality_of
 from mdbench.data.synthetic import SyntheticBoxPromptCases
-from mdbench.papers.daft.routing import GENERAL, FileNameRouter, LearnedRouter, image_features, modality_from_name
+from mdbench.papers.daft.routing import GENERAL, FileNameRouter, LearnedRouter, image_features
 
 EXPERTS = ("Endoscopy", "Dermoscopy", "OCT", "CT", "3D")
 

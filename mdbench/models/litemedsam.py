@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdbench.deploy.preprocess import IMAGE_SIZE, as_rgb, resized_hw  # torch-free, shared with deployment
+from mdbench.data.boxprompt import IMAGE_SIZE, as_rgb, resized_hw  # the torch-free case convention
 
 from .registry import RANDOM_INIT, register_model
 

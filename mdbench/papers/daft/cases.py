@@ -20,11 +20,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from mdbench.data.boxprompt import boxes_from_labels, case_filename, read_boxprompt_case, save_boxprompt_case
+from mdbench.data.boxprompt import (boxes_from_labels, case_filename, modality_from_name, read_boxprompt_case,
+                                    save_boxprompt_case)
 from mdbench.data.errors import DataError
 from mdbench.data.registry import load_dataset
 from mdbench.data.splits import SPLITS, split_indices
-from mdbench.papers.daft.routing import modality_from_name
 
 __all__ = ["REAL_SOURCES", "case_splits", "cases_checksum", "read_cases", "write_real_cases"]
 

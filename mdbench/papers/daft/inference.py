@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mdbench.papers.daft.routing import modality_from_name
+from mdbench.data.boxprompt import modality_from_name
 
 __all__ = ["CaseError", "Predictor", "SliceEmbeddings", "load_case", "segment_case", "PROPAGATION_SHIFT_256"]
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from mdbench.data.boxprompt import modality_from_name
 
-__all__ = ["EXPERT_GROUPS", "GENERAL", "FileNameRouter", "LearnedRouter", "image_features", "modality_from_name"]
+__all__ = ["EXPERT_GROUPS", "GENERAL", "FileNameRouter", "LearnedRouter", "image_features"]
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,9 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from mdbench.data.boxprompt import IMAGE_SIZE, resized_hw
 from mdbench.losses.segmentation import SegmentationLoss
-from mdbench.models.litemedsam import IMAGE_SIZE, LiteMedSAM, preprocess_image, resized_hw
+from mdbench.models.litemedsam import LiteMedSAM, preprocess_image
 from mdbench.repro import seed_worker
 from mdbench.train import EarlyStopping, History, fit
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mdbench.deploy import preprocess
+from mdbench.data import boxprompt
 from mdbench.efficiency import (BACKENDS, OnnxRuntimeModel, ParityError, ParityReport, check_parity, compare_outputs,
                                 export_onnx)
 from mdbench.models.litemedsam import LiteMedSAM, preprocess_image
@@ -90,13 +90,13 @@ def _first_output(fn: Callable) -> Callable[..., np.ndarray]:
 
 def _mask_logits(encoder: Callable, decoder: Callable, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """(H, W[, 3]) image and (K, 4) xyxy boxes in its pixels -> (K, H, W) mask logits, computed the way the runtime
-    computes its masks (:class:`mdbench.deploy.runtime.OpenVinoSAM`: numpy pre- and post-processing, one decoder call
+    computes its masks (:class:`mdbench.papers.daft.deploy.runtime.OpenVinoSAM`: numpy pre- and post-processing, one decoder call
     per box), with ``encoder``/``decoder`` either PyTorch's halves or their exports."""
     encode, decode = _first_output(encoder), _first_output(decoder)
     hw = image.shape[:2]
-    embedding = encode(preprocess.preprocess_image(image))
-    low_res = np.concatenate([decode(embedding, box[None]) for box in preprocess.scale_boxes(boxes, hw)])
-    return preprocess.postprocess_logits(low_res, hw)
+    embedding = encode(boxprompt.preprocess_image(image))
+    low_res = np.concatenate([decode(embedding, box[None]) for box in boxprompt.scale_boxes(boxes, hw)])
+    return boxprompt.postprocess_logits(low_res, hw)
 
 
 def _check_masks(reference: np.ndarray, deployed: np.ndarray, input_shapes: list[tuple[int, ...]],
@@ -172,7 +172,7 @@ def export_openvino(model: LiteMedSAM, folder: str | Path, example_image: np.nda
                               "onnxruntime": OnnxRuntimeModel(onnx_path, num_threads=threads)}
             reports[name] = {backend: check_parity(module, runtime, inputs, threshold=0.0, **tolerances)
                              for backend, runtime in runtimes[name].items()}
-        image_boxes = np.asarray([box]) * max(example_image.shape[:2]) / preprocess.IMAGE_SIZE
+        image_boxes = np.asarray([box]) * max(example_image.shape[:2]) / boxprompt.IMAGE_SIZE
         reference = _mask_logits(parts["encoder"][0], parts["decoder"][0], example_image, image_boxes)
         reports["masks"] = {
             backend: _check_masks(reference, _mask_logits(runtimes["encoder"][backend], runtimes["decoder"][backend],

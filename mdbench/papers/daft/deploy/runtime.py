@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mdbench.deploy.preprocess import postprocess_logits, preprocess_image, scale_boxes
+from mdbench.data.boxprompt import postprocess_logits, preprocess_image, scale_boxes
 
 __all__ = ["ExpertPool", "OpenVinoSAM", "read_manifest"]
 
