@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mdbench.papers.daft.cases import case_splits, cases_checksum, read_cases, write_real_cases
-from mdbench.papers.daft.inference import load_case, segment_case
-from mdbench.papers.daft.training import PromptSamples, encoder_inputs
-from mdbench.data.boxprompt import boxes_from_labels
+from mdbench.data.boxprompt import boxes_from_labels, read_boxprompt_case
 from mdbench.data.synthetic import write_synthetic_boxprompt_cases
+from mdbench.papers.daft.cases import case_splits, cases_checksum, read_cases, write_real_cases
+from mdbench.papers.daft.inference import segment_case
+from mdbench.papers.daft.training import PromptSamples, encoder_inputs
 
 
 def test_real_datasets_become_challenge_cases(real_data_dir, tmp_path):
@@ -44,7 +44,7 @@ def test_real_3d_case_runs_through_the_inference_with_a_stub(real_data_dir, tmp_
                 out[k, y0:y1 + 1, x0:x1 + 1] = patch > patch.mean()
             return out
 
-    case = load_case(path)
+    case = read_boxprompt_case(path)
     labels = segment_case(Bright(), case)
     assert labels.shape == case["gts"].shape and set(np.unique(labels)) <= {0, 1, 2}
 

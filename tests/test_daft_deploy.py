@@ -13,16 +13,17 @@ import pytest
 import torch
 from torch.optim.swa_utils import update_bn
 
-from mdbench.papers.daft.inference import load_case, segment_case
-from mdbench.data.synthetic import write_synthetic_boxprompt_cases
 from mdbench.data import boxprompt as preprocess
+from mdbench.data.boxprompt import read_boxprompt_case as load_case
+from mdbench.data.synthetic import write_synthetic_boxprompt_cases
 from mdbench.efficiency import BACKENDS, ParityError
+from mdbench.models import build_model, litemedsam
+from mdbench.models.efficientvit_sam import build_daft_student
 from mdbench.papers.daft.deploy import export
 from mdbench.papers.daft.deploy.export import export_openvino, save_deployment
 from mdbench.papers.daft.deploy.runtime import ExpertPool, read_manifest
 from mdbench.papers.daft.deploy.timing import Stage, table_b_stages, time_cases
-from mdbench.models import build_model, litemedsam
-from mdbench.models.efficientvit_sam import build_daft_student
+from mdbench.papers.daft.inference import segment_case
 
 SMALL = dict(backbone="efficientvit_b0", depths=None, neck_width=32, neck_depth=1, neck_block="mbconv")
 

@@ -134,6 +134,7 @@ def _write_npz(path, **arrays):
         (lambda c: c.update(boxes=np.array([[0, 0, 3]])), "boxes must be"),
         (lambda c: c.update(boxes=np.array([[0, 0, 20, 3]])), "boxes must satisfy"),  # x_max = W
         (lambda c: c.update(boxes=np.array([[5, 0, 2, 3]])), "boxes must satisfy"),  # x_min > x_max
+        (lambda c: c.update(boxes=np.array([[0.0, 0.0, np.nan, 3.0]])), "boxes must satisfy"),  # not finite
         (lambda c: c.update(imgs=c["imgs"].astype(np.float32)), "uint8"),
         (lambda c: c.update(imgs=c["imgs"][..., 0]), r"\(H,W,3\)"),
         (lambda c: c.update(gts=c["gts"][:-1]), "gts must be"),

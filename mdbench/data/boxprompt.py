@@ -158,7 +158,7 @@ def _check_case(case: dict, dims: int, require_gts: bool) -> None:
         raise ValueError(f"boxes must be (K,{2 * dims}) with K >= 1, got {boxes.shape}")
     lows, highs = boxes[:, :dims], boxes[:, dims:]
     upper = np.array(spatial[::-1]) - 1  # (W, H[, D]) - 1: boxes list x first
-    if (lows < 0).any() or (highs > upper).any() or (lows > highs).any():
+    if not np.isfinite(boxes).all() or (lows < 0).any() or (highs > upper).any() or (lows > highs).any():
         raise ValueError(
             f"boxes must satisfy 0 <= min <= max < size {tuple(upper + 1)} (x, y[, z]); got {boxes.tolist()}"
         )
@@ -232,7 +232,7 @@ def read_boxprompt_case(path: str | Path, require_gts: bool = True) -> dict:
         dims = dims_of(path) if _CASE_NAME.match(path.name) else _dims_from_arrays(case)
         _check_case(case, dims, require_gts)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
-        raise CorruptFileError(f"malformed box-prompt case {path}: {err}") from err
+        raise CorruptFileError(f"{path.name}: {err}") from err  # name first: batch readers report by file name
     return {**case, "modality": modality_from_name(path), "dims": dims, "name": path.name}
 
 

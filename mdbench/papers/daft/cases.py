@@ -123,7 +123,12 @@ def case_splits(folder: str | Path, fractions: Sequence[float] = (0.7, 0.15, 0.1
 
 
 def read_cases(paths: Sequence[str | Path], require_gts: bool = True) -> tuple[list[dict], dict[str, str]]:
-    """Read and validate cases (``read_boxprompt_case``); bad files are logged and skipped.
+    """Read and validate cases (:func:`mdbench.data.boxprompt.read_boxprompt_case`); bad files are logged and skipped.
+
+    Args:
+        paths: ``.npz`` case files.
+        require_gts: training and scored cases need a non-empty ``gts``; False reads test inputs without one (an
+            empty ``gts`` is then kept too, and the evaluation reports it).
 
     Returns:
         ``(cases, errors)``: the readable cases in order, and ``{file name: message}`` for the others (unreadable,

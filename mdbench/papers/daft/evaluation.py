@@ -2,7 +2,8 @@
 
 :class:`CaseEvaluator` segments each (model, case) pair once and reuses it for every row of Table A that routes
 that case to that model (e.g. DAFT sends an unseen modality to the general model, whose masks are already known).
-A case that cannot be read or scored is reported in the ``error`` column and the batch goes on.
+A case that cannot be segmented or scored is reported in the ``error`` column and the batch goes on (unreadable
+files are skipped before, by :func:`mdbench.papers.daft.cases.read_cases`).
 
 Averages follow the challenge leaderboard: the mean over cases per modality, then the mean over modalities.
 """
@@ -11,44 +12,31 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from mdbench.papers.daft.inference import CaseError, Predictor, load_case, segment_case
 from mdbench.metrics import dsc_nsd_challenge
+from mdbench.papers.daft.inference import Predictor, segment_case
 
-__all__ = ["AVERAGE", "CaseEvaluator", "load_cases", "modality_summary", "score_case", "summary_metrics"]
+__all__ = ["AVERAGE", "CaseEvaluator", "modality_summary", "score_case", "summary_metrics"]
 
 log = logging.getLogger(__name__)
 AVERAGE = "average"
 COLUMNS = ["case", "modality", "model", "dsc", "nsd", "seconds", "error"]
 
 
-def load_cases(paths: Sequence[str | Path]) -> tuple[list[dict], dict[str, str]]:
-    """Cases for inference (:func:`mdbench.papers.daft.inference.load_case`); unreadable ones logged and listed."""
-    cases, errors = [], {}
-    for path in paths:
-        try:
-            cases.append(load_case(path))
-        except CaseError as err:
-            errors[Path(path).name] = str(err)
-            log.warning("skipping case: %s", err)
-    return cases, errors
-
-
 def score_case(labels: np.ndarray, case: dict) -> dict[str, float]:
     """``{"dsc", "nsd"}`` in percent of a predicted label map against the case's ``gts`` (challenge rule).
 
     Raises:
-        CaseError: the case has no ``gts`` or an empty one (its scores are undefined).
+        ValueError: the case has no ``gts`` or an empty one (its scores are undefined).
     """
     if "gts" not in case:
-        raise CaseError(f"{case['name']}: no ground truth ('gts') to score against")
+        raise ValueError(f"{case['name']}: no ground truth ('gts') to score against")
     if not np.asarray(case["gts"]).any():
-        raise CaseError(f"{case['name']}: empty ground truth (no labelled pixel), DSC and NSD undefined")
+        raise ValueError(f"{case['name']}: empty ground truth (no labelled pixel), DSC and NSD undefined")
     spacing = list(np.asarray(case["spacing"], dtype=float)) if case["dims"] == 3 else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # MONAI warns about labels absent from a prediction
@@ -82,7 +70,7 @@ class CaseEvaluator:
                 row["seconds"] = time.perf_counter() - start
                 self.predictions[key] = labels
                 row.update(score_case(labels, case))
-            except (CaseError, ValueError) as err:
+            except ValueError as err:  # an unscorable case is reported in its row
                 row["error"] = str(err)
                 log.warning("case %s with model %s: %s", case["name"], model, err)
             self._rows[key] = row

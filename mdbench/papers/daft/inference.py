@@ -1,6 +1,9 @@
 """Box-prompt inference on MedSAM-on-Laptop cases, 2D and 3D, for any model with ``embed`` + ``predict_from_embedding``.
 
 Numpy only (no torch import), so the same code runs the PyTorch models of the study and the deployed OpenVINO path.
+Cases come from the one reader of the convention, :func:`mdbench.data.boxprompt.read_boxprompt_case`
+(``require_gts=False`` for test inputs).
+
 A *predictor* is any object with
 
 - ``embed(image) -> embedding``: ``image`` (H, W, 3) or (H, W) uint8, challenge preprocessing inside;
@@ -23,69 +26,21 @@ included, as the box says it holds the object.
 """
 from __future__ import annotations
 
-import re
-import zipfile
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from mdbench.data.boxprompt import modality_from_name
-
-__all__ = ["CaseError", "Predictor", "SliceEmbeddings", "load_case", "segment_case", "PROPAGATION_SHIFT_256"]
+__all__ = ["PROPAGATION_SHIFT_256", "Predictor", "SliceEmbeddings", "segment_case"]
 
 PROPAGATION_SHIFT_256 = 3  # px added around the previous slice's mask, in the 256x256 frame (get_bbox256)
-_DIMS = re.compile(r"^(?P<dims>[23])DBox_")
-
-
-class CaseError(ValueError):
-    """A case file that cannot be segmented (unreadable, missing key, box outside the image, ...)."""
 
 
 class Predictor(Protocol):
+    """A box-prompted segmenter as :func:`segment_case` uses it (see the module docstring)."""
+
     def embed(self, image: np.ndarray) -> Any: ...
 
     def predict_from_embedding(self, embedding: Any, boxes: np.ndarray, orig_hw: tuple[int, int]) -> np.ndarray: ...
-
-
-def load_case(path: str | Path) -> dict[str, Any]:
-    """Read one challenge ``.npz`` case for inference; ``gts`` may be absent (test inputs).
-
-    Returns:
-        ``{"imgs", "boxes", "gts" (if present), "spacing" (3D), "name", "dims": 2|3, "modality": str | None}``.
-
-    Raises:
-        CaseError: the file is missing or unreadable, lacks ``imgs``/``boxes`` (or ``spacing`` in 3D), or its
-            boxes are not (K, 4) / (K, 6) inside the image; the message names the file.
-    """
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            case = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise CaseError(f"{path.name}: cannot read the case file: {err}") from err
-    missing = [key for key in ("imgs", "boxes") if key not in case]
-    if missing:
-        raise CaseError(f"{path.name}: missing key(s) {missing}; a case needs 'imgs' and 'boxes'")
-    boxes = np.asarray(case["boxes"])
-    match = _DIMS.match(path.name)
-    dims = int(match["dims"]) if match else (3 if boxes.ndim == 2 and boxes.shape[1] == 6 else 2)
-    imgs = case["imgs"]
-    spatial = imgs.shape[:2] if dims == 2 else imgs.shape
-    if (dims == 2 and not (imgs.ndim == 2 or (imgs.ndim == 3 and imgs.shape[2] in (1, 3)))) or (dims == 3 and imgs.ndim != 3):
-        raise CaseError(f"{path.name}: {dims}D 'imgs' must be {'(H, W, 3)' if dims == 2 else '(D, H, W)'}, got {imgs.shape}")
-    if boxes.ndim != 2 or boxes.shape[1] != 2 * dims or len(boxes) == 0:
-        raise CaseError(f"{path.name}: 'boxes' must be (K, {2 * dims}) with K >= 1 for a {dims}D case, got {boxes.shape}")
-    upper = np.array(spatial[::-1]) - 1  # boxes list x first: (W, H[, D]) - 1
-    lows, highs = boxes[:, :dims], boxes[:, dims:]
-    if not np.isfinite(boxes).all() or (lows < 0).any() or (highs > upper).any() or (lows > highs).any():
-        raise CaseError(f"{path.name}: boxes must satisfy 0 <= min <= max < size {tuple(upper + 1)} (x, y[, z]); "
-                        f"got {boxes.tolist()}")
-    if dims == 3 and "spacing" not in case:
-        raise CaseError(f"{path.name}: missing key 'spacing' (voxel size in mm) of a 3D case")
-    if "gts" in case and case["gts"].shape != spatial:
-        raise CaseError(f"{path.name}: 'gts' has shape {case['gts'].shape}, the image {spatial}")
-    return {**case, "boxes": boxes, "name": path.name, "dims": dims, "modality": modality_from_name(path.name)}
 
 
 class SliceEmbeddings:
@@ -137,7 +92,7 @@ def _segment_box_3d(predictor: Predictor, embeddings: SliceEmbeddings, box: np.n
 
 
 def segment_case(predictor: Predictor, case: dict[str, Any], cache_embeddings: bool = True) -> np.ndarray:
-    """Label map of a case from :func:`load_case` (or ``read_boxprompt_case``).
+    """Label map of a case read by :func:`mdbench.data.boxprompt.read_boxprompt_case`.
 
     Args:
         predictor: see the module docstring.

@@ -25,9 +25,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mdbench.papers.daft.inference import CaseError, load_case, segment_case
-from mdbench.papers.daft.routing import FileNameRouter
+from mdbench.data.boxprompt import read_boxprompt_case
+from mdbench.data.errors import DataError
 from mdbench.papers.daft.deploy.runtime import ExpertPool, read_manifest
+from mdbench.papers.daft.inference import segment_case
+from mdbench.papers.daft.routing import FileNameRouter
 
 __all__ = ["main", "parse_args"]
 
@@ -96,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.cases:
         start = time.perf_counter()
         try:
-            case = load_case(path)
+            case = read_boxprompt_case(path, require_gts=False)  # test inputs carry no gts
             expert = "baseline" if router is None else router.route(path.name)
             labels = segment_case(get(expert), case, cache_embeddings=args.embedding_cache)
-        except (CaseError, OSError, ValueError) as err:
+        except (DataError, OSError, ValueError) as err:
             failed += 1
             print(f"FAILED {path.name}: {err}", file=sys.stderr)
             continue
