@@ -8,7 +8,8 @@ import torch
 
 from mdbench.data.boxprompt import boxes_from_labels, read_boxprompt_case
 from mdbench.data.synthetic import write_synthetic_boxprompt_cases
-from mdbench.papers.daft.cases import case_splits, cases_checksum, read_cases, write_real_cases
+from mdbench.papers.daft import cases as daft_cases
+from mdbench.papers.daft.cases import MIN_OBJECT_PIXELS, case_splits, cases_checksum, read_cases, write_real_cases
 from mdbench.papers.daft.inference import segment_case
 from mdbench.papers.daft.training import PromptSamples, encoder_inputs
 
@@ -18,9 +19,10 @@ def test_real_datasets_become_challenge_cases(real_data_dir, tmp_path):
     names = sorted(p.name.split("_")[1] for p in written["test"])
     assert names == ["Dermoscopy", "Endoscopy", "MR", "US"]
     cases, errors = read_cases(written["test"])
-    assert errors == {}
+    assert errors == {} and sorted(c["modality"] for c in cases) == ["Dermoscopy", "Endoscopy", "MR", "US"]
     for case in cases:
         assert case["imgs"].dtype == np.uint8 and case["gts"].max() >= 1
+        assert len(case["boxes"]) == case["gts"].max()  # labels 1..K, box k for label k + 1
         assert (case["boxes"] == boxes_from_labels(case["gts"])).all()
         if case["dims"] == 3:
             assert case["imgs"].ndim == 3 and case["gts"].max() == 2 and case["spacing"].shape == (3,)
@@ -28,6 +30,30 @@ def test_real_datasets_become_challenge_cases(real_data_dir, tmp_path):
             assert case["imgs"].shape[2] == 3
     again = write_real_cases(tmp_path, {"test": 1}, data_dir=real_data_dir)  # kept, not rewritten
     assert again == written and cases_checksum(read_cases(again["test"])[0]) == cases_checksum(cases)
+
+
+def test_conversion_rule_by_hand(tmp_path, monkeypatch):
+    # 2D: components of >= MIN_OBJECT_PIXELS px are objects, largest first; 3D: per-volume min-max to 0..255 (the
+    # loader's "minmax"), labels renumbered 1..K (a volume without label 1 still gets box 0 for its object)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[0:2, 0:10] = 1  # 20 px: kept, second
+    mask[5:10, 5:10] = 1  # 25 px: kept, first
+    mask[14:16, 14:16] = 1  # 4 px: dropped
+    volume = np.linspace(0.0, 1.0, 4 * 8 * 8).reshape(1, 4, 8, 8)
+    label = np.zeros((4, 8, 8), np.int64)
+    label[1:3, 2:5, 2:5] = 2
+    items = {
+        "kvasir_seg": [{"id": "a", "mask": torch.from_numpy(mask), "image": torch.full((3, 16, 16), 0.5)}],
+        "msd_hippocampus": [{"id": "v", "label": torch.from_numpy(label), "image": torch.from_numpy(volume),
+                             "spacing": (1.0, 1.0, 1.0)}],
+    }
+    monkeypatch.setattr(daft_cases, "load_dataset", lambda name, **kwargs: items[name])
+    written = write_real_cases(tmp_path, {"test": 1}, kinds=("2DBox_Endoscopy", "3DBox_MR"))["test"]
+    two_d, three_d = (read_boxprompt_case(path) for path in written)
+    assert MIN_OBJECT_PIXELS == 20 and two_d["gts"].max() == 2 and two_d["gts"][15, 15] == 0
+    assert two_d["boxes"].tolist() == [[5, 5, 9, 9], [0, 0, 9, 1]] and (two_d["imgs"] == 128).all()
+    assert three_d["gts"].max() == 1 and three_d["boxes"].tolist() == [[2, 2, 1, 4, 4, 2]]
+    assert three_d["imgs"].min() == 0 and three_d["imgs"].max() == 255
 
 
 def test_real_3d_case_runs_through_the_inference_with_a_stub(real_data_dir, tmp_path):

@@ -17,7 +17,7 @@ from mdbench.data.boxprompt import (
 )
 from mdbench.data.errors import CorruptFileError, DataNotFoundError
 from mdbench.data.mil import tile_fractions, tile_image
-from mdbench.data.tasks import CellSetBags, ISICImageBags, isic_image_bags, pbc_cell_set_bags, write_boxprompt_cases
+from mdbench.data.tasks import CellSetBags, ISICImageBags, isic_image_bags, pbc_cell_set_bags
 
 
 # ----------------------------------------------------------------------------- names
@@ -285,20 +285,3 @@ def test_pbc_cell_set_bags_real_splits_disjoint(real_data_dir):
     assert files[0] and files[1] and not files[0] & files[1]
     instances, bag_label, instance_labels = train[int(np.flatnonzero(train.bag_labels)[0])]
     assert instances.shape[1:] == (3, 32, 32) and bag_label == 1 == int(instance_labels.max())
-
-
-@pytest.mark.real_data
-def test_write_boxprompt_cases_real(real_data_dir, tmp_path):
-    for folder in ("kvasir_seg", "isic2017", "hc18", "msd_hippocampus"):
-        real_dataset(real_data_dir, folder)
-    paths = write_boxprompt_cases(tmp_path, data_dir=real_data_dir, per_modality=1, seed=0)
-    assert sorted(modality_of(p) for p in paths) == ["Dermoscopy", "Endoscopy", "MR", "US"]
-    for path in paths:
-        case = read_boxprompt_case(path)
-        d = case["dims"]
-        assert len(case["boxes"]) == case["gts"].max()
-        for label, box in enumerate(case["boxes"], start=1):
-            coords = np.argwhere(case["gts"] == label)[:, ::-1]
-            assert (box[:d] == coords.min(0)).all() and (box[d:] == coords.max(0)).all()
-        if d == 3:
-            assert case["imgs"].ndim == 3 and case["spacing"].shape == (3,) and case["gts"].max() == 2

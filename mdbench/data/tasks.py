@@ -1,32 +1,24 @@
-"""Paper task builders on the real datasets: MIL bags (ISIC tiles, PBC cell sets) and box-prompt cases.
+"""Paper task builders on the real datasets: MIL bags (ISIC tiles, PBC cell sets).
 
 - :func:`isic_image_bags`: every ISIC 2017 image is a bag of grid tiles; positive = melanoma.
 - :func:`pbc_cell_set_bags`: bags are sets of PBC blood-cell images; positive = holds an erythroblast.
-- :func:`write_boxprompt_cases`: Kvasir-SEG, ISIC 2017, HC18 and MSD Hippocampus cases written in the
-  MedSAM-on-Laptop ``.npz`` convention (:mod:`mdbench.data.boxprompt`).
 
 Every builder draws from one split of the underlying loader, so train and test never share an image.
-Data cards: ``data_cards/synthetic_mil.md`` (bag definitions), ``data_cards/synthetic_boxprompt.md``
-(box-prompt conversion).
+Data card: ``data_cards/synthetic_mil.md`` (bag definitions). The real datasets become box-prompt cases in
+:func:`mdbench.papers.daft.cases.write_real_cases`.
 """
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch.utils.data import Dataset
 
-from mdbench.data.boxprompt import boxes_from_labels, case_filename, relabel_instances, save_boxprompt_case
 from mdbench.data.mil import balanced_bag_labels, draw_instance_labels, tile_fractions, tile_image
 from mdbench.data.registry import load_dataset
 from mdbench.data.synthetic import params_checksum
-
-log = logging.getLogger(__name__)
 
 # Classes seen in the peripheral blood of healthy adults. Erythroblasts (nucleated red cells) should
 # be absent there, which makes "contains an erythroblast" a clean bag-level finding; immature
@@ -192,83 +184,3 @@ def pbc_cell_set_bags(
     """Bags of PBC cell images from ``split`` (resized to ``image_size``); see :class:`CellSetBags`."""
     images = load_dataset("pbc", split=split, data_dir=data_dir, image_size=image_size, channels=channels)
     return CellSetBags(images, n_bags, bag_size, n_key, key_class, negative_classes, positive_fraction, seed)
-
-
-# ----------------------------------------------------------------------------- box-prompt cases
-# registry name -> (case kind, extra loader arguments)
-BOXPROMPT_SOURCES: dict[str, tuple[str, dict]] = {
-    "kvasir_seg": ("2DBox_Endoscopy", {}),
-    "isic2017": ("2DBox_Dermoscopy", {"task": "segmentation"}),
-    "hc18": ("2DBox_US", {}),
-    "msd_hippocampus": ("3DBox_MR", {}),
-}
-
-
-def _volume_to_uint8(volume: np.ndarray) -> np.ndarray:
-    """Clip to the volume's 0.5-99.5 intensity percentiles and rescale to 0..255.
-
-    Like MedSAM's MR preparation, except that the percentiles are taken over all voxels, not only the
-    non-zero ones: the loader's z-scored volumes have no zero background to leave out.
-    """
-    lo, hi = np.percentile(volume, (0.5, 99.5))
-    return np.round(np.clip((volume - lo) / max(hi - lo, 1e-8), 0, 1) * 255).astype(np.uint8)
-
-
-def _boxprompt_case(item: dict, three_d: bool, min_pixels: int) -> dict[str, np.ndarray] | None:
-    """One loader item in the challenge convention, or None when no object survives."""
-    if three_d:
-        gts = relabel_instances(item["label"].numpy())  # consecutive ids, so box k is label k+1
-        case = {"imgs": _volume_to_uint8(item["image"][0].numpy()), "gts": gts,
-                "spacing": np.asarray(item["spacing"], dtype=np.float64)}
-    else:
-        gts = relabel_instances(ndimage.label(item["mask"].numpy() > 0)[0], min_pixels)  # one object per component
-        imgs = np.round(item["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-        case = {"imgs": imgs, "gts": gts}
-    if not case["gts"].any():
-        return None
-    case["boxes"] = boxes_from_labels(case["gts"])
-    return case
-
-
-def write_boxprompt_cases(
-    out_dir: str | Path,
-    data_dir: str | os.PathLike | None = None,
-    per_modality: int = 10,
-    seed: int = 0,
-    split: str = "test",
-    sources: Sequence[str] = tuple(BOXPROMPT_SOURCES),
-    min_object_pixels: int = 16,
-) -> list[Path]:
-    """Write up to ``per_modality`` random cases of every source's ``split`` as challenge ``.npz`` files.
-
-    File names: ``2DBox_Endoscopy_<id>.npz`` (Kvasir-SEG), ``2DBox_Dermoscopy_<id>.npz`` (ISIC 2017),
-    ``2DBox_US_<id>.npz`` (HC18), ``3DBox_MR_<id>.npz`` (MSD Hippocampus, with ``spacing``).
-    2D images keep their stored size; each connected component of at least ``min_object_pixels``
-    pixels is one object with its own box. 3D volumes keep their two labels (anterior, posterior)
-    as the objects and are scaled to uint8 by :func:`_volume_to_uint8`. Cases without foreground
-    are skipped and counted in the log. Files are written atomically. Returns the paths written.
-    """
-    unknown = sorted(set(sources) - set(BOXPROMPT_SOURCES))
-    if unknown:
-        raise ValueError(f"unknown box-prompt sources {unknown}; choose from {sorted(BOXPROMPT_SOURCES)}")
-    out_dir = Path(out_dir)
-    paths = []
-    for source in sources:
-        kind, kwargs = BOXPROMPT_SOURCES[source]
-        dataset = load_dataset(source, split=split, data_dir=data_dir, **kwargs)
-        skipped = written = 0
-        for index in np.random.default_rng(seed).permutation(len(dataset)):
-            if written == per_modality:
-                break
-            item = dataset[int(index)]
-            case = _boxprompt_case(item, kind.startswith("3D"), min_object_pixels)
-            if case is None:
-                skipped += 1
-                continue
-            paths.append(save_boxprompt_case(out_dir / case_filename(kind, item["id"]), **case))
-            written += 1
-        if skipped:
-            log.info("%s %s: skipped %d cases with no foreground", source, split, skipped)
-        if written < per_modality:
-            log.warning("%s %s: wrote %d of %d requested cases", source, split, written, per_modality)
-    return paths

@@ -1,9 +1,12 @@
 """Case folders for DAFT: real datasets converted to challenge ``.npz`` cases, per-modality splits, tolerant reading.
 
-- :func:`write_real_cases`: the real datasets of the suite as MedSAM-on-Laptop cases (Kvasir-SEG -> Endoscopy,
-  ISIC 2017 -> Dermoscopy, HC18 -> US, MSD hippocampus -> 3D MR), under ``<out>/<split>/``, using each loader's
-  fixed seeded split. 2D masks become instance labels by connected components (one box per object, as in the
-  challenge data); the MR volumes keep their two labels (anterior, posterior) and are min-max scaled to uint8.
+- :func:`write_real_cases`: the suite's one converter of real datasets into MedSAM-on-Laptop cases (Kvasir-SEG ->
+  Endoscopy, ISIC 2017 -> Dermoscopy, HC18 -> US, MSD hippocampus -> 3D MR), under ``<out>/<split>/``, using each
+  loader's fixed seeded split. 2D: images x255 to uint8; each connected component of the mask with at least
+  :data:`MIN_OBJECT_PIXELS` pixels is one object (largest first, one box each, as in the challenge data). 3D: the
+  volume min-max scaled to 0..255 (per volume, no percentile clipping: the model's own input normalisation is
+  min-max); its two labels (anterior, posterior) are the objects, numbered 1..K so box k belongs to label k+1. The
+  rule and its reasons: ``data_cards/synthetic_boxprompt.md``.
 - :func:`case_splits`: train/val/test lists of any folder of challenge ``.npz`` files: its ``train/``, ``val/``,
   ``test/`` sub-folders when present, else a seeded split inside every modality (DAFT's ``split_dataset.py`` split
   80/20 inside every dataset folder with seed 2024; here val and test are cut the same way).
@@ -21,16 +24,19 @@ import numpy as np
 from scipy import ndimage
 
 from mdbench.data.boxprompt import (boxes_from_labels, case_filename, modality_from_name, read_boxprompt_case,
-                                    save_boxprompt_case)
+                                    relabel_instances, save_boxprompt_case)
 from mdbench.data.errors import DataError
 from mdbench.data.registry import load_dataset
 from mdbench.data.splits import SPLITS, split_indices
 
-__all__ = ["REAL_SOURCES", "case_splits", "cases_checksum", "read_cases", "write_real_cases"]
+__all__ = ["MIN_OBJECT_PIXELS", "REAL_SOURCES", "case_splits", "cases_checksum", "read_cases", "write_real_cases"]
 
 log = logging.getLogger(__name__)
 
-# case kind -> (registered dataset, loader keyword arguments)
+# 2D components smaller than this are dropped: specks of a mask, not objects to prompt a box for
+MIN_OBJECT_PIXELS = 20
+
+# case kind -> (registered dataset, loader keyword arguments); "minmax" is the 3D intensity rule (see the docstring)
 REAL_SOURCES: Mapping[str, tuple[str, dict[str, Any]]] = {
     "2DBox_Endoscopy": ("kvasir_seg", {"foreground_only": True}),
     "2DBox_Dermoscopy": ("isic2017", {"task": "segmentation", "foreground_only": True}),
@@ -51,13 +57,14 @@ def _instances(mask: np.ndarray, min_pixels: int) -> np.ndarray:
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (the loaders' scale) -> uint8 0..255."""
     return np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def _real_case(kind: str, item: dict[str, Any], min_pixels: int) -> dict[str, np.ndarray] | None:
     """One loader item as a challenge case, or None when no object is left."""
     if kind.startswith("3D"):
-        gts = item["label"].numpy().astype(np.uint8)
+        gts = relabel_instances(item["label"].numpy())  # consecutive ids even if a volume lacked one label
         case = {"imgs": _to_uint8(item["image"][0].numpy()), "gts": gts, "spacing": np.asarray(item["spacing"])}
     else:
         gts = _instances(item["mask"].numpy(), min_pixels)
@@ -69,10 +76,19 @@ def _real_case(kind: str, item: dict[str, Any], min_pixels: int) -> dict[str, np
 
 
 def write_real_cases(out_dir: str | Path, counts: Mapping[str, int], data_dir: str | Path | None = None,
-                     kinds: Sequence[str] = tuple(REAL_SOURCES), min_pixels: int = 20) -> dict[str, list[Path]]:
+                     kinds: Sequence[str] = tuple(REAL_SOURCES),
+                     min_pixels: int = MIN_OBJECT_PIXELS) -> dict[str, list[Path]]:
     """Convert the first ``counts[split]`` items of each real dataset's split into ``<out_dir>/<split>/*.npz``.
 
-    Existing files are kept (the conversion is deterministic), so a second call costs only the listing.
+    Existing files are kept (the conversion is deterministic), so a second call costs only the listing. Items left
+    without an object are skipped and logged.
+
+    Args:
+        out_dir: the case folder (``train/``, ``val/``, ``test/`` below it, as :func:`case_splits` reads them).
+        counts: ``{split: items per dataset}``, e.g. ``{"train": 40, "val": 10, "test": 10}``.
+        data_dir: root of the real datasets (None: ``MDBENCH_DATA_DIR``).
+        kinds: case kinds to write (keys of :data:`REAL_SOURCES`).
+        min_pixels: 2D components smaller than this are dropped.
 
     Returns:
         ``{split: [paths]}``.
