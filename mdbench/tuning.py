@@ -19,9 +19,9 @@ rest of the model, e.g. a decoder or a classifier, is the head and stays trainab
   at zero so the tuned model starts as the pretrained one.
 
 A backbone may list parameter-name prefixes in ``tunable_with_head`` (e.g. a re-learned position embedding); they
-stay trainable in every method. Freezing does not switch BatchNorm to eval mode: call :func:`frozen_norms_to_eval`
-after every ``model.train()`` (or override ``train`` as :class:`mdbench.models.slicewise.SliceWiseSegmenter` does),
-so frozen statistics are not updated.
+stay trainable in every method. Freezing does not switch BatchNorm to eval mode: call
+:func:`mdbench.models.frozen_norms_to_eval` after every ``model.train()`` (or override ``train`` as
+:class:`mdbench.models.slicewise.SliceWiseSegmenter` does), so frozen statistics are not updated.
 
 VPT and AdaptFormer modules are written here: PEFT's prompt tuning covers language-model embeddings only, and no
 maintained library ships AdaptFormer for arbitrary modules.
@@ -41,7 +41,7 @@ from torch import nn
 from mdbench.efficiency import count_parameters
 
 METHODS = ("full", "head", "linear_probe", "lora", "vpt", "adaptformer")
-__all__ = ["METHODS", "TrainableReport", "apply_method", "frozen_norms_to_eval", "trainable_report"]
+__all__ = ["METHODS", "TrainableReport", "apply_method", "trainable_report"]
 
 
 # --------------------------------------------------------------------------------------------------- modules
@@ -203,19 +203,6 @@ def apply_method(model: nn.Module, method: str, *, backbone: str | nn.Module = "
             if name.startswith(tuple(getattr(bb, "tunable_with_head", ()))):
                 param.requires_grad_(True)
     model.tuning_method, model.tuning_config = method, dict(cfg)
-    return model
-
-
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def frozen_norms_to_eval(model: nn.Module) -> nn.Module:
-    """Put every BatchNorm whose own parameters are all frozen in eval mode, so its running statistics stay fixed."""
-    for module in model.modules():
-        if isinstance(module, _BATCH_NORMS):
-            params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
     return model
 
 

@@ -10,9 +10,10 @@ from conftest import real_dataset
 
 from mdbench.data.synthetic import SyntheticMILBags
 from mdbench.data.ucsb_breast import UCSBBreastDataset
-from mdbench.papers.efcm.experiment import FeatureScaler, bag_metrics, monte_carlo_split, train_mil
 from mdbench.losses.mil import SmoothTop1SVM, smooth_top1_svm
-from mdbench.models.clam import CLAM, MaxMIL, abmil, build_mil_head, clam_mb, clam_sb, mil_loss, pseudo_labels
+from mdbench.models import UnknownModelError, build_model
+from mdbench.models.clam import CLAM, MaxMIL, abmil, clam_mb, clam_sb, mil_loss, pseudo_labels
+from mdbench.papers.efcm.experiment import FeatureScaler, bag_metrics, monte_carlo_split, train_mil
 
 
 # ------------------------------------------------------------------------------------------- smooth top-1 SVM
@@ -143,13 +144,13 @@ def test_max_mil_takes_the_top_instance():
 
 
 def test_heads_refuse_bad_input():
-    model = build_mil_head("clam_sb", in_dim=8)
+    model = build_model("clam_sb", in_dim=8)
     with pytest.raises(ValueError, match=r"\(N, 8\)"):
         model(torch.randn(5, 7))
     with pytest.raises(ValueError, match="outside"):
         model(torch.randn(5, 8), label=2)
-    with pytest.raises(ValueError, match="unknown MIL head"):
-        build_mil_head("transmil", in_dim=8)
+    with pytest.raises(UnknownModelError, match="clam_sb"):  # the message lists the known heads
+        build_model("transmil", in_dim=8)
     with pytest.raises(ValueError, match="bag_weight"):
         mil_loss(model(torch.randn(3, 8)), 0, bag_weight=1.5)
 

@@ -18,7 +18,7 @@ from mdbench.data.boxprompt import read_boxprompt_case as load_case
 from mdbench.data.synthetic import write_synthetic_boxprompt_cases
 from mdbench.efficiency import BACKENDS, ParityError
 from mdbench.models import build_model, litemedsam
-from mdbench.models.efficientvit_sam import build_daft_student
+from mdbench.models.efficientvit_sam import build_efficientvit_sam
 from mdbench.papers.daft.deploy import export
 from mdbench.papers.daft.deploy.export import export_openvino, save_deployment
 from mdbench.papers.daft.deploy.runtime import ExpertPool, read_manifest
@@ -36,7 +36,7 @@ def _small_student():
     FP32 vs FP64), so any export's parity would hinge on the CPU's summation order.
     """
     torch.manual_seed(0)
-    model = build_daft_student(build_model("litemedsam"), **SMALL)
+    model = build_efficientvit_sam(build_model("litemedsam"), **SMALL)
     update_bn([torch.rand(4, 3, 256, 256)], model.image_encoder)
     return model.eval()
 

@@ -11,7 +11,8 @@ from mdbench.papers.daft import training
 from mdbench.papers.daft.evaluation import score_case
 from mdbench.papers.daft.inference import segment_case
 from mdbench.models import build_model
-from mdbench.models.efficientvit_sam import L0_DEPTHS, EfficientViTSAMEncoder, build_daft_student, student_from_config
+from mdbench.models.efficientvit_sam import (L0_DEPTHS, EfficientViTSAMEncoder, build_efficientvit_sam,
+                                             efficientvit_sam_from_config)
 
 SMALL = dict(backbone="efficientvit_b0", depths=None, neck_width=32, neck_depth=1, neck_block="mbconv")
 
@@ -49,13 +50,13 @@ def test_l0_backbone_is_efficientvit_l1_with_shallower_stages():
 
 
 def test_merge_copies_the_teachers_prompt_encoder_and_decoder(teacher):
-    student = build_daft_student(teacher, **SMALL)
+    student = build_efficientvit_sam(teacher, **SMALL)
     for part in ("prompt_encoder", "mask_decoder"):
         ours, theirs = getattr(student, part).state_dict(), getattr(teacher, part).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     next(student.mask_decoder.parameters()).data.add_(1.0)  # a copy: training the student leaves the teacher
     assert not torch.equal(next(student.mask_decoder.parameters()), next(teacher.mask_decoder.parameters()))
-    rebuilt = student_from_config(student.image_encoder.config, student.state_dict())
+    rebuilt = efficientvit_sam_from_config(student.image_encoder.config, student.state_dict())
     x = torch.rand(1, 3, 256, 256)
     with torch.no_grad():
         assert torch.allclose(rebuilt.image_encoder(x), student.eval().image_encoder(x))
@@ -81,7 +82,7 @@ def test_kd_lowers_the_embedding_mse():
 def test_finetuning_trains_encoder_and_decoder_but_not_the_prompt_encoder_and_improves_dice(teacher):
     torch.manual_seed(0)
     cases = _cases("2DBox_Endoscopy", 2)
-    student = build_daft_student(teacher, **SMALL)
+    student = build_efficientvit_sam(teacher, **SMALL)
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
 
     def mean_dsc() -> float:
@@ -98,7 +99,7 @@ def test_finetuning_trains_encoder_and_decoder_but_not_the_prompt_encoder_and_im
 
 
 def test_data_aware_finetune_copies_the_general_model(teacher):
-    general = build_daft_student(teacher, **SMALL)
+    general = build_efficientvit_sam(teacher, **SMALL)
     reference = {k: v.clone() for k, v in general.state_dict().items()}
     experts = training.data_aware_finetune(general, {"3D": (_cases("3DBox_MR", 1), [])}, epochs=1, lr=1e-3,
                                            batch_size=4)

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdbench.papers.efcm import experiment as efcm
 from mdbench.data.synthetic import SyntheticMILBags
 from mdbench.efficiency import count_flops, export_with_parity
 from mdbench.losses.projection import FPDLoss, fpd_loss
 from mdbench.models.clam import clam_sb
-from mdbench.models.transscan import EFCMStudent, TransScan, build_student
+from mdbench.models.transscan import TransScan, TransScanStudent, build_transscan_student
+from mdbench.papers.efcm import experiment as efcm
 
 warnings.filterwarnings("ignore", message="no local pretrained weights")
 
@@ -68,7 +68,7 @@ def test_transscan_keeps_shape_mixes_branches_per_channel_and_trains_every_part(
 
 # --------------------------------------------------------------------------------------------------- students
 def test_student_variants_shapes_and_parameter_counts():
-    fpd_ts, fpd, kd = (build_student(v, 256, out_index=1) for v in ("fpd_ts", "fpd", "kd"))
+    fpd_ts, fpd, kd = (build_transscan_student(v, 256, out_index=1) for v in ("fpd_ts", "fpd", "kd"))
     c = fpd.feature_dim  # resnet10t stage 1: 64 channels at stride 4
     assert c == 64
     x = torch.rand(3, 3, 16, 16)
@@ -78,16 +78,16 @@ def test_student_variants_shapes_and_parameter_counts():
     assert _n(fpd.projector) == mlp and _n(kd.projector) == c * 256 + 256
     assert _n(fpd_ts) - _n(fpd) == _n(fpd_ts.transscan)
     assert _n(fpd) - _n(kd) == mlp - (c * 256 + 256)
-    bare = EFCMStudent(256, out_index=1, transscan=False, projector=None)
+    bare = TransScanStudent(256, out_index=1, transscan=False, projector=None)
     assert bare(x).shape == (3, c) and bare.out_dim == c
     with pytest.raises(ValueError, match=r"\(B, 3, h, w\)"):
         fpd(torch.rand(3, 1, 16, 16))
     with pytest.raises(ValueError, match="unknown student variant"):
-        build_student("fitnet", 256)
+        build_transscan_student("fitnet", 256)
 
 
 def test_student_exports_to_onnx_runtime_with_parity(tmp_path):
-    student = build_student("fpd_ts", 32, out_index=1).eval()
+    student = build_transscan_student("fpd_ts", 32, out_index=1).eval()
     _, report = export_with_parity(student, (torch.rand(2, 3, 16, 16),), backend="onnxruntime", workdir=tmp_path)
     assert report.passed and report.max_rel_diff < 1e-4  # of the features' scale
 
@@ -145,7 +145,7 @@ def test_distillation_lowers_the_fpd_loss_without_labels():
     torch.manual_seed(0)
     patches = torch.cat([b[0] for b in _image_bags(8)])
     targets = patches.mean(dim=(2, 3)).repeat(1, 4) * 3  # any fixed teacher map of the patches: (N, 12)
-    student = build_student("fpd_ts", 12, out_index=1)
+    student = build_transscan_student("fpd_ts", 12, out_index=1)
     before = fpd_loss(student.eval()(patches), targets).item()
     history = efcm.distill(student, patches, targets, epochs=8, lr=3e-3, batch_size=16)
     after = fpd_loss(student.eval()(patches), targets).item()
@@ -154,7 +154,7 @@ def test_distillation_lowers_the_fpd_loss_without_labels():
 
 def test_end_to_end_mil_subsamples_gradients_and_keeps_batchnorm_statistics():
     torch.manual_seed(0)
-    student = build_student("fpd", 8, out_index=1)
+    student = build_transscan_student("fpd", 8, out_index=1)
     model = efcm.EndToEndMIL(student, clam_sb(8, hidden=(8, 4)), max_patches=2)
     running = [m.running_mean.clone() for m in student.modules() if isinstance(m, nn.BatchNorm2d)]
     patches = torch.rand(1, 5, 3, 16, 16)

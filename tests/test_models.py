@@ -1,4 +1,5 @@
-"""Model registry and timm students: names refused clearly, local weights loaded, random init recorded, no network."""
+"""Model registry and timm students: every family listed and built by name, names refused clearly, local weights
+loaded, random init recorded, no network."""
 from __future__ import annotations
 
 import socket
@@ -36,8 +37,75 @@ def offline_weights(tmp_path, monkeypatch):
     return weights_dir
 
 
-def test_registered_names():
-    assert {"litemedsam", "litemedsam_encoder"} <= set(list_models())
+FAMILIES = {"abmil", "clam_mb", "clam_sb", "efficientvit_sam", "input_reprogrammer", "litemedsam", "litemedsam_encoder",
+            "max_mil", "med_adapter", "projected_student", "slicewise_segmenter", "transscan_student", "unet3d"}
+BAG = torch.randn(5, 8)  # one MIL bag: 5 instances of 8 features
+HEAD = {"in_dim": 8, "hidden": (8, 4), "k_sample": 1}
+TINY_VIT = {"patch_size": 4, "depth": 4, "embed_dim": 16, "num_heads": 2}
+SMALL_EFFICIENTVIT = {"backbone": "efficientvit_b0", "depths": None, "neck_width": 16, "neck_depth": 1,
+                      "neck_block": "mbconv"}
+
+
+def test_list_models_names_every_family_and_filters():
+    assert set(list_models()) == FAMILIES  # models/__init__ imports every family module
+    assert list_models("clam_*") == ["clam_mb", "clam_sb"]
+    assert {"timm:resnet18", "timm:resnet10t"} <= set(list_models("timm:resnet1*"))
+
+
+# name, builder kwargs, inputs, expected output shape(s); each family's documented shapes on a tiny input
+FORWARD_CASES = [
+    ("clam_sb", HEAD, (BAG,), {"logits": (1, 2), "attention": (1, 5), "instance_scores": (5,)}),
+    ("clam_mb", HEAD, (BAG,), {"logits": (1, 2), "attention": (2, 5), "instance_scores": (5,)}),
+    ("abmil", HEAD, (BAG,), {"logits": (1, 2), "attention": (1, 5)}),
+    ("max_mil", HEAD, (BAG,), {"logits": (1, 2), "instance_scores": (5,)}),
+    ("transscan_student", {"variant": "fpd_ts", "teacher_dim": 16, "out_index": 1, "pretrained": False},
+     (torch.rand(2, 3, 16, 16),), (2, 16)),
+    ("projected_student", {"backbone": "resnet10t", "embed_dim": 8, "pretrained": False},
+     (torch.rand(2, 3, 16, 16),), [(2, 512), (2, 8)]),
+    ("input_reprogrammer", {"channels": 3, "hidden": 4}, (torch.rand(2, 3, 8, 8),), (2, 3, 8, 8)),
+    ("med_adapter", {"dim": 8, "num_slices": 2, "ratio": 2}, (torch.randn(2, 4, 8), (2, 2)), [(2, 4, 8), None]),
+    ("slicewise_segmenter", {"backbone": "timm:vit_tiny_patch16_224", "image_size": 8, "num_classes": 3,
+                             "num_slices": 2, "decoder_channels": 4, "pretrained": False, **TINY_VIT},
+     (torch.rand(1, 1, 2, 8, 8),), (1, 3, 2, 8, 8)),
+    ("unet3d", {"channels": (4, 8)}, (torch.rand(1, 1, 4, 4, 4),), (1, 3, 4, 4, 4)),
+    ("litemedsam_encoder", {"pretrained": False}, (torch.rand(1, 3, 256, 256),), (1, 256, 64, 64)),
+    ("litemedsam", {"pretrained": False}, (torch.rand(1, 3, 256, 256), torch.tensor([[10.0, 10.0, 90.0, 90.0]])),
+     [(1, 1, 256, 256), (1, 1)]),
+    ("efficientvit_sam", {"pretrained": False, **SMALL_EFFICIENTVIT},
+     (torch.rand(1, 3, 256, 256), torch.tensor([[10.0, 10.0, 90.0, 90.0]])), [(1, 1, 256, 256), (1, 1)]),
+    ("timm:resnet10t", {"pretrained": False, "num_classes": 2}, (torch.rand(1, 3, 32, 32),), (1, 2)),
+]
+
+
+def _shapes(out):
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if hasattr(out, "_fields"):  # MILOutput
+        return {k: tuple(v.shape) for k, v in out._asdict().items() if isinstance(v, torch.Tensor)}
+    return [None if o is None else tuple(o.shape) for o in out]
+
+
+@pytest.mark.parametrize("name, kwargs, inputs, expected", FORWARD_CASES, ids=[c[0] for c in FORWARD_CASES])
+def test_each_family_builds_by_name_and_runs_forward(name, kwargs, inputs, expected):
+    torch.manual_seed(0)
+    model = build_model(name, **kwargs).eval()
+    assert isinstance(model.mdbench_init, str)
+    with torch.no_grad():
+        shapes = _shapes(model(*inputs))
+    if isinstance(expected, dict):
+        assert {k: shapes[k] for k in expected} == expected
+    else:
+        assert shapes == expected
+
+
+def test_forward_cases_cover_every_family():
+    assert {c[0] for c in FORWARD_CASES} >= FAMILIES
+
+
+def test_architecture_without_weights_refuses_pretrained():
+    assert build_model("clam_sb", in_dim=8).mdbench_init == "random init"
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_model("clam_sb", pretrained=True, in_dim=8)
 
 
 def test_unknown_name_lists_known_names_and_timm_syntax():
@@ -46,7 +114,7 @@ def test_unknown_name_lists_known_names_and_timm_syntax():
     message = str(info.value)
     assert isinstance(info.value, KeyError)
     assert "unknown model 'litemedsm'" in message
-    assert "litemedsam_encoder" in message and "timm:<name>" in message
+    assert all(name in message for name in FAMILIES) and "timm:<name>" in message
     assert "Did you mean: litemedsam" in message
 
 

@@ -12,8 +12,9 @@ from mdbench import train
 from mdbench.data.synthetic import SyntheticClassification
 from mdbench.efficiency import count_parameters
 from mdbench.losses.kd import kd_loss, linear_cka
-from mdbench.models.reprogramming import (FrozenFM, InputReprogrammer, MeanPool, PooledEncoder, RDObjective, RDStep,
-                                          ReprogrammingDistillation, Student, build_fm, build_student)
+from mdbench.models.reprogramming import (FrozenFM, InputReprogrammer, MeanPool, PooledEncoder, ProjectedStudent,
+                                          RDObjective, RDStep, ReprogrammingDistillation, build_fm,
+                                          build_projected_student)
 from mdbench.repro import seed_rngs
 
 
@@ -24,10 +25,10 @@ def _tiny_fm(dim: int = 8) -> PooledEncoder:
     return PooledEncoder(body, MeanPool((2, 3)), dim, None, "tiny")
 
 
-def _tiny_student(embed_dim: int = 8) -> Student:
+def _tiny_student(embed_dim: int = 8) -> ProjectedStudent:
     body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return Student(body, 16, embed_dim)
+    return ProjectedStudent(body, 16, embed_dim)
 
 
 def _rd(reprogram: bool = True, num_classes: int = 3) -> ReprogrammingDistillation:
@@ -184,10 +185,10 @@ def test_build_fm_litemedsam_stem_shapes_and_bad_names():
 
 @pytest.mark.parametrize("name, dim", [("resnet18", 512), ("mobilenetv3_small_100", 1024),
                                        ("vit_tiny_patch16_224", 192)])
-def test_build_student_by_timm_name(name, dim):
+def test_build_projected_student_by_timm_name(name, dim):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no local weights: random init, said in mdbench_init
-        student = build_student(name, embed_dim=128, image_size=32, pretrained=False)
+        student = build_projected_student(name, embed_dim=128, image_size=32, pretrained=False)
     features, projected = student.eval()(torch.rand(2, 3, 32, 32))
     assert features.shape == (2, dim) and projected.shape == (2, 128)
     assert student.mdbench_init == "random init"
@@ -245,7 +246,7 @@ def test_precise_bn_sets_statistics_to_the_training_images_exact_mean_and_varian
 def test_student_methods_start_from_the_same_weights_and_return_scores():
     _, task = _tiny_task(fraction=0.5)
     cfg = rdx.TrainConfig(steps=2, batch_size=8)
-    initial = Student(_tiny_student().backbone, 16, 8)
+    initial = ProjectedStudent(_tiny_student().backbone, 16, 8)
     teacher = rdx.run_fm_method("fm_linear_probe", task, 0, cfg)
     assert teacher.train_logits.shape == (20, 2)
     before = {k: v.clone() for k, v in initial.state_dict().items()}
@@ -288,7 +289,7 @@ def test_lora_on_the_stem_trains_only_adapters_and_head_and_vpt_needs_attention(
 def test_grid_rows_and_kd_needs_an_fm_teacher(monkeypatch):
     data, task = _tiny_task()
     def tiny(name, task, seed, cfg):
-        student = Student(_tiny_student().backbone, 16, 8)
+        student = ProjectedStudent(_tiny_student().backbone, 16, 8)
         student.mdbench_init = "random init"
         return student
 

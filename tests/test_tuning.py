@@ -9,15 +9,9 @@ import timm
 import torch
 from torch import nn
 
-from mdbench.models import build_model
+from mdbench.models import build_model, frozen_norms_to_eval
 from mdbench.models.slicewise import TinyViTSlices
-from mdbench.tuning import (
-    PromptedBlock,
-    PromptedWindowAttention,
-    apply_method,
-    frozen_norms_to_eval,
-    trainable_report,
-)
+from mdbench.tuning import PromptedBlock, PromptedWindowAttention, apply_method, trainable_report
 
 DIM, DEPTH, CLASSES = 32, 2, 3
 HEAD = DIM * CLASSES + CLASSES  # the linear classifier

@@ -1,20 +1,22 @@
-"""Teachers (foundation models) and students, built by name.
-
-``build_model("litemedsam")``, ``build_model("litemedsam_encoder")``, ``build_model("timm:resnet18")``.
+"""Every model of the suite, built by name: ``build_model("litemedsam")``, ``build_model("clam_sb", in_dim=512)``,
+``build_model("timm:resnet18")``; :func:`list_models` lists the registered names.
 
 Every built model carries ``mdbench_init`` ("pretrained:<path>" or "random init") for result records; nothing is
-downloaded.
+downloaded. Each architecture module below registers its builders when imported, so this package imports them all.
 """
-from .registry import UnknownModelError, build_model, freeze, list_models, register_model
-from .timm_backbones import PretrainedWeightsNotFoundWarning, find_local_weights
-from .litemedsam import (  # importing it registers the LiteMedSAM builders
-    LiteMedSAM,
-    LiteMedSAMEncoder,
-    postprocess_logits,
-    preprocess_image,
-    resized_hw,
-    scale_boxes,
+from . import (  # noqa: F401  (importing a family registers its builders)
+    clam,
+    efficientvit_sam,
+    litemedsam,
+    med_adapter,
+    reprogramming,
+    slicewise,
+    transscan,
+    unet3d,
 )
+from .litemedsam import LiteMedSAM, LiteMedSAMEncoder, postprocess_logits, preprocess_image, scale_boxes
+from .registry import UnknownModelError, build_model, freeze, frozen_norms_to_eval, list_models, register_model
+from .timm_backbones import PretrainedWeightsNotFoundWarning, find_local_weights
 
 __all__ = [
     "LiteMedSAM",
@@ -24,10 +26,10 @@ __all__ = [
     "build_model",
     "find_local_weights",
     "freeze",
+    "frozen_norms_to_eval",
     "list_models",
     "postprocess_logits",
     "preprocess_image",
     "register_model",
-    "resized_hw",
     "scale_boxes",
 ]

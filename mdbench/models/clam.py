@@ -14,6 +14,10 @@ bag, as in CLAM. Every head returns a :class:`MILOutput` so one training step se
 - :class:`MaxMIL`: max-instance MIL (CLAM's ``MIL_fc``/``MIL_fc_mc``): per-instance classifier, the bag
   prediction is the logits of the single most confident instance.
 
+Registered builders (all take CLAM's keyword arguments, so one call builds any of them):
+``build_model("clam_sb" | "clam_mb" | "abmil" | "max_mil", in_dim=D, n_classes=C, ...)``. MIL heads are always
+trained from scratch (random init).
+
 CLAM's files are not a pip package, so the heads are written here, keeping its layer layout and defaults.
 """
 from __future__ import annotations
@@ -25,17 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdbench.losses.mil import SmoothTop1SVM
+from mdbench.models.registry import RANDOM_INIT, register_model
 
 __all__ = [
     "CLAM",
     "GatedAttention",
     "MILOutput",
     "MaxMIL",
-    "MIL_HEADS",
     "abmil",
-    "build_mil_head",
     "clam_mb",
     "clam_sb",
+    "max_mil",
     "mil_loss",
     "pseudo_labels",
 ]
@@ -167,6 +171,7 @@ class CLAM(nn.Module):
             self.instance_classifiers = nn.ModuleList([nn.Linear(width, 2) for _ in range(n_classes)])
             self.instance_loss_fn = SmoothTop1SVM() if instance_loss == "svm" else nn.CrossEntropyLoss()
         _xavier_init(self)
+        self.mdbench_init = RANDOM_INIT
 
     def forward(self, h: torch.Tensor, label: int | torch.Tensor | None = None) -> MILOutput:
         h = self.fc(_check_bag(h, self.in_dim))  # (N, width)
@@ -218,6 +223,7 @@ class MaxMIL(nn.Module):
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.classifier = nn.Linear(hidden, n_classes)
         _xavier_init(self)
+        self.mdbench_init = RANDOM_INIT
 
     def forward(self, h: torch.Tensor, label: int | torch.Tensor | None = None) -> MILOutput:
         logits = self.classifier(self.fc(_check_bag(h, self.in_dim)))  # (N, C)
@@ -231,36 +237,30 @@ class MaxMIL(nn.Module):
         return MILOutput(logits[top:top + 1], None, scores, None)
 
 
+@register_model("clam_sb", pretrained_weights=False)
 def clam_sb(in_dim: int = 1024, n_classes: int = 2, **kwargs) -> CLAM:
     """CLAM single-branch: one attention branch shared by all classes (the CLAM README's default)."""
     return CLAM(in_dim, n_classes, multi_branch=False, **kwargs)
 
 
+@register_model("clam_mb", pretrained_weights=False)
 def clam_mb(in_dim: int = 1024, n_classes: int = 2, **kwargs) -> CLAM:
     """CLAM multi-branch: one attention branch and bag classifier per class (the CLAM paper's model)."""
     return CLAM(in_dim, n_classes, multi_branch=True, **kwargs)
 
 
+@register_model("abmil", pretrained_weights=False)
 def abmil(in_dim: int = 1024, n_classes: int = 2, **kwargs) -> CLAM:
     """Gated-attention MIL (Ilse et al. 2018): CLAM-SB without instance clustering (``--no_inst_cluster``)."""
     return CLAM(in_dim, n_classes, multi_branch=False, instance_loss=None, **kwargs)
 
 
-def _max_mil(in_dim: int = 1024, n_classes: int = 2, hidden: tuple[int, int] = (512, 256),
-             dropout: float = 0.25, **_ignored) -> MaxMIL:
-    """:class:`MaxMIL` taking CLAM's keyword arguments (its projection width is ``hidden[0]``; the attention
-    and clustering options do not apply)."""
+@register_model("max_mil", pretrained_weights=False)
+def max_mil(in_dim: int = 1024, n_classes: int = 2, hidden: tuple[int, int] = (512, 256), dropout: float = 0.25,
+            **_clam_only) -> MaxMIL:
+    """:class:`MaxMIL` taking CLAM's keyword arguments, so one call builds any head: its projection width is
+    ``hidden[0]``; CLAM's attention and clustering options (``k_sample``, ``subtyping``, ...) do not apply."""
     return MaxMIL(in_dim, n_classes, hidden[0], dropout)
-
-
-MIL_HEADS = {"clam_sb": clam_sb, "clam_mb": clam_mb, "abmil": abmil, "mil": _max_mil}
-
-
-def build_mil_head(name: str, in_dim: int, n_classes: int = 2, **kwargs) -> nn.Module:
-    """A MIL head by name: ``clam_sb``, ``clam_mb``, ``abmil`` or ``mil`` (max-instance); kwargs as :class:`CLAM`."""
-    if name not in MIL_HEADS:
-        raise ValueError(f"unknown MIL head {name!r}; choose one of {', '.join(MIL_HEADS)}")
-    return MIL_HEADS[name](in_dim=in_dim, n_classes=n_classes, **kwargs)
 
 
 def mil_loss(output: MILOutput, label: int | torch.Tensor, bag_weight: float = 0.7) -> torch.Tensor:

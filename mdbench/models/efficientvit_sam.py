@@ -1,4 +1,4 @@
-"""DAFT's student: an EfficientViT image encoder with EfficientViT-SAM's neck, merged into LiteMedSAM.
+"""EfficientViT-SAM, DAFT's student: an EfficientViT image encoder with EfficientViT-SAM's neck, merged into LiteMedSAM.
 
 DAFT (Pfefferle, Purucker & Hutter, CVPR 2024 MedSAM-on-Laptop) distils LiteMedSAM's TinyViT encoder into the
 image encoder of EfficientViT-SAM-L0 and reuses LiteMedSAM's prompt encoder and mask decoder (``modelmerge.py``).
@@ -12,8 +12,7 @@ image encoder of EfficientViT-SAM-L0 and reuses LiteMedSAM's prompt encoder and 
   A (B, 3, 256, 256) input gives the (B, 256, 64, 64) embedding of LiteMedSAM's encoder, so the mask decoder
   takes it unchanged. Upsampling is bilinear (EfficientViT-SAM uses bicubic) to keep exports simple.
 
-The routers (file name, learned) live in :mod:`mdbench.papers.daft.routing` (torch-free, for the deployed path) and are
-re-exported here.
+Built by ``build_model("efficientvit_sam", backbone=..., neck_depth=...)`` or :func:`build_efficientvit_sam`.
 """
 from __future__ import annotations
 
@@ -25,24 +24,11 @@ from timm.layers import GELU, LayerNorm2d
 from timm.models.efficientvit_mit import ConvNormAct, FusedMBConv, MBConv, ResidualBlock
 from torch import nn
 
-from mdbench.papers.daft.routing import EXPERT_GROUPS, GENERAL, FileNameRouter, LearnedRouter, image_features
-
 from .litemedsam import EMBEDDING_SHAPE, IMAGE_SIZE, LiteMedSAM, build_litemedsam
 from .registry import register_model
 from .timm_backbones import build_timm
 
-__all__ = [
-    "EXPERT_GROUPS",
-    "GENERAL",
-    "L0_DEPTHS",
-    "EfficientViTSAMEncoder",
-    "FileNameRouter",
-    "LearnedRouter",
-    "SamNeck",
-    "build_daft_student",
-    "image_features",
-    "student_from_config",
-]
+__all__ = ["L0_DEPTHS", "EfficientViTSAMEncoder", "SamNeck", "build_efficientvit_sam", "efficientvit_sam_from_config"]
 
 L0_DEPTHS = (1, 1, 1, 4, 4)  # EfficientViT-SAM-L0's backbone: efficientvit_l1 with shallower stages 3 and 4
 _OUT_INDICES = (1, 2, 3)  # timm feature indices of strides 8, 16, 32 (EfficientViT-SAM's stage2..stage4)
@@ -119,35 +105,34 @@ class EfficientViTSAMEncoder(nn.Module):
         return self.neck(maps)
 
 
-def build_daft_student(teacher: LiteMedSAM | None = None, **encoder_kwargs) -> LiteMedSAM:
-    """The merged model of DAFT's ``modelmerge.py``: a student encoder + copies of the teacher's prompt encoder and
-    mask decoder.
+@register_model("efficientvit_sam")
+def build_efficientvit_sam(teacher: LiteMedSAM | None = None, pretrained: bool = False,
+                           **encoder_kwargs) -> LiteMedSAM:
+    """The merged model of DAFT's ``modelmerge.py``: an EfficientViT-SAM encoder + copies of the teacher's prompt
+    encoder and mask decoder.
 
     Args:
         teacher: the LiteMedSAM whose prompt encoder and mask decoder are copied (default: the pretrained one).
+        pretrained: ImageNet weights for the encoder's timm backbone where a local file exists (never downloaded);
+            the prompt encoder and mask decoder always come from ``teacher``.
         **encoder_kwargs: :class:`EfficientViTSAMEncoder` arguments (``backbone``, ``depths``, ``neck_depth``, ...).
 
     Returns:
         ``LiteMedSAM(EfficientViTSAMEncoder(...), prompt_encoder, mask_decoder)`` in eval mode, with
-        ``mdbench_init`` describing both parts.
+        ``mdbench_init`` describing both parts: (B, 3, 256, 256) images and (B, 4) boxes -> (B, 1, 256, 256)
+        low-res logits and (B, 1) IoU.
     """
     teacher = teacher if teacher is not None else build_litemedsam(pretrained=True)
-    encoder = EfficientViTSAMEncoder(**encoder_kwargs)
+    encoder = EfficientViTSAMEncoder(pretrained=pretrained, **encoder_kwargs)
     model = LiteMedSAM(encoder, copy.deepcopy(teacher.prompt_encoder), copy.deepcopy(teacher.mask_decoder))
     model.mdbench_init = f"encoder {encoder.mdbench_init}; prompt encoder + decoder {teacher.mdbench_init}"
     return model.eval()
 
 
-def student_from_config(config: dict, state_dict: dict[str, torch.Tensor] | None = None) -> LiteMedSAM:
-    """Rebuild a student saved as ``(encoder.config, state_dict)`` (random decoder init, then the state dict)."""
+def efficientvit_sam_from_config(config: dict, state_dict: dict[str, torch.Tensor] | None = None) -> LiteMedSAM:
+    """Rebuild a model saved as ``(encoder.config, state_dict)`` (random decoder init, then the state dict)."""
     teacher = build_litemedsam(pretrained=False)
-    model = build_daft_student(teacher, **config)
+    model = build_efficientvit_sam(teacher, **config)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model.eval()
-
-
-@register_model("daft_student")
-def _build_registered(pretrained: bool = True, **encoder_kwargs) -> LiteMedSAM:
-    """``build_model("daft_student", backbone=..., neck_depth=...)``: the merged student (pretrained decoder)."""
-    return build_daft_student(build_litemedsam(pretrained=pretrained), **encoder_kwargs)

@@ -16,13 +16,16 @@ backbone cannot. With input tokens ``X`` of shape (B·T, L, C) on an (h, w) grid
 4. ``V' = V + A``; ``Y = X + GELU(V' W_u + b_u)`` (up-projection, not zero-initialised).
 
 Each intra branch (``branch3``, ``branch5``, ``fft``) and the interaction (``inter_stage``) can be switched off for
-the ablation; a switched-off branch has no parameters.
+the ablation; a switched-off branch has no parameters. Built by ``build_model("med_adapter", dim=..., num_slices=...)``
+or by :class:`mdbench.models.slicewise.SliceWiseSegmenter` after every transformer block.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mdbench.models.registry import RANDOM_INIT, register_model
 
 __all__ = ["MedAdapter"]
 
@@ -54,6 +57,7 @@ class _SliceFrequencyFilter(nn.Module):
         return torch.fft.ifftn(spectrum * self.weight + self.bias, dim=(2, 3, 4)).abs().to(v.dtype)
 
 
+@register_model("med_adapter", pretrained_weights=False)
 class MedAdapter(nn.Module):
     """One Med-Adapter (see the module docstring for the computation).
 
@@ -98,6 +102,7 @@ class MedAdapter(nn.Module):
                 self.psi = nn.Conv3d(self.prev_hidden, hidden, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
             self.interact = nn.Conv3d(2 * hidden, hidden, 1)
         self.up = nn.Linear(hidden, dim)
+        self.mdbench_init = RANDOM_INIT
 
     def initial_state(self, batch: int, hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         """The zero state an inter-stage adapter receives when no earlier stage has produced one."""

@@ -1,12 +1,15 @@
-"""Build teachers and students by name: ``build_model("litemedsam")``, ``build_model("timm:resnet18")``.
+"""Build every model of the suite by name: ``build_model("litemedsam")``, ``build_model("clam_sb", in_dim=512)``,
+``build_model("timm:resnet18")`` (timm's ``register_model`` / ``create_model`` pattern).
 
-Modules register a builder with :func:`register_model`; any timm architecture is reachable as ``timm:<name>``.
+Each architecture module registers its builders with :func:`register_model`; :mod:`mdbench.models` imports every
+such module, so :func:`list_models` is complete. Any timm architecture is reachable as ``timm:<name>``.
 Every built model carries ``model.mdbench_init`` (``"pretrained:<path>"`` or ``"random init"``) so that result
 records can say which weights a number came from.
 """
 from __future__ import annotations
 
 import difflib
+import fnmatch
 from typing import Callable, TypeVar
 
 import timm
@@ -19,7 +22,9 @@ Builder = Callable[..., nn.Module]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 _BUILDERS: dict[str, Builder] = {}
-__all__ = ["RANDOM_INIT", "TIMM_PREFIX", "UnknownModelError", "build_model", "freeze", "list_models", "register_model"]
+_WITHOUT_WEIGHTS: set[str] = set()  # architectures that always start from random init (e.g. MIL heads, adapters)
+__all__ = ["RANDOM_INIT", "TIMM_PREFIX", "UnknownModelError", "build_model", "freeze", "frozen_norms_to_eval",
+           "list_models", "register_model"]
 
 
 class UnknownModelError(KeyError):
@@ -29,10 +34,16 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Decorator that registers ``builder(pretrained: bool = True, **kwargs) -> nn.Module`` under ``name``.
+def register_model(name: str, *, pretrained_weights: bool = True) -> Callable[[Builder], Builder]:
+    """Decorator that registers a builder (a function or an ``nn.Module`` class) under ``name``.
 
-    The builder must set ``model.mdbench_init`` on what it returns.
+    Args:
+        name: the architecture's name (``clam_sb``, ``efficientvit_sam``, ...); ``timm:`` is reserved for timm.
+        pretrained_weights: whether the architecture can load pretrained weights. True: the builder is called as
+            ``builder(pretrained=..., **kwargs)``. False (MIL heads, adapters, decoders trained from scratch): it is
+            called as ``builder(**kwargs)`` and always gives random init.
+
+    The model the builder returns must carry ``model.mdbench_init``.
     """
     if name.startswith(TIMM_PREFIX):
         raise ValueError(f"model name {name!r} may not start with {TIMM_PREFIX!r}: that prefix is reserved for timm")
@@ -41,14 +52,25 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
         if name in _BUILDERS:
             raise ValueError(f"model name {name!r} is already registered (by {_BUILDERS[name].__qualname__})")
         _BUILDERS[name] = builder
+        if not pretrained_weights:
+            _WITHOUT_WEIGHTS.add(name)
         return builder
 
     return decorator
 
 
-def list_models() -> list[str]:
-    """Registered model names (timm models are reachable too, as ``timm:<name>``)."""
-    return sorted(_BUILDERS)
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names, sorted; with a shell-style ``pattern``, the matching ones.
+
+    timm's architectures are reachable as ``timm:<name>`` but not listed unless the pattern asks for them:
+    ``list_models("clam_*")`` -> ``["clam_mb", "clam_sb"]``, ``list_models("timm:resnet1*")`` ->
+    ``["timm:resnet10t", "timm:resnet14t", "timm:resnet18", ...]``.
+    """
+    if pattern is None:
+        return sorted(_BUILDERS)
+    if pattern.startswith(TIMM_PREFIX):
+        return [TIMM_PREFIX + name for name in timm.list_models(pattern[len(TIMM_PREFIX):])]
+    return sorted(fnmatch.filter(_BUILDERS, pattern))
 
 
 def _unknown_name_message(name: str) -> str:
@@ -73,29 +95,37 @@ def _unknown_timm_message(timm_name: str) -> str:
     )
 
 
-def build_model(name: str, pretrained: bool = True, **kwargs) -> nn.Module:
-    """Build a model by name, in eval mode, without any download.
+def build_model(name: str, pretrained: bool | None = None, **kwargs) -> nn.Module:
+    """Build a model by name, without any download.
 
     Args:
-        name: a registered name (see :func:`list_models`: ``litemedsam``, ``litemedsam_encoder``) or
-            ``timm:<timm name>`` (e.g. ``timm:resnet18``, ``timm:mobilenetv3_small_100``, ``timm:efficientvit_m0``).
-        pretrained: load pretrained weights where they are on disk; timm models without local weights fall back to
-            random init with a warning.
+        name: a registered name (see :func:`list_models`: ``litemedsam``, ``clam_sb``, ``transscan_student``, ...)
+            or ``timm:<timm name>`` (e.g. ``timm:resnet18``, ``timm:mobilenetv3_small_100``).
+        pretrained: load pretrained weights where they are on disk (timm models without local weights fall back to
+            random init with a warning). None (default): True for architectures that have pretrained weights, False
+            for those that are always trained from scratch.
         **kwargs: passed to the builder (for timm: to ``timm.create_model``, e.g. ``num_classes=2``).
 
     Returns:
-        The model, with ``mdbench_init`` = ``"pretrained:<path>"`` or ``"random init"``.
+        The model, with ``mdbench_init`` = ``"pretrained:<path>"`` or ``"random init"``. Foundation models and timm
+        backbones come in eval mode; heads and adapters as their constructor leaves them (train mode).
 
     Raises:
         UnknownModelError: ``name`` is not registered and not a timm model; the message lists the known names.
+        ValueError: ``pretrained=True`` for an architecture without pretrained weights.
     """
     if name.startswith(TIMM_PREFIX):
         timm_name = name[len(TIMM_PREFIX):]
         if not timm.is_model(timm_name):
             raise UnknownModelError(_unknown_timm_message(timm_name))
-        model = build_timm(timm_name, pretrained=pretrained, **kwargs)
+        model = build_timm(timm_name, pretrained=pretrained is not False, **kwargs)
+    elif name in _WITHOUT_WEIGHTS:
+        if pretrained:
+            raise ValueError(f"{name!r} has no pretrained weights (it always starts from random init): "
+                             "leave pretrained unset or pass pretrained=False")
+        model = _BUILDERS[name](**kwargs)
     elif name in _BUILDERS:
-        model = _BUILDERS[name](pretrained=pretrained, **kwargs)
+        model = _BUILDERS[name](pretrained=pretrained is not False, **kwargs)
     else:
         raise UnknownModelError(_unknown_name_message(name))
     if not isinstance(getattr(model, "mdbench_init", None), str):
@@ -111,3 +141,20 @@ def freeze(module: ModuleT) -> ModuleT:
     """
     module.requires_grad_(False)
     return module.eval()
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def frozen_norms_to_eval(model: nn.Module) -> nn.Module:
+    """Put every BatchNorm whose own parameters are all frozen in eval mode, so its running statistics stay fixed.
+
+    Call it after every ``model.train()`` of a partly frozen model (``train()`` would switch them back); returns
+    ``model``.
+    """
+    for module in model.modules():
+        if isinstance(module, _BATCH_NORMS):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+    return model

@@ -7,7 +7,9 @@ The pieces, with the paper's symbols:
   identity and the FM first sees its own kind of input.
 - :class:`PooledEncoder` / :class:`FrozenFM` ``F_t``: a foundation-model image encoder followed by global pooling,
   (B, 3, H, W) -> (B, D_t). :func:`build_fm` builds LiteMedSAM's encoder (256x256 input, 256-d) or a cheap stand-in.
-- :class:`Student` ``F_s`` and projector ``h``: any backbone (timm by name) -> (B, D_s) -> (B, D_t).
+- :class:`ProjectedStudent` ``F_s`` and projector ``h``: any backbone (timm by name) -> (B, D_s) -> (B, D_t).
+
+Registered builders: ``input_reprogrammer`` (phi) and ``projected_student`` (F_s + h).
 - the shared classifier ``g``: one ``nn.Linear(D_t, K)`` used by both paths (:class:`ReprogrammingDistillation`).
 - :class:`RDObjective` and :class:`RDStep`: the co-training losses and the ``train.fit`` step.
 
@@ -23,7 +25,7 @@ from torch import nn
 
 from mdbench.losses.kd import cka_loss, kd_loss
 from mdbench.models.inputs import rgb_batch_at_size
-from mdbench.models.registry import build_model, freeze
+from mdbench.models.registry import RANDOM_INIT, build_model, freeze, register_model
 from mdbench.models.timm_backbones import find_local_weights
 
 __all__ = [
@@ -37,9 +39,9 @@ __all__ = [
     "RDOutput",
     "RDStep",
     "ReprogrammingDistillation",
-    "Student",
+    "ProjectedStudent",
     "build_fm",
-    "build_student",
+    "build_projected_student",
 ]
 
 # "litemedsam": the real encoder at its native 256x256 (gpu profile). "litemedsam_stem": the same pretrained weights
@@ -50,6 +52,7 @@ FM_NAMES = ("litemedsam", "litemedsam_stem")
 
 
 # ------------------------------------------------------------------------------------------------- reprogrammer
+@register_model("input_reprogrammer", pretrained_weights=False)
 class InputReprogrammer(nn.Module):
     """``phi(x) = x + Conv3x3(ReLU(BN(Conv3x3(x))))``: (B, C, H, W) -> (B, C, H, W), C -> hidden -> C channels.
 
@@ -69,6 +72,7 @@ class InputReprogrammer(nn.Module):
         )
         nn.init.zeros_(self.body[-1].weight)
         nn.init.zeros_(self.body[-1].bias)
+        self.mdbench_init = RANDOM_INIT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.channels:
@@ -194,7 +198,7 @@ def build_fm(name: str, input_size: int | None = None) -> PooledEncoder:
 
 
 # ------------------------------------------------------------------------------------------------- student
-class Student(nn.Module):
+class ProjectedStudent(nn.Module):
     """Student backbone ``F_s`` and projector ``h`` into the FM's feature space (needed because ``g`` is shared).
 
     Args:
@@ -223,26 +227,28 @@ class Student(nn.Module):
         return features, self.projector(features)
 
 
-def build_student(name: str, embed_dim: int, image_size: int | None = None, pretrained: bool = True,
-                  projector: str = "linear") -> Student:
-    """A timm student by name (``resnet18``, ``mobilenetv3_small_100``, ``vit_tiny_patch16_224``, ...).
+@register_model("projected_student")
+def build_projected_student(backbone: str = "resnet18", embed_dim: int = 256, image_size: int | None = None,
+                            pretrained: bool = True, projector: str = "linear") -> ProjectedStudent:
+    """A timm backbone by name (``resnet18``, ``mobilenetv3_small_100``, ``vit_tiny_patch16_224``, ...) with a projector
+    into the FM's ``embed_dim`` features: (B, 3, H, W) -> ((B, D_s), (B, embed_dim)).
 
     Pretrained weights are used where they are on disk (else random init with a warning); ``mdbench_init`` of
     the result says which. ViTs are built for ``image_size`` (their position embedding depends on it).
     """
     kwargs = {"num_classes": 0}
-    if image_size is not None and name.startswith(("vit_", "deit_")):
+    if image_size is not None and backbone.startswith(("vit_", "deit_")):
         kwargs["img_size"] = image_size
-    backbone = build_model(f"timm:{name}", pretrained=pretrained, **kwargs)
-    student = Student(backbone, backbone.pooled_feature_dim, embed_dim, projector)
-    student.mdbench_init = backbone.mdbench_init
+    body = build_model(f"timm:{backbone}", pretrained=pretrained, **kwargs)
+    student = ProjectedStudent(body, body.pooled_feature_dim, embed_dim, projector)
+    student.mdbench_init = body.mdbench_init
     return student
 
 
 class DeployedStudent(nn.Module):
     """What RD deploys: ``g(h(F_s(x)))``, (B, 3, H, W) -> (B, K) logits."""
 
-    def __init__(self, student: Student, classifier: nn.Linear) -> None:
+    def __init__(self, student: ProjectedStudent, classifier: nn.Linear) -> None:
         super().__init__()
         self.student, self.classifier = student, classifier
 
@@ -271,7 +277,7 @@ class ReprogrammingDistillation(nn.Module):
             teacher features do not depend on anything trainable, so they can be passed in precomputed.
     """
 
-    def __init__(self, fm: FrozenFM, student: Student, num_classes: int,
+    def __init__(self, fm: FrozenFM, student: ProjectedStudent, num_classes: int,
                  reprogrammer: InputReprogrammer | None = None) -> None:
         super().__init__()
         if student.embed_dim != fm.feature_dim:

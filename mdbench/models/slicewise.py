@@ -14,6 +14,9 @@ Backbones (:func:`build_slice_backbone`):
 - ``"timm:<vit name>"`` (e.g. ``timm:vit_small_patch16_224``): a timm VisionTransformer without class token; its
   blocks are cut into 4 equal stages whose last outputs feed the decoder (blocks 3, 6, 9, 12 of a 12-block ViT, as
   the official code). Pretrained weights only from disk (``mdbench.models.build_model``), else random init.
+
+The whole model: ``build_model("slicewise_segmenter", backbone=..., image_size=..., num_classes=..., num_slices=...,
+adapter=MedAdapterConfig() or None)`` (:func:`build_slicewise_segmenter`).
 """
 from __future__ import annotations
 
@@ -28,8 +31,7 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
 from mdbench.models.med_adapter import MedAdapter
-from mdbench.models.registry import TIMM_PREFIX, build_model
-from mdbench.tuning import frozen_norms_to_eval
+from mdbench.models.registry import TIMM_PREFIX, build_model, frozen_norms_to_eval, register_model
 
 __all__ = [
     "MedAdapterConfig",
@@ -39,6 +41,7 @@ __all__ = [
     "TinyViTSlices",
     "UPerNetDecoder",
     "build_slice_backbone",
+    "build_slicewise_segmenter",
 ]
 
 AfterBlock = Callable[[int, int, torch.Tensor, tuple[int, int]], torch.Tensor]
@@ -331,3 +334,18 @@ class SliceWiseSegmenter(nn.Module):
 
         return after_block
 
+
+@register_model("slicewise_segmenter")
+def build_slicewise_segmenter(backbone: str = "litemedsam", image_size: int = 32, num_classes: int = 3,
+                              num_slices: int = 16, decoder_channels: int = 64, adapter: MedAdapterConfig | None = None,
+                              pretrained: bool = True, **timm_kwargs) -> SliceWiseSegmenter:
+    """:class:`SliceWiseSegmenter` on the backbone of :func:`build_slice_backbone` (``"litemedsam"`` or
+    ``"timm:<ViT name>"``, with ``timm_kwargs``), Med-Adapters when ``adapter`` is given.
+
+    Returns the model, (B, C_in, T, S, S) volumes -> (B, num_classes, T, S, S) logits, with the backbone's
+    ``mdbench_init``; nothing is frozen yet (see :func:`mdbench.tuning.apply_method`).
+    """
+    body = build_slice_backbone(backbone, image_size, pretrained, **timm_kwargs)
+    model = SliceWiseSegmenter(body, num_classes, num_slices, decoder_channels, adapter=adapter)
+    model.mdbench_init = body.mdbench_init
+    return model

@@ -1,4 +1,4 @@
-"""EFCM students (Li & Diao, arXiv 2409.11817): a small timm CNN, a TransScan block and a projection head.
+"""EFCM's TransScan student (Li & Diao, arXiv 2409.11817): a small timm CNN, a TransScan block, a projector.
 
 The student encodes one patch into a feature vector that replaces the large teacher's feature for a MIL head:
 
@@ -15,8 +15,9 @@ sum globally, and mixes them with a per-channel softmax over the K branches (SKN
 each channel picks its receptive field from the input. **Projection head**: Linear-GELU-Linear (FPD) or one Linear
 layer (plain feature KD, a FitNet-style regressor).
 
-Variants (:data:`STUDENT_VARIANTS`): ``fpd_ts`` (TransScan + MLP projector, the EFCM student), ``fpd`` (MLP projector,
-no TransScan), ``kd`` (linear regressor, no TransScan; trained with plain MSE).
+Variants (:data:`STUDENT_VARIANTS`, EFCM's ablation): ``fpd_ts`` (TransScan + MLP projector, the EFCM student),
+``fpd`` (MLP projector, no TransScan), ``kd`` (linear regressor, no TransScan; trained with plain MSE). Built by
+``build_model("transscan_student", variant=..., teacher_dim=...)`` or :func:`build_transscan_student`.
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from timm.layers import Attention, Mlp, SelectiveKernel
 from timm.models import FeatureListNet
 from torch import nn
 
-from .registry import build_model
+from mdbench.models.registry import build_model, register_model
 
-__all__ = ["EFCMStudent", "STUDENT_VARIANTS", "TransScan", "build_student"]
+__all__ = ["STUDENT_VARIANTS", "TransScan", "TransScanStudent", "build_transscan_student"]
 
 
 class TransScan(nn.Module):
@@ -65,7 +66,7 @@ class TransScan(nn.Module):
         return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
-class EFCMStudent(nn.Module):
+class TransScanStudent(nn.Module):
     """Patch encoder: truncated timm CNN, optional TransScan, mean pooling, optional projection head.
 
     Args:
@@ -126,8 +127,20 @@ STUDENT_VARIANTS = {
 }
 
 
-def build_student(variant: str, teacher_dim: int, **kwargs) -> EFCMStudent:
-    """A student variant of :data:`STUDENT_VARIANTS` (``fpd_ts``, ``fpd``, ``kd``); kwargs as :class:`EFCMStudent`."""
+@register_model("transscan_student")
+def build_transscan_student(variant: str = "fpd_ts", teacher_dim: int = 256, pretrained: bool = False,
+                            **kwargs) -> TransScanStudent:
+    """A student variant of :data:`STUDENT_VARIANTS` (``fpd_ts``, ``fpd``, ``kd``).
+
+    Args:
+        variant: which parts the student has (see the module docstring).
+        teacher_dim: D_T, the width its projector maps into.
+        pretrained: local ImageNet weights for the timm backbone where a file exists (EFCM trains from random init).
+        **kwargs: :class:`TransScanStudent` arguments (``backbone``, ``out_index``, ``proj_hidden``, ``num_heads``).
+
+    Returns:
+        The student: (B, 3, h, w) patches -> (B, teacher_dim).
+    """
     if variant not in STUDENT_VARIANTS:
         raise ValueError(f"unknown student variant {variant!r}; choose one of {', '.join(STUDENT_VARIANTS)}")
-    return EFCMStudent(teacher_dim, **STUDENT_VARIANTS[variant], **kwargs)
+    return TransScanStudent(teacher_dim, **STUDENT_VARIANTS[variant], pretrained=pretrained, **kwargs)

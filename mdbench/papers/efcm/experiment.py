@@ -35,9 +35,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomS
 from mdbench import metrics, train
 from mdbench.data.splits import split_indices
 from mdbench.losses.projection import fpd_loss
-from mdbench.models.clam import MILOutput, build_mil_head, mil_loss
-from mdbench.models.transscan import EFCMStudent, build_student
+from mdbench.models import build_model, freeze
+from mdbench.models.clam import MILOutput, mil_loss
 from mdbench.models.inputs import rgb_batch_at_size
+from mdbench.models.transscan import TransScanStudent
 from mdbench.repro import seed_rngs
 
 Bag = tuple[torch.Tensor, int, "torch.Tensor | None"]
@@ -334,7 +335,7 @@ def teacher_features(teacher: PatchEncoder, patches: torch.Tensor, *, name: str,
 
 
 # ------------------------------------------------------------------------------------------------------ stage 1
-def distill(student: EFCMStudent, patches: torch.Tensor, targets: torch.Tensor, *, loss: str = "fpd",
+def distill(student: TransScanStudent, patches: torch.Tensor, targets: torch.Tensor, *, loss: str = "fpd",
             epochs: int, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, device: str = "cpu",
             amp: bool = False) -> train.History:
     """Stage 1: train ``student(patches)`` to match the teacher's ``targets`` (N, D), no labels involved.
@@ -432,9 +433,19 @@ class SeedResult:
     distill_loss: dict[str, float] = field(default_factory=dict)
 
 
+# head name in the tables (EFCMConfig.heads) -> registered MIL head; the tables call max-instance MIL "mil"
+HEAD_MODELS = {"clam_sb": "clam_sb", "clam_mb": "clam_mb", "abmil": "abmil", "mil": "max_mil"}
+
+
 def _head(cfg: EFCMConfig, name: str, in_dim: int, n_classes: int) -> nn.Module:
-    return build_mil_head(name, in_dim, n_classes, hidden=cfg.head_hidden, dropout=cfg.dropout,
-                          k_sample=cfg.k_sample, subtyping=n_classes > 2)
+    return build_model(HEAD_MODELS[name], in_dim=in_dim, n_classes=n_classes, hidden=cfg.head_hidden,
+                       dropout=cfg.dropout, k_sample=cfg.k_sample, subtyping=n_classes > 2)
+
+
+def _student(cfg: EFCMConfig, variant: str, teacher_dim: int) -> TransScanStudent:
+    """A stage-1 student from random init, as EFCM trains it."""
+    return build_model("transscan_student", variant=variant, teacher_dim=teacher_dim, pretrained=False,
+                       backbone=cfg.student_backbone, out_index=cfg.student_out_index)
 
 
 def _fit_head(cfg: EFCMConfig, name: str, train_bags, val_bags, n_classes: int, seed: int) -> nn.Module:
@@ -506,7 +517,7 @@ def run_seed(bags: Sequence[Bag], feature_bags: Sequence[Bag], index: dict[str, 
     targets = torch.cat([b[0] for b in teacher["train"]])
     for variant in ("kd", "fpd", "fpd_ts"):
         seed_rngs(seed)
-        student = build_student(variant, dim, backbone=cfg.student_backbone, out_index=cfg.student_out_index)
+        student = _student(cfg, variant, dim)
         history = distill(student, train_patches, targets, loss="mse" if variant == "kd" else "fpd",
                           epochs=cfg.distill_epochs, lr=cfg.distill_lr, batch_size=cfg.distill_batch, seed=seed,
                           device=cfg.device, amp=cfg.amp)
@@ -523,7 +534,7 @@ def run_seed(bags: Sequence[Bag], feature_bags: Sequence[Bag], index: dict[str, 
 
     # the same student and a fresh CLAM-SB trained end to end from random init: what bag labels alone give
     seed_rngs(seed)
-    scratch = build_student("fpd_ts", dim, backbone=cfg.student_backbone, out_index=cfg.student_out_index)
+    scratch = _student(cfg, "fpd_ts", dim)
     etc = _fit_etc(cfg, scratch, _head(cfg, "clam_sb", dim, n_classes), parts, n_classes, seed)
     score("no_distill_etc", etc, parts["test"])
     return result
@@ -538,7 +549,6 @@ def texture_teacher(image_size: int, *, n_images: int = 512, epochs: int = 3, ba
     gpu profiles use it. Returns the frozen (B, 3, h, w) -> (B, 512) pooled-feature extractor.
     """
     from mdbench.data.synthetic import SyntheticClassification
-    from mdbench.models import build_model, freeze
 
     data = SyntheticClassification(n_images, num_classes=4, image_size=image_size, channels=3, seed=10_000 + seed)
     generator = _seeded(seed)

@@ -1,10 +1,11 @@
 """Med-Tuning experiment glue: volumes as tensors, each method's model, training, scores and costs.
 
-Every method shares the slice-wise model (:class:`mdbench.models.slicewise.SliceWiseSegmenter`: one backbone, one
-UPerNet decoder) and differs only in what is trained (:func:`mdbench.tuning.apply_method`), except the reference
-3D network trained from scratch (MONAI ``UNet``). All are trained with the paper's recipe at reduced scale:
-softmax soft-Dice summed over the foreground classes (MONAI ``DiceLoss``), Adam with amsgrad and weight decay 1e-5,
-the official warm-up + cosine learning-rate shape; no augmentation, no sliding window, no test-time flips.
+Every method shares the slice-wise model (``build_model("slicewise_segmenter")``: one backbone, one UPerNet
+decoder) and differs only in what is trained (:func:`mdbench.tuning.apply_method`), except the reference 3D network
+trained from scratch (``build_model("unet3d")``, MONAI's ``UNet``). All are trained with the paper's recipe at
+reduced scale: softmax soft-Dice summed over the foreground classes (MONAI ``DiceLoss``), Adam with amsgrad and weight
+decay 1e-5, the official warm-up + cosine learning-rate shape; no augmentation, no sliding window, no test-time
+flips.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.losses import DiceLoss
-from monai.networks.nets import UNet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -24,7 +24,8 @@ from mdbench import metrics, repro, train
 from mdbench.data.registry import load_dataset
 from mdbench.data.synthetic import SyntheticVolumes
 from mdbench.efficiency import peak_memory
-from mdbench.models.slicewise import MedAdapterConfig, SliceWiseSegmenter, build_slice_backbone
+from mdbench.models import build_model
+from mdbench.models.slicewise import MedAdapterConfig
 from mdbench.tuning import apply_method, trainable_report
 
 CLASSES = ("background", "anterior", "posterior")
@@ -120,19 +121,15 @@ def build_row_model(row: str, setup: Setup, adapter: MedAdapterConfig | None = N
     ``vpt``, ``adaptformer``, or Med-Tuning (any other row name, with ``adapter``; default the full Med-Adapter)."""
     num_classes = len(CLASSES)
     if row == "scratch_unet3d":
-        channels = tuple(setup.unet_channels)
-        net = UNet(spatial_dims=3, in_channels=1, out_channels=num_classes, channels=channels,
-                   strides=(2,) * (len(channels) - 1), num_res_units=2)
-        net.mdbench_init = "random init"
-        return net
+        return build_model("unet3d", in_channels=1, out_channels=num_classes, channels=setup.unet_channels)
     methods = {"full": {}, "head": {}, "lora": {"r": setup.lora_r}, "vpt": {"num_prompts": setup.vpt_prompts},
                "adaptformer": {"bottleneck": setup.adaptformer_bottleneck}}
     if row not in methods and adapter is None:
         adapter = MedAdapterConfig(ratio=setup.adapter_ratio)
-    backbone = build_slice_backbone(setup.backbone, setup.image_size, setup.pretrained, **setup.backbone_kwargs)
-    model = SliceWiseSegmenter(backbone, num_classes, setup.num_slices, setup.decoder_channels,
-                               adapter=None if row in methods else adapter)
-    model.mdbench_init = backbone.mdbench_init
+    model = build_model("slicewise_segmenter", backbone=setup.backbone, image_size=setup.image_size,
+                        num_classes=num_classes, num_slices=setup.num_slices, decoder_channels=setup.decoder_channels,
+                        adapter=None if row in methods else adapter, pretrained=setup.pretrained,
+                        **setup.backbone_kwargs)
     return apply_method(model, row if row in methods else "head", **methods.get(row, {}))
 
 

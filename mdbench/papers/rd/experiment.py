@@ -37,8 +37,9 @@ from mdbench.data.registry import load_dataset
 from mdbench.data.synthetic import SyntheticClassification
 from mdbench.losses.kd import HintLoss, RKDLoss, kd_loss
 from mdbench.metrics import classification_metrics
-from mdbench.models.reprogramming import (DeployedStudent, FrozenFM, InputReprogrammer, RDObjective, RDStep,
-                                          ReprogrammingDistillation, Student, build_fm, build_student)
+from mdbench.models import build_model, frozen_norms_to_eval
+from mdbench.models.reprogramming import (DeployedStudent, FrozenFM, ProjectedStudent, RDObjective, RDStep,
+                                          ReprogrammingDistillation, build_fm)
 from mdbench.repro import seed_rngs
 
 FM_METHODS = ("fm_linear_probe", "fm_full_ft", "fm_lora", "fm_vpt")
@@ -276,7 +277,7 @@ class FMClassifier(nn.Module):
 
     def train(self, mode: bool = True) -> "FMClassifier":
         super().train(mode)
-        return tuning.frozen_norms_to_eval(self)
+        return frozen_norms_to_eval(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
@@ -325,7 +326,7 @@ def run_fm_method(method: str, task: Task, seed: int, cfg: TrainConfig, teacher:
 class DistilledStudent(nn.Module):
     """A student with its own classifier (what is deployed) and the auxiliary module of its KD loss (dropped)."""
 
-    def __init__(self, student: Student, num_classes: int, aux: nn.Module | None = None) -> None:
+    def __init__(self, student: ProjectedStudent, num_classes: int, aux: nn.Module | None = None) -> None:
         super().__init__()
         self.deployed = DeployedStudent(student, nn.Linear(student.embed_dim, num_classes))
         self.aux = aux
@@ -352,16 +353,17 @@ def _kd_step(method: str, cfg: TrainConfig):
     return step
 
 
-def initial_student(name: str, task: Task, seed: int, cfg: TrainConfig) -> Student:
+def initial_student(name: str, task: Task, seed: int, cfg: TrainConfig) -> ProjectedStudent:
     """The timm student ``name`` (projecting to the FM's width) as every method of ``seed`` starts it."""
     seed_rngs(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # missing local weights: random init, recorded through mdbench_init
-        return build_student(name, task.fm.feature_dim, task.train.x.shape[-1], cfg.pretrained_students,
-                             cfg.projector)
+        return build_model("projected_student", backbone=name, embed_dim=task.fm.feature_dim,
+                           image_size=task.train.x.shape[-1], pretrained=cfg.pretrained_students,
+                           projector=cfg.projector)
 
 
-def run_student_method(method: str, task: Task, initial: Student, seed: int, cfg: TrainConfig,
+def run_student_method(method: str, task: Task, initial: ProjectedStudent, seed: int, cfg: TrainConfig,
                        teacher_logits: torch.Tensor | None = None) -> MethodResult:
     """Train a copy of the student ``initial`` with ``method`` (one of :data:`STUDENT_METHODS`) and score it.
 
@@ -378,7 +380,8 @@ def run_student_method(method: str, task: Task, initial: Student, seed: int, cfg
     student = copy.deepcopy(initial)
     tr, te = task.train, task.test
     if method in RD_METHODS:
-        reprogrammer = None if method == "rd_no_reprogramming" else InputReprogrammer(3, cfg.reprogrammer_hidden)
+        reprogrammer = (None if method == "rd_no_reprogramming"
+                        else build_model("input_reprogrammer", channels=3, hidden=cfg.reprogrammer_hidden))
         model = ReprogrammingDistillation(task.fm, student, task.num_classes, reprogrammer)
         objective = RDObjective(cfg.alpha, 0.0 if method == "rd_no_cka" else cfg.beta, cfg.temperature)
         cached = reprogrammer is None
@@ -482,7 +485,8 @@ def deployment_costs(students: list[str], image_size: int, num_classes: int, emb
     for name in students:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            student = build_student(name, embed_dim, image_size, pretrained=False)
+            student = build_model("projected_student", backbone=name, embed_dim=embed_dim, image_size=image_size,
+                                  pretrained=False)
         rows.append(_costs(name, "student", DeployedStudent(student, nn.Linear(student.embed_dim, num_classes)),
                            image_size, latency_repeats))
     return pd.DataFrame(rows)

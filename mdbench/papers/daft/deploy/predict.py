@@ -58,7 +58,7 @@ def _torch_experts(args: argparse.Namespace) -> Callable[[str], Any]:
     """expert name -> PyTorch predictor (imports torch: only the PyTorch stages pay for it)."""
     import torch
 
-    from mdbench.models.efficientvit_sam import student_from_config
+    from mdbench.models.efficientvit_sam import efficientvit_sam_from_config
     from mdbench.models.litemedsam import build_litemedsam
 
     if args.threads:
@@ -72,7 +72,7 @@ def _torch_experts(args: argparse.Namespace) -> Callable[[str], Any]:
     def get(name: str) -> Any:
         if name not in loaded:
             state = torch.load(args.models / "torch" / f"{name}.pt", map_location="cpu", weights_only=True)
-            loaded[name] = student_from_config(manifest["student"], state)
+            loaded[name] = efficientvit_sam_from_config(manifest["student"], state)
         return loaded[name]
 
     if not args.lazy:
