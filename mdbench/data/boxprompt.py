@@ -300,8 +300,21 @@ def preprocess_image(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
 
 
 def scale_boxes(boxes: np.ndarray, orig_hw: tuple[int, int], size: int = IMAGE_SIZE) -> np.ndarray:
-    """(K, 4) xyxy boxes in original pixels -> (K, 4) float32 in the ``size`` frame: ``trunc(box * size / max(H, W))``."""
-    array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    """Boxes in original pixels -> boxes in the ``size`` frame, as the challenge code: ``int(box * size / max(H, W))``.
+
+    Args:
+        boxes: (4,) or (K, 4) [x_min, y_min, x_max, y_max] in original pixels.
+
+    Returns:
+        (K, 4) float32.
+    """
+    array = np.asarray(boxes, dtype=np.float64)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != 4 or len(array) == 0:
+        raise ValueError(f"boxes must have shape (4,) or (K, 4) as [x_min, y_min, x_max, y_max], got {np.shape(boxes)}")
+    if not np.isfinite(array).all() or (array[:, 2] < array[:, 0]).any() or (array[:, 3] < array[:, 1]).any():
+        raise ValueError(f"boxes must be finite with x_min <= x_max and y_min <= y_max, got {array.tolist()}")
     return np.trunc(array * (size / max(orig_hw))).astype(np.float32)
 
 

@@ -14,7 +14,7 @@ from . import (  # noqa: F401  (importing a family registers its builders)
     transscan,
     unet3d,
 )
-from .litemedsam import LiteMedSAM, LiteMedSAMEncoder, postprocess_logits, preprocess_image, scale_boxes
+from .litemedsam import LiteMedSAM, LiteMedSAMEncoder, postprocess_logits, preprocess_image
 from .registry import UnknownModelError, build_model, freeze, frozen_norms_to_eval, list_models, register_model
 from .timm_backbones import PretrainedWeightsNotFoundWarning, find_local_weights
 
@@ -31,5 +31,4 @@ __all__ = [
     "postprocess_logits",
     "preprocess_image",
     "register_model",
-    "scale_boxes",
 ]

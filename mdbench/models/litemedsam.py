@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdbench.data.boxprompt import IMAGE_SIZE, as_rgb, resized_hw  # the torch-free case convention
+from mdbench.data.boxprompt import IMAGE_SIZE, as_rgb, resized_hw, scale_boxes  # the torch-free convention
 
 from .registry import RANDOM_INIT, register_model
 
@@ -52,7 +52,7 @@ def checkpoint_path() -> Path:
     return path
 
 
-# --- MedSAM-on-Laptop pre- and post-processing -------------------------------------------------------------------
+# --- MedSAM-on-Laptop pre- and post-processing on tensors (numpy for deployment, and scale_boxes: data.boxprompt) ---
 
 def preprocess_image(image: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
     """Challenge preprocessing of one image.
@@ -75,25 +75,6 @@ def preprocess_image(image: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
             x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
     x = (x - x.amin()) / (x.amax() - x.amin()).clamp_min(1e-8)
     return F.pad(x, (0, size - width, 0, size - height))
-
-
-def scale_boxes(boxes: np.ndarray, orig_hw: tuple[int, int], size: int = IMAGE_SIZE) -> np.ndarray:
-    """Boxes in original pixels -> boxes in the ``size`` frame, as the challenge code: ``int(box * size / max(H, W))``.
-
-    Args:
-        boxes: (4,) or (K, 4) [x_min, y_min, x_max, y_max] in original pixels.
-
-    Returns:
-        (K, 4) float32.
-    """
-    array = np.asarray(boxes, dtype=np.float64)
-    if array.ndim == 1:
-        array = array[None]
-    if array.ndim != 2 or array.shape[1] != 4 or len(array) == 0:
-        raise ValueError(f"boxes must have shape (4,) or (K, 4) as [x_min, y_min, x_max, y_max], got {np.shape(boxes)}")
-    if not np.isfinite(array).all() or (array[:, 2] < array[:, 0]).any() or (array[:, 3] < array[:, 1]).any():
-        raise ValueError(f"boxes must be finite with x_min <= x_max and y_min <= y_max, got {array.tolist()}")
-    return np.trunc(array * (size / max(orig_hw))).astype(np.float32)
 
 
 def postprocess_logits(low_res_logits: torch.Tensor, orig_hw: tuple[int, int]) -> torch.Tensor:

@@ -58,13 +58,13 @@ def _torch_experts(args: argparse.Namespace) -> Callable[[str], Any]:
     """expert name -> PyTorch predictor (imports torch: only the PyTorch stages pay for it)."""
     import torch
 
+    from mdbench.models import build_model
     from mdbench.models.efficientvit_sam import efficientvit_sam_from_config
-    from mdbench.models.litemedsam import build_litemedsam
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.baseline:
-        baseline = build_litemedsam(pretrained=True)
+        baseline = build_model("litemedsam", pretrained=True)
         return lambda name: baseline
     manifest = read_manifest(args.models)
     loaded: dict[str, Any] = {}
