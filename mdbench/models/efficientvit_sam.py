@@ -24,7 +24,9 @@ from timm.layers import GELU, LayerNorm2d
 from timm.models.efficientvit_mit import ConvNormAct, FusedMBConv, MBConv, ResidualBlock
 from torch import nn
 
-from .litemedsam import EMBEDDING_SHAPE, IMAGE_SIZE, LiteMedSAM, build_litemedsam
+from mdbench.data.boxprompt import IMAGE_SIZE
+
+from .litemedsam import EMBEDDING_SHAPE, LiteMedSAM, build_litemedsam
 from .registry import register_model
 from .timm_backbones import build_timm
 
