@@ -17,7 +17,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     try:
         results = reproduce(papers=args.paper, profile_name=args.profile, jobs=args.jobs,
                             results_dir=args.results_dir, data_dir=args.data_dir, progress=not args.quiet,
-                            manifest=args.manifest)
+                            papers_dir=args.papers_dir)
     except Interrupted as stopped:
         print()
         print(summary_table(stopped.results))
@@ -109,6 +109,8 @@ def _execute_notebooks(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``mdbench`` command line: one sub-command per job."""
+    from mdbench.paper_yaml import PAPERS_DIR
     from mdbench.runner import available_profiles
 
     parser = argparse.ArgumentParser(prog="mdbench", description=__doc__)
@@ -118,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog="exit status: 0 every notebook that ran is ok; 1 a notebook failed or timed out; "
                                 "2 bad input, a results folder in use by another run, or nothing to run; "
                                 "130/143 stopped by SIGINT/SIGTERM")
-    rep.add_argument("--paper", action="append", help="paper to run (repeatable; default: all in the manifest)")
+    rep.add_argument("--paper", action="append",
+                     help="paper to run (repeatable; default: every paper under mdbench/papers/)")
     rep.add_argument("--profile", default="cpu", choices=available_profiles(), help="default: cpu")
     rep.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1)")
     rep.add_argument("--results-dir", type=Path, default=None, help="default: results/ or MDBENCH_RESULTS_DIR")
@@ -128,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read the datasets without checking their SHA256SUMS (for your own modified data); "
                           "recorded in every result's fingerprint")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
-    rep.add_argument("--manifest", type=Path, default=None, help=argparse.SUPPRESS)  # tests run toy notebooks
+    rep.add_argument("--papers-dir", type=Path, default=PAPERS_DIR, help=argparse.SUPPRESS)  # tests run toy papers
     rep.set_defaults(func=_reproduce)
 
     doc = sub.add_parser("doctor", help="check this machine: Python, packages, CUDA, kernel, data")
@@ -155,14 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``mdbench`` with ``argv`` (default: the command line); returns the exit status."""
     from mdbench.data.errors import DataError
-    from mdbench.results import PaperReferenceError, RecordError
+    from mdbench.paper_yaml import PaperFileError
+    from mdbench.results import RecordError
     from mdbench.runner import RunnerError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RunnerError, DataError, RecordError, PaperReferenceError, OSError) as err:
+    except (RunnerError, DataError, RecordError, PaperFileError, OSError) as err:
         print(f"mdbench: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside the notebook runs, which reproduce handles itself

@@ -23,21 +23,20 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from mdbench.paper_yaml import PaperFileError, paper_file, read_paper_file
 from mdbench.repro import config_hash, fingerprint
 
 NOT_REPORTED = "not reported"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-_PAPERS_DIR = Path(__file__).resolve().parent / "papers"
 
 
 class RecordError(ValueError):
     """A record file that cannot be read or a record that breaks the contract."""
 
 
-class PaperReferenceError(ValueError):
-    """A paper reference file that is missing or malformed."""
+class PaperReferenceError(PaperFileError):
+    """A paper's reported numbers or claims that break the contract (a guessed value, an unknown operator)."""
 
 
 def results_root() -> Path:
@@ -280,13 +279,10 @@ class PaperReference:
 
 
 def load_reference(paper: str, path: Path | None = None) -> PaperReference:
-    """Read ``mdbench/papers/<paper>/paper.yaml``."""
-    path = Path(path or _PAPERS_DIR / paper / "paper.yaml")
-    if not path.exists():
-        known = sorted(p.parent.name for p in _PAPERS_DIR.glob("*/paper.yaml"))
-        raise PaperReferenceError(f"no paper reference {path}; known papers: {known}")
+    """The reported numbers and claims of ``mdbench/papers/<paper>/paper.yaml`` (or of the file at ``path``)."""
+    path = Path(path) if path else paper_file(paper)
+    data = read_paper_file(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
         claims = []
         for c in data.get("claims", []):
             if c["op"] not in _OPS:
@@ -299,11 +295,11 @@ def load_reference(paper: str, path: Path | None = None) -> PaperReference:
                 for metric, value in metrics.items():
                     if not isinstance(value, (int, float)) and value != NOT_REPORTED:
                         raise PaperReferenceError(f"{table}/{row}/{metric}: {value!r} is neither a number nor "
-                                              f"{NOT_REPORTED!r}")
+                                                  f"{NOT_REPORTED!r}")
         return PaperReference(paper=data.get("paper", paper), title=data.get("title", ""),
                               citation=data.get("citation", ""), reported=data.get("reported") or {},
                               claims=claims, tolerance=data.get("tolerance") or {})
-    except (KeyError, TypeError, yaml.YAMLError) as err:
+    except (KeyError, TypeError) as err:
         raise PaperReferenceError(f"malformed paper reference {path}: {err!r}") from err
 
 

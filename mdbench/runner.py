@@ -46,6 +46,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from mdbench.paper_yaml import PAPERS_DIR, PaperFileError, known_papers, paper_file, read_paper_file, require
 from mdbench.process_guard import POLL_S, guard_command, kill_descendants
 
 try:
@@ -65,7 +66,7 @@ STOP_WAIT_S = 10.0  # how long the runner waits for a guard to stop before killi
 
 
 class RunnerError(ValueError):
-    """Bad input to the runner: unknown paper or profile, malformed manifest, unknown parameter, folder in use."""
+    """Bad input to the runner: unknown paper or profile, unknown parameter, folder in use."""
 
 
 class Interrupted(Exception):
@@ -80,24 +81,26 @@ class Interrupted(Exception):
 # --------------------------------------------------------------------------------------------------- profiles
 @dataclass(frozen=True)
 class Profile:
+    """What a profile shares across papers (``mdbench/profiles/<name>.yaml``); each paper's own values at the
+    profile are in its paper.yaml, except at a ``notebook_defaults`` profile (smoke), which runs the notebooks'
+    own defaults."""
+
     name: str
     description: str
     requires_gpu: bool
     real_data: bool
     deterministic: bool
+    notebook_defaults: bool
     parameters: dict[str, Any]
-    notebooks: dict[str, dict[str, Any]]
-
-    def parameters_for(self, paper: str) -> dict[str, Any]:
-        """The profile's parameters for one notebook: the shared ones, then the notebook's own."""
-        return {**self.parameters, **(self.notebooks.get(paper) or {})}
 
 
 def available_profiles() -> list[str]:
+    """The names of the profiles in ``mdbench/profiles/``."""
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
 
 def load_profile(name: str) -> Profile:
+    """The profile ``name``; an unknown one is an error that lists the available ones."""
     path = PROFILES_DIR / f"{name}.yaml"
     if not path.exists():
         raise RunnerError(f"unknown profile {name!r}; available: {', '.join(available_profiles())}")
@@ -107,50 +110,94 @@ def load_profile(name: str) -> Profile:
                        requires_gpu=bool(data.get("requires_gpu", False)),
                        real_data=bool(data.get("real_data", False)),
                        deterministic=bool(data.get("deterministic", True)),
-                       parameters=data.get("parameters") or {}, notebooks=data.get("notebooks") or {})
+                       notebook_defaults=bool(data.get("notebook_defaults", False)),
+                       parameters=data.get("parameters") or {})
     except KeyError as err:
         raise RunnerError(f"profile file {path} lacks the key {err}") from err
 
 
-# --------------------------------------------------------------------------------------------------- manifest
+# ----------------------------------------------------------------------------------------------------- papers
 @dataclass(frozen=True)
-class NotebookEntry:
+class PaperNotebook:
+    """How ``reproduce`` runs one paper's notebook: the ``reproduce`` section of its paper.yaml.
+
+    ``order`` (an integer: papers run by ascending order; gaps leave room for a new paper), ``notebook`` (its file
+    under ``notebooks/``; tests give an absolute path), ``tier`` (``paper``: reproduces a paper's tables;
+    ``walkthrough``: building blocks for students), ``datasets`` (the real datasets a ``real_data`` profile needs under the data folder), ``minutes``
+    (expected wall time per profile: 2 CPU cores for smoke and cpu, one H100 for gpu), ``timeout_minutes`` (per
+    profile: the notebook is stopped and reported failed past it) and ``parameters`` (per profile, the values
+    papermill injects besides the profile's shared ones; every profile but a ``notebook_defaults`` one has them).
+    """
+
     paper: str
+    order: int
     notebook: Path
     tier: str
     datasets: tuple[str, ...]
     minutes: dict[str, float]
     timeout_minutes: dict[str, float]
+    parameters: dict[str, dict[str, Any]]
 
     def timeout_s(self, profile: str) -> float:
-        return 60.0 * float(self.timeout_minutes.get(profile, 30))
+        """Seconds the notebook may run at ``profile``."""
+        return 60.0 * float(self.timeout_minutes[profile])
+
+    def parameters_for(self, profile: Profile) -> dict[str, Any]:
+        """The profile's shared parameters, then this paper's own at that profile."""
+        return {**profile.parameters, **self.parameters.get(profile.name, {})}
 
 
-def load_manifest(path: Path = NOTEBOOKS_DIR / "manifest.yaml") -> list[NotebookEntry]:
-    if not path.exists():
-        raise RunnerError(f"notebook manifest {path} not found")
-    data = yaml.safe_load(path.read_text()) or {}
-    entries = []
-    for item in data.get("notebooks") or []:
-        try:
-            entries.append(NotebookEntry(paper=item["paper"], notebook=path.parent / item["notebook"],
-                                         tier=item.get("tier", "paper"), datasets=tuple(item.get("datasets") or ()),
-                                         minutes=item.get("minutes") or {},
-                                         timeout_minutes=item.get("timeout_minutes") or {}))
-        except KeyError as err:
-            raise RunnerError(f"manifest {path}: an entry lacks {err}: {item}") from err
-    return entries
+def load_papers(papers_dir: Path = PAPERS_DIR) -> list[PaperNotebook]:
+    """Every paper under ``papers_dir``, in the order ``reproduce`` runs them."""
+    profiles = [load_profile(name) for name in available_profiles()]
+    papers = sorted((_paper_notebook(paper_file(name, papers_dir), profiles) for name in known_papers(papers_dir)),
+                    key=lambda p: p.order)
+    for first, second in zip(papers, papers[1:], strict=False):
+        if first.order == second.order:  # their order would depend on their names
+            raise PaperFileError(f"papers {first.paper} and {second.paper} (in {papers_dir}) both have reproduce.order "
+                                 f"{first.order}; give each paper its own")
+    return papers
 
 
-def select(entries: list[NotebookEntry], papers: list[str] | None) -> list[NotebookEntry]:
-    """The entries of ``papers`` in the order given, each once (all entries when none are given)."""
-    if not papers:
-        return entries
-    known = {e.paper: e for e in entries}
-    unknown = [p for p in papers if p not in known]
+def _paper_notebook(path: Path, profiles: list[Profile]) -> PaperNotebook:
+    """The ``reproduce`` section of the paper.yaml at ``path``; a missing key is an error naming the file and key."""
+    section = require(read_paper_file(path), "reproduce", path)
+
+    def get(key: str) -> Any:
+        return require(section, key, path, "reproduce")
+
+    order, parameters = get("order"), get("parameters") or {}
+    if not isinstance(order, int) or isinstance(order, bool):
+        raise PaperFileError(f"{path}: reproduce.order must be an integer, not {order!r}")
+    names = [profile.name for profile in profiles]
+    for key in ("minutes", "timeout_minutes"):
+        for name in names:
+            require(get(key), name, path, f"reproduce.{key}")
+    for profile in profiles:
+        if profile.notebook_defaults and profile.name in parameters:
+            raise PaperFileError(f"{path}: reproduce.parameters.{profile.name} must go: the {profile.name} profile "
+                                 "runs the notebook's own defaults, so change them in its parameters cell")
+        if not profile.notebook_defaults:
+            require(parameters, profile.name, path, "reproduce.parameters")
+    unknown = sorted(set(parameters) - set(names))
     if unknown:
-        raise RunnerError(f"unknown paper(s) {unknown}; the manifest lists: {', '.join(known)}")
-    return [known[p] for p in dict.fromkeys(papers)]  # a paper named twice would run twice into one folder at once
+        raise PaperFileError(f"{path}: reproduce.parameters names unknown profile(s) {unknown}; "
+                             f"available: {', '.join(names)}")
+    return PaperNotebook(paper=path.parent.name, order=order, notebook=NOTEBOOKS_DIR / get("notebook"),
+                         tier=get("tier"), datasets=tuple(get("datasets") or ()), minutes=get("minutes"),
+                         timeout_minutes=get("timeout_minutes"),
+                         parameters={name: values or {} for name, values in parameters.items()})
+
+
+def select(papers: list[PaperNotebook], names: list[str] | None) -> list[PaperNotebook]:
+    """The papers called ``names`` in the order given, each once (all papers when none are given)."""
+    if not names:
+        return papers
+    known = {p.paper: p for p in papers}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise RunnerError(f"unknown paper(s) {unknown}; known papers: {', '.join(known)}")
+    return [known[name] for name in dict.fromkeys(names)]  # a paper named twice would run twice into one folder
 
 
 def notebook_parameters(path: Path) -> dict[str, Any]:
@@ -172,7 +219,7 @@ def _has_parameters_cell(path: Path) -> bool:
     return any("parameters" in cell.get("metadata", {}).get("tags", []) for cell in nb.cells)
 
 
-def check_parameters(entry: NotebookEntry, parameters: dict[str, Any]) -> None:
+def check_parameters(entry: PaperNotebook, parameters: dict[str, Any]) -> None:
     """Refuse a parameter the notebook does not declare (papermill would only warn and ignore it)."""
     declared = notebook_parameters(entry.notebook)
     unknown = sorted(set(parameters) - set(declared))
@@ -181,9 +228,9 @@ def check_parameters(entry: NotebookEntry, parameters: dict[str, Any]) -> None:
                           f"its parameters cell declares {sorted(declared)}")
 
 
-def run_parameters(entry: NotebookEntry, profile: Profile, data_dir: Path | None) -> dict[str, Any]:
+def run_parameters(entry: PaperNotebook, profile: Profile, data_dir: Path | None) -> dict[str, Any]:
     """What papermill injects: the profile's parameters, and ``data_dir`` where the notebook declares one."""
-    parameters = profile.parameters_for(entry.paper)
+    parameters = entry.parameters_for(profile)
     if data_dir is not None and "data_dir" in notebook_parameters(entry.notebook):
         parameters["data_dir"] = str(data_dir)
     return parameters
@@ -213,7 +260,7 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def missing_needs(entry: NotebookEntry, profile: Profile, data_dir: Path | None) -> str | None:
+def missing_needs(entry: PaperNotebook, profile: Profile, data_dir: Path | None) -> str | None:
     """Why this machine cannot run the notebook at this profile, and the fix; None if it can."""
     if profile.requires_gpu:
         import torch
@@ -335,7 +382,7 @@ def _temp_file(folder: Path, stem: str, suffix: str) -> Path:
 class NotebookRun:
     """One notebook being executed by papermill under a guard; :meth:`start` it, then :meth:`poll` until done."""
 
-    def __init__(self, entry: NotebookEntry, profile: Profile, results_dir: Path, data_dir: Path | None):
+    def __init__(self, entry: PaperNotebook, profile: Profile, results_dir: Path, data_dir: Path | None):
         self.entry, self.profile, self.results_dir, self.data_dir = entry, profile, results_dir, data_dir
         self.out_dir = results_dir / entry.paper / profile.name
         self.stem = entry.notebook.stem
@@ -464,7 +511,7 @@ def _signals_to_stop() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-def _run_all(todo: list[NotebookEntry], profile: Profile, results_dir: Path, data_dir: Path | None, jobs: int,
+def _run_all(todo: list[PaperNotebook], profile: Profile, results_dir: Path, data_dir: Path | None, jobs: int,
              progress: bool) -> list[RunResult]:
     """Run the notebooks, at most ``jobs`` at once, from the main thread so that signals are handled at once."""
     from tqdm.auto import tqdm
@@ -507,19 +554,21 @@ def _run_all(todo: list[NotebookEntry], profile: Profile, results_dir: Path, dat
 
 def reproduce(papers: list[str] | None = None, profile_name: str = "cpu", jobs: int = 1,
               results_dir: Path | None = None, data_dir: Path | None = None, progress: bool = True,
-              manifest: Path | None = None, log=print) -> list[RunResult]:
+              papers_dir: Path = PAPERS_DIR, log=print) -> list[RunResult]:
     """Run the selected notebooks at a profile; returns one result per notebook (ok, failed or skipped).
 
     ``data_dir`` (``--data-dir``) wins over ``MDBENCH_DATA_DIR``; the notebooks get it as their ``data_dir`` parameter
     and in their environment. Raises :class:`RunnerError` for bad input, a results folder held by another run, or
-    when every notebook would be skipped; :class:`Interrupted` when SIGINT or SIGTERM stopped the run.
+    when every notebook would be skipped; :class:`~mdbench.paper_yaml.PaperFileError` for a paper.yaml that lacks a
+    key; :class:`Interrupted` when SIGINT or SIGTERM stopped the run. ``papers_dir`` holds the papers (tests point
+    it at toy ones).
     """
     from mdbench.results import results_root
 
     if jobs < 1:
         raise RunnerError(f"--jobs must be at least 1, got {jobs}")
     profile = load_profile(profile_name)
-    entries = select(load_manifest(manifest or NOTEBOOKS_DIR / "manifest.yaml"), papers)
+    entries = select(load_papers(papers_dir), papers)
     data_dir = resolve_data_dir(data_dir)
     results_dir = Path(results_dir or results_root()).absolute()  # the notebooks' working folder is notebooks/
     ensure_writable(results_dir)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from mdbench import results as R
+from mdbench.paper_yaml import PaperFileError, known_papers
 
 CONFIG = {"lr": 1e-3, "epochs": 2}
 
@@ -157,7 +158,7 @@ def test_reference_refuses_guessed_values_and_bad_ops(tmp_path):
         _reference(tmp_path, [], reported={"t1": {"A": {"acc": "about 90"}}})
     with pytest.raises(R.PaperReferenceError, match="unknown op"):
         _reference(tmp_path, [_claim(op="=>")])
-    with pytest.raises(R.PaperReferenceError, match="known papers"):
+    with pytest.raises(PaperFileError, match="unknown paper 'no_such_paper'.*; known papers: daft, efcm, "):
         R.load_reference("no_such_paper")
 
 
@@ -186,9 +187,11 @@ def test_multi_level_columns_are_saved_as_words(tmp_path):
 
 
 def test_shipped_references_load():
-    for path in sorted(R._PAPERS_DIR.glob("*.yaml")):
-        ref = R.load_reference(path.stem)
-        assert ref.title and ref.citation, path
+    papers = known_papers()
+    assert papers == ["daft", "efcm", "med_tuning", "quickstart", "rd"]
+    for paper in papers:
+        ref = R.load_reference(paper)
+        assert ref.title and ref.citation and ref.reported and ref.claims, paper
 
 
 def test_written_files_are_readable_by_others(tmp_path):

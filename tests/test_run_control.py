@@ -21,6 +21,7 @@ import nbformat
 import psutil
 import pytest
 import yaml
+from toy_papers import write_notebook, write_paper
 
 from mdbench import cli, process_guard, runner
 
@@ -35,24 +36,6 @@ os.replace(marks / "kernel.pid.tmp", marks / "kernel.pid")
 time.sleep(120)
 (marks / "done").write_text("the notebook ran to its end")
 """
-
-
-def _notebook(path: Path, body: str, params: str = SMOKE_PARAMS) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    cell = nbformat.v4.new_code_cell(params)
-    cell.metadata["tags"] = ["parameters"]
-    nb.cells = [cell, nbformat.v4.new_code_cell(body)]
-    nbformat.write(nb, path)
-    return path
-
-
-def _manifest(tmp_path: Path, notebook: Path, paper: str = "toy", datasets=()) -> Path:
-    path = tmp_path / "manifest.yaml"
-    path.write_text(yaml.safe_dump({"notebooks": [
-        {"paper": paper, "notebook": notebook.name, "datasets": list(datasets),
-         "minutes": {"smoke": 1, "cpu": 1}, "timeout_minutes": {"smoke": 2, "cpu": 2}}]}))
-    return path
 
 
 def _fake_papermill(monkeypatch, script: str) -> None:
@@ -96,7 +79,7 @@ def _calls(results: Path) -> list[dict]:
 
 def _reproduce(tmp_path: Path, notebook: Path, **kwargs):
     return runner.reproduce(profile_name=kwargs.pop("profile_name", "smoke"), results_dir=tmp_path / "results",
-                            manifest=_manifest(tmp_path, notebook, **kwargs.pop("manifest_kwargs", {})),
+                            papers_dir=write_paper(tmp_path / "papers", notebook),
                             progress=False, log=lambda *_: None, **kwargs)
 
 
@@ -107,7 +90,7 @@ def test_data_dir_flag_wins_over_the_env_var_and_reaches_the_notebook(tmp_path, 
     env_dir.mkdir()
     monkeypatch.setenv("MDBENCH_DATA_DIR", str(env_dir))
     _fake_papermill(monkeypatch, FAKE_OK)
-    notebook = _notebook(tmp_path / "nb.ipynb", "pass")
+    notebook = write_notebook(tmp_path / "nb.ipynb", "pass", SMOKE_PARAMS)
     [result] = _reproduce(tmp_path, notebook, data_dir=flag_dir)
     assert result.status == "ok", result.detail
     [call] = _calls(tmp_path / "results")
@@ -117,7 +100,7 @@ def test_data_dir_flag_wins_over_the_env_var_and_reaches_the_notebook(tmp_path, 
 
 def test_data_dir_is_not_injected_into_a_notebook_without_that_parameter(tmp_path, monkeypatch):
     _fake_papermill(monkeypatch, FAKE_OK)
-    notebook = _notebook(tmp_path / "nb.ipynb", "pass", params="profile = 'smoke'\ndevice = 'cpu'")
+    notebook = write_notebook(tmp_path / "nb.ipynb", "pass", params="profile = 'smoke'\ndevice = 'cpu'")
     [result] = _reproduce(tmp_path, notebook, data_dir=tmp_path)
     assert result.status == "ok", result.detail
     [call] = _calls(tmp_path / "results")
@@ -127,9 +110,9 @@ def test_data_dir_is_not_injected_into_a_notebook_without_that_parameter(tmp_pat
 def test_no_verify_data_flag_reaches_the_notebook_process(tmp_path, monkeypatch):
     monkeypatch.delenv("MDBENCH_VERIFY_DATA", raising=False)  # restored after the test: the CLI sets it
     _fake_papermill(monkeypatch, FAKE_OK)
-    notebook = _notebook(tmp_path / "nb.ipynb", "pass")
+    notebook = write_notebook(tmp_path / "nb.ipynb", "pass", SMOKE_PARAMS)
     args = ["reproduce", "--profile", "smoke", "--quiet", "--results-dir", str(tmp_path / "results"),
-            "--manifest", str(_manifest(tmp_path, notebook))]
+            "--papers-dir", str(write_paper(tmp_path / "papers", notebook))]
     assert cli.main(args) == 0 and _calls(tmp_path / "results")[-1]["env_verify_data"] is None
     assert cli.main([*args, "--no-verify-data"]) == 0
     assert _calls(tmp_path / "results")[-1]["env_verify_data"] == "0"
@@ -154,12 +137,10 @@ def test_nothing_to_run_fails_with_the_reason_and_the_fix(tmp_path, monkeypatch,
 def test_a_run_with_something_to_run_reports_the_skipped_notebooks(tmp_path, monkeypatch):
     monkeypatch.delenv("MDBENCH_DATA_DIR", raising=False)
     _fake_papermill(monkeypatch, FAKE_OK)
-    _notebook(tmp_path / "nb.ipynb", "pass", params="profile = 'cpu'\ndevice = 'cpu'\ndata_dir = None")
-    manifest = tmp_path / "manifest.yaml"
-    manifest.write_text(yaml.safe_dump({"notebooks": [
-        {"paper": paper, "notebook": "nb.ipynb", "datasets": datasets, "timeout_minutes": {"cpu": 2}}
-        for paper, datasets in [("needs_data", ["pbc"]), ("synthetic", [])]]}))
-    results = runner.reproduce(profile_name="cpu", results_dir=tmp_path / "results", manifest=manifest,
+    notebook = write_notebook(tmp_path / "nb.ipynb", "pass", params="profile = 'cpu'\ndevice = 'cpu'\ndata_dir = None")
+    write_paper(tmp_path / "papers", notebook, paper="needs_data", datasets=["pbc"], order=1)
+    write_paper(tmp_path / "papers", notebook, paper="synthetic", order=2)
+    results = runner.reproduce(profile_name="cpu", results_dir=tmp_path / "results", papers_dir=tmp_path / "papers",
                                progress=False, log=lambda *_: None)
     assert [(r.paper, r.status) for r in results] == [("needs_data", "skipped"), ("synthetic", "ok")]
     assert "pass --data-dir or set MDBENCH_DATA_DIR" in results[0].detail
@@ -167,8 +148,7 @@ def test_a_run_with_something_to_run_reports_the_skipped_notebooks(tmp_path, mon
 
 # ----------------------------------------------------------------------------------------- lock and duplicates
 def test_duplicate_papers_are_run_once_in_the_order_given():
-    entries = runner.load_manifest()
-    chosen = runner.select(entries, ["efcm", "quickstart", "efcm"])
+    chosen = runner.select(runner.load_papers(), ["efcm", "quickstart", "efcm"])
     assert [e.paper for e in chosen] == ["efcm", "quickstart"]
 
 
@@ -191,7 +171,7 @@ def test_second_run_into_a_folder_is_refused_and_kill_9_frees_it(tmp_path):
                                "    time.sleep(60)", str(folder)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        notebook = _notebook(tmp_path / "nb.ipynb", "pass")
+        notebook = write_notebook(tmp_path / "nb.ipynb", "pass", SMOKE_PARAMS)
         in_use = re.escape(f"results folder {folder} is in use by another mdbench reproduce (pid {holder.pid})")
         with pytest.raises(runner.RunnerError, match=in_use):
             _reproduce(tmp_path, notebook)
@@ -207,7 +187,7 @@ def test_second_run_into_a_folder_is_refused_and_kill_9_frees_it(tmp_path):
 # ------------------------------------------------------------------------------------------------ files
 def test_temp_names_are_unique_per_run_and_leftovers_of_a_killed_run_are_removed(tmp_path, monkeypatch):
     _fake_papermill(monkeypatch, FAKE_OK)
-    notebook = _notebook(tmp_path / "nb.ipynb", "pass")
+    notebook = write_notebook(tmp_path / "nb.ipynb", "pass", SMOKE_PARAMS)
     folder = tmp_path / "results" / "toy" / "smoke"
     (folder / "records").mkdir(parents=True)
     stale = [folder / ".tmp-run-nb-deadbeef.ipynb", folder / ".tmp-run-nb-deadbeef-params.yaml",
@@ -227,7 +207,7 @@ def test_temp_names_are_unique_per_run_and_leftovers_of_a_killed_run_are_removed
 
 def test_a_good_run_removes_the_stale_failed_notebook(tmp_path, monkeypatch):
     _fake_papermill(monkeypatch, FAKE_OK)
-    notebook = _notebook(tmp_path / "nb.ipynb", "pass")
+    notebook = write_notebook(tmp_path / "nb.ipynb", "pass", SMOKE_PARAMS)
     stale = tmp_path / "results" / "toy" / "smoke" / "nb.failed.ipynb"
     stale.parent.mkdir(parents=True)
     stale.write_text("an older failure")
@@ -238,7 +218,7 @@ def test_a_good_run_removes_the_stale_failed_notebook(tmp_path, monkeypatch):
 
 def test_full_disk_keeps_no_truncated_notebook_and_reports_the_oserror(tmp_path, monkeypatch):
     _fake_papermill(monkeypatch, FAKE_FULL_DISK)
-    notebook = _notebook(tmp_path / "nb.ipynb", "pass")
+    notebook = write_notebook(tmp_path / "nb.ipynb", "pass", SMOKE_PARAMS)
     folder = tmp_path / "results" / "toy" / "smoke"
     folder.mkdir(parents=True)
     (folder / "nb.failed.ipynb").write_text("an older failure")
@@ -263,7 +243,7 @@ def test_a_disk_already_full_names_the_folder(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    notebook = _notebook(tmp_path / "nb.ipynb", "pass")
+    notebook = write_notebook(tmp_path / "nb.ipynb", "pass", SMOKE_PARAMS)
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(runner.RunnerError, match=re.escape(
             f"results folder {tmp_path / 'results'} cannot be written: No space left on device")):
@@ -359,10 +339,9 @@ def test_guard_takes_its_tree_down_when_its_owner_is_killed_with_kill_9():
 def test_timeout_stops_the_whole_tree(tmp_path, monkeypatch):
     _fake_papermill(monkeypatch, TREE)
     monkeypatch.setenv("TREE_PIDS", str(tmp_path / "tree.pids"))
-    notebook = _notebook(tmp_path / "nb.ipynb", "pass")
-    manifest = _manifest(tmp_path, notebook)
-    manifest.write_text(manifest.read_text().replace("smoke: 2", "smoke: 0.1"))  # 6 s: time enough to start on a slow machine
-    [result] = runner.reproduce(profile_name="smoke", results_dir=tmp_path / "results", manifest=manifest,
+    notebook = write_notebook(tmp_path / "nb.ipynb", "pass", SMOKE_PARAMS)
+    papers_dir = write_paper(tmp_path / "papers", notebook, timeout_minutes=0.1)  # 6 s: time enough to start
+    [result] = runner.reproduce(profile_name="smoke", results_dir=tmp_path / "results", papers_dir=papers_dir,
                                 progress=False, log=lambda *_: None)
     assert result.status == "failed" and result.detail == "timed out after 0.1 min"
     pids = [int(pid) for pid in (tmp_path / "tree.pids").read_text().split()]
@@ -372,10 +351,10 @@ def test_timeout_stops_the_whole_tree(tmp_path, monkeypatch):
 # --------------------------------------------------------------------- real papermill and kernel (slow)
 def _start_parent(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     """`mdbench reproduce` of the sleeper notebook in a process of its own; returns it and its results folder."""
-    notebook = _notebook(tmp_path / "sleeper.ipynb", SLEEPER)
+    notebook = write_notebook(tmp_path / "sleeper.ipynb", SLEEPER, SMOKE_PARAMS)
     results = tmp_path / "results"
-    parent = subprocess.Popen([sys.executable, "-m", "mdbench.cli", "reproduce", "--manifest",
-                               str(_manifest(tmp_path, notebook)), "--profile", "smoke", "--quiet",
+    parent = subprocess.Popen([sys.executable, "-m", "mdbench.cli", "reproduce", "--papers-dir",
+                               str(write_paper(tmp_path / "papers", notebook)), "--profile", "smoke", "--quiet",
                                "--results-dir", str(results)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     return parent, results
@@ -439,7 +418,8 @@ def test_the_notebook_reads_the_data_dir_of_the_flag(tmp_path, monkeypatch):
     flag_dir.mkdir()
     env_dir.mkdir()
     monkeypatch.setenv("MDBENCH_DATA_DIR", str(env_dir))
-    notebook = _notebook(tmp_path / "nb.ipynb", "import os\nprint(data_dir, os.environ['MDBENCH_DATA_DIR'])")
+    notebook = write_notebook(tmp_path / "nb.ipynb", "import os\nprint(data_dir, os.environ['MDBENCH_DATA_DIR'])",
+                              SMOKE_PARAMS)
     [result] = _reproduce(tmp_path, notebook, data_dir=flag_dir)
     assert result.status == "ok", result.detail
     executed = nbformat.read(result.output, as_version=4)

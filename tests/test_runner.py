@@ -1,32 +1,19 @@
 """The papermill runner behind `mdbench reproduce`, the profiles, and the notebooks' own conventions."""
 from __future__ import annotations
 
+import re
+
 import nbformat
 import pytest
 import torch
 import yaml
+from toy_papers import write_notebook, write_paper
 
 from mdbench import cli, runner
+from mdbench.paper_yaml import PaperFileError
 
 NOTEBOOKS = sorted(runner.NOTEBOOKS_DIR.glob("*.ipynb"))
-
-
-def _notebook(path, body: str, params: str = "profile = 'smoke'\ndevice = 'cpu'"):
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    cell = nbformat.v4.new_code_cell(params)
-    cell.metadata["tags"] = ["parameters"]
-    nb.cells = [cell, nbformat.v4.new_code_cell(body)]
-    nbformat.write(nb, path)
-    return path
-
-
-def _manifest(tmp_path, notebook, paper="toy", datasets=()):
-    path = tmp_path / "manifest.yaml"
-    path.write_text(yaml.safe_dump({"notebooks": [
-        {"paper": paper, "notebook": notebook.name, "datasets": list(datasets),
-         "minutes": {"smoke": 1}, "timeout_minutes": {"smoke": 2}}]}))
-    return path
+PAPERS = runner.load_papers()
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -37,37 +24,80 @@ def test_notebooks_have_parameters_cell_and_python3_kernel(path):
     assert len(tagged) == 1, "exactly one cell must be tagged 'parameters'"
 
 
-def test_every_manifest_notebook_exists_and_smoke_profile_equals_its_defaults():
-    """The committed outputs are the smoke run, so the smoke profile must not change any default."""
+def test_papers_run_quickstart_first_then_by_their_order():
+    assert [p.paper for p in PAPERS] == ["quickstart", "med_tuning", "efcm", "rd", "daft"]
+    assert all(p.notebook.is_file() for p in PAPERS)
+
+
+@pytest.mark.parametrize("paper", PAPERS, ids=lambda p: p.paper)
+def test_smoke_runs_each_notebook_at_its_own_defaults(paper):
+    """The committed outputs are the smoke run, so smoke injects nothing but the shared values, and those are the
+    notebook's defaults already."""
     smoke = runner.load_profile("smoke")
-    for entry in runner.load_manifest():
-        defaults = runner.notebook_parameters(entry.notebook)
-        for name, value in smoke.parameters_for(entry.paper).items():
-            assert name in defaults, f"{entry.notebook.name} lacks parameter {name}"
-            assert yaml.safe_load(defaults[name]) == value, f"{entry.notebook.name}: {name}"
+    parameters = paper.parameters_for(smoke)
+    assert parameters == smoke.parameters
+    defaults = runner.notebook_parameters(paper.notebook)
+    for name, value in parameters.items():
+        assert name in defaults, f"{paper.notebook.name} lacks parameter {name}"
+        assert yaml.safe_load(defaults[name]) == value, f"{paper.notebook.name}: {name}"
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu", "gpu"])
-def test_profiles_only_set_declared_parameters(name):
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+@pytest.mark.parametrize("paper", PAPERS, ids=lambda p: p.paper)
+def test_cpu_and_gpu_set_only_parameters_the_notebook_declares(paper, name):
     profile = runner.load_profile(name)
-    for entry in runner.load_manifest():
-        runner.check_parameters(entry, profile.parameters_for(entry.paper))
+    assert paper.parameters[name], f"{paper.paper} has no {name} parameters of its own"
+    runner.check_parameters(paper, paper.parameters_for(profile))
+
+
+def test_a_paper_parameter_wins_over_the_shared_one(tmp_path):
+    notebook = write_notebook(tmp_path / "nb.ipynb", "pass")
+    papers_dir = write_paper(tmp_path / "papers", notebook, parameters={"cpu": {"device": "cuda:1"}, "gpu": {}})
+    [paper] = runner.load_papers(papers_dir)
+    assert paper.parameters_for(runner.load_profile("cpu")) == {"profile": "cpu", "device": "cuda:1"}
+
+
+def _refused(tmp_path, match, **reproduce):
+    papers_dir = write_paper(tmp_path / "papers", tmp_path / "nb.ipynb", **reproduce)
+    with pytest.raises(PaperFileError, match=match):
+        runner.load_papers(papers_dir)
+
+
+def test_a_paper_yaml_missing_a_key_names_the_file_and_the_key(tmp_path):
+    path = re.escape(str(tmp_path / "papers" / "toy" / "paper.yaml"))
+    _refused(tmp_path, f"{path} lacks the key reproduce.tier", tier=None)
+    _refused(tmp_path, f"{path} lacks the key reproduce.parameters.gpu", parameters={"cpu": {}})
+    _refused(tmp_path, f"{path} lacks the key reproduce.minutes.cpu", minutes={"smoke": 1})
+    (tmp_path / "papers" / "toy" / "paper.yaml").write_text("paper: toy\n")
+    with pytest.raises(PaperFileError, match=f"{path} lacks the key reproduce$"):
+        runner.load_papers(tmp_path / "papers")
+
+
+def test_a_paper_yaml_with_bad_values_is_refused(tmp_path):
+    _refused(tmp_path, "reproduce.parameters.smoke must go: the smoke profile runs the notebook's own defaults",
+             parameters={"smoke": {}, "cpu": {}, "gpu": {}})
+    _refused(tmp_path, r"unknown profile\(s\) \['cpuu'\]; available: cpu, gpu, smoke",
+             parameters={"cpu": {}, "cpuu": {}, "gpu": {}})
+    _refused(tmp_path, "reproduce.order must be an integer, not 'first'", order="first")
+    notebook = tmp_path / "nb.ipynb"
+    write_paper(tmp_path / "papers", notebook, paper="other", order=1)
+    _refused(tmp_path, r"papers other and toy \(in .*\) both have reproduce.order 1; give each paper its own")
 
 
 def test_bad_names_are_refused(capsys):
-    with pytest.raises(runner.RunnerError, match="unknown profile 'huge'"):
+    with pytest.raises(runner.RunnerError, match="unknown profile 'huge'; available: cpu, gpu, smoke"):
         runner.load_profile("huge")
-    with pytest.raises(runner.RunnerError, match="unknown paper"):
-        runner.select(runner.load_manifest(), ["nonexistent"])
+    with pytest.raises(runner.RunnerError, match=r"unknown paper\(s\) \['nonexistent'\]; known papers: quickstart, "):
+        runner.select(PAPERS, ["nonexistent"])
     assert cli.main(["reproduce", "--paper", "nonexistent", "--profile", "smoke"]) == 2
     assert "unknown paper" in capsys.readouterr().err
 
 
 def test_unknown_parameter_and_missing_parameters_cell(tmp_path):
-    good = _notebook(tmp_path / "good.ipynb", "x = 1")
-    entry = runner.load_manifest(_manifest(tmp_path, good))[0]
+    good = write_notebook(tmp_path / "good.ipynb", "x = 1")
+    [paper] = runner.load_papers(write_paper(tmp_path / "papers", good))
     with pytest.raises(runner.RunnerError, match=r"unknown parameter\(s\) \['epochs'\]"):
-        runner.check_parameters(entry, {"epochs": 3})
+        runner.check_parameters(paper, {"epochs": 3})
     bare = tmp_path / "bare.ipynb"
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("x = 1")]
@@ -83,9 +113,10 @@ def test_failing_notebook_is_reported_and_keeps_the_last_good_run(tmp_path):
     good_run = results / "toy" / "smoke" / "bad.executed.ipynb"
     good_run.parent.mkdir(parents=True)
     good_run.write_text("last good run")
-    notebook = _notebook(tmp_path / "bad.ipynb", "raise ValueError('the data folder is empty')")
-    [result] = runner.reproduce(profile_name="smoke", results_dir=results, manifest=_manifest(tmp_path, notebook),
-                                progress=False, log=lambda *_: None)
+    notebook = write_notebook(tmp_path / "bad.ipynb", "raise ValueError('the data folder is empty')")
+    [result] = runner.reproduce(profile_name="smoke", results_dir=results,
+                                papers_dir=write_paper(tmp_path / "papers", notebook), progress=False,
+                                log=lambda *_: None)
     assert result.status == "failed"
     # parameters cell, papermill's injected parameters, then the failing cell
     assert result.detail == "In [3]: ValueError: the data folder is empty"
@@ -97,9 +128,10 @@ def test_failing_notebook_is_reported_and_keeps_the_last_good_run(tmp_path):
 
 def test_good_notebook_gets_profile_parameters(tmp_path):
     results = tmp_path / "results"
-    notebook = _notebook(tmp_path / "ok.ipynb", "assert profile == 'smoke'\nprint('ran on', device)")
-    [result] = runner.reproduce(profile_name="smoke", results_dir=results, manifest=_manifest(tmp_path, notebook),
-                                progress=False, log=lambda *_: None)
+    notebook = write_notebook(tmp_path / "ok.ipynb", "assert profile == 'smoke'\nprint('ran on', device)")
+    [result] = runner.reproduce(profile_name="smoke", results_dir=results,
+                                papers_dir=write_paper(tmp_path / "papers", notebook), progress=False,
+                                log=lambda *_: None)
     assert result.status == "ok", result.detail
     executed = nbformat.read(result.output, as_version=4)
     assert "ran on cpu" in executed.cells[-1].outputs[0]["text"]
@@ -107,19 +139,19 @@ def test_good_notebook_gets_profile_parameters(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_gpu_profile_is_skipped_without_a_gpu(tmp_path):
-    notebook = _notebook(tmp_path / "ok.ipynb", "pass", params="profile = 'gpu'\ndevice = 'cuda'")
+    notebook = write_notebook(tmp_path / "ok.ipynb", "pass", params="profile = 'gpu'\ndevice = 'cuda'")
     skipped = []
     with pytest.raises(runner.RunnerError, match=r"nothing to run: profile 'gpu' needs a CUDA GPU .*--profile cpu"):
-        runner.reproduce(profile_name="gpu", results_dir=tmp_path / "r", manifest=_manifest(tmp_path, notebook),
-                         progress=False, log=skipped.append)
+        runner.reproduce(profile_name="gpu", results_dir=tmp_path / "r",
+                         papers_dir=write_paper(tmp_path / "papers", notebook), progress=False, log=skipped.append)
     assert skipped and skipped[0].startswith("skip  toy")
 
 
 def test_real_data_profile_is_skipped_without_its_datasets(tmp_path):
-    notebook = _notebook(tmp_path / "ok.ipynb", "pass", params="profile = 'cpu'\ndevice = 'cpu'")
+    notebook = write_notebook(tmp_path / "ok.ipynb", "pass", params="profile = 'cpu'\ndevice = 'cpu'")
     with pytest.raises(runner.RunnerError, match=r"nothing to run: datasets \['pbc'\] not found under"):
         runner.reproduce(profile_name="cpu", results_dir=tmp_path / "r", data_dir=tmp_path,
-                         manifest=_manifest(tmp_path, notebook, datasets=["pbc"]), progress=False,
+                         papers_dir=write_paper(tmp_path / "papers", notebook, datasets=["pbc"]), progress=False,
                          log=lambda *_: None)
 
 
