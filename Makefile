@@ -16,7 +16,7 @@ PROFILE  ?= $(if $(MDBENCH_DATA_DIR),cpu,smoke)
 PAPER    ?=
 JOBS     ?= 1
 
-.PHONY: reproduce test unit nbval doctor clean-venv execute-notebooks
+.PHONY: reproduce test unit nbval lint doctor clean-venv execute-notebooks
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: $(STAMP) unit nbval
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+# ruff (pyflakes, isort, bugbear, pyupgrade, public docstrings) and mypy, as configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # The committed notebooks carry their smoke-profile outputs; nbval re-runs them and compares the checked cells.
 # Their records go to a scratch folder so a test run never touches results/.

@@ -14,9 +14,10 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any
 
 import numpy as np
 import psutil
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+Inputs = torch.Tensor | Sequence[torch.Tensor]
 BACKENDS = ("onnxruntime", "openvino")
 
 
@@ -426,7 +427,7 @@ class OnnxRuntimeModel:
     def __call__(self, *inputs: Any) -> np.ndarray | tuple[np.ndarray, ...]:
         if len(inputs) != len(self.input_names):
             raise ValueError(f"{self.path} expects {len(self.input_names)} inputs, got {len(inputs)}")
-        feeds = dict(zip(self.input_names, _numpy_inputs(inputs)))
+        feeds = dict(zip(self.input_names, _numpy_inputs(inputs), strict=True))
         return _single_or_tuple(self.session.run(None, feeds))
 
 
@@ -526,11 +527,11 @@ def compare_outputs(
     if shapes_ref != shapes_exp:
         max_abs, max_rel, agreement, within = float("inf"), float("inf"), 0.0, False
     else:
-        pairs = list(zip(reference, candidate))
+        pairs = list(zip(reference, candidate, strict=True))
         abs_diffs = np.array([np.max(np.abs(r.astype(np.float64) - c), initial=0.0) for r, c in pairs])
         scales = np.array([np.max(np.abs(r.astype(np.float64)), initial=0.0) for r, _ in pairs])
         # an all-zero reference has no scale: matched exactly it is 0 off, else infinitely
-        rel_diffs = [d / s if s > 0 else (np.inf if d > 0 else 0.0) for d, s in zip(abs_diffs, scales)]
+        rel_diffs = [d / s if s > 0 else (np.inf if d > 0 else 0.0) for d, s in zip(abs_diffs, scales, strict=True)]
         max_abs, max_rel = float(np.max(abs_diffs)), float(np.max(rel_diffs))
         within = bool(np.all(abs_diffs <= atol + rtol * scales))
         matches = [_predictions(r, class_dim, threshold) == _predictions(c, class_dim, threshold) for r, c in pairs]

@@ -492,7 +492,7 @@ def _concat(chunks: list[Any]) -> Any:
     if isinstance(first, Mapping):
         return {k: _concat([c[k] for c in chunks]) for k in first}
     if isinstance(first, (list, tuple)):
-        return type(first)(_concat(list(parts)) for parts in zip(*chunks))
+        return type(first)(_concat(list(parts)) for parts in zip(*chunks, strict=True))
     raise TypeError(f"cannot concatenate predictions of type {type(first).__name__}")
 
 

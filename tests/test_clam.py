@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import real_dataset
 
 from mdbench.data.synthetic import SyntheticMILBags
 from mdbench.data.ucsb_breast import UCSBBreastDataset
@@ -14,6 +13,8 @@ from mdbench.losses.mil import SmoothTop1SVM, smooth_top1_svm
 from mdbench.models import UnknownModelError, build_model
 from mdbench.models.clam import CLAM, MaxMIL, abmil, clam_mb, clam_sb, mil_loss, pseudo_labels
 from mdbench.papers.efcm.experiment import FeatureScaler, bag_metrics, monte_carlo_split, train_mil
+
+from conftest import real_dataset
 
 
 # ------------------------------------------------------------------------------------------- smooth top-1 SVM

@@ -26,7 +26,7 @@ def test_data_list_shows_all_datasets_present_with_licences(real_data_dir, capsy
     assert cli.main(["data", "list", "--data-dir", str(real_data_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     assert len(lines) == len(DATASETS) == 7
-    for line, spec in zip(lines, DATASETS.values()):
+    for line, spec in zip(lines, DATASETS.values(), strict=True):
         assert line.split()[:2] == [spec.name, "yes"] and spec.licence in line
 
 

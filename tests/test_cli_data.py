@@ -6,11 +6,11 @@ import os
 import shutil
 
 import pytest
+from test_data_integrity import tiny_pbc, tiny_pneumonia
 
 from mdbench import cli
 from mdbench.data import checksums, registry
 from mdbench.data.registry import DATASETS
-from test_data_integrity import tiny_pbc, tiny_pneumonia
 
 
 @pytest.fixture(autouse=True)

@@ -7,12 +7,16 @@ import torch
 from torch import nn
 
 from mdbench.data.synthetic import SyntheticBoxPromptCases
+from mdbench.models import build_model
+from mdbench.models.efficientvit_sam import (
+    L0_DEPTHS,
+    EfficientViTSAMEncoder,
+    build_efficientvit_sam,
+    efficientvit_sam_from_config,
+)
 from mdbench.papers.daft import training
 from mdbench.papers.daft.evaluation import score_case
 from mdbench.papers.daft.inference import segment_case
-from mdbench.models import build_model
-from mdbench.models.efficientvit_sam import (L0_DEPTHS, EfficientViTSAMEncoder, build_efficientvit_sam,
-                                             efficientvit_sam_from_config)
 
 SMALL = dict(backbone="efficientvit_b0", depths=None, neck_width=32, neck_depth=1, neck_block="mbconv")
 

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import real_dataset
 from mdbench import repro
 from mdbench.data import checksums, registry
 from mdbench.data.checksums import hash_cache_path, verification_state, verify_sha256sums
 from mdbench.data.errors import DataError, DataIntegrityError, DataNotFoundError, UnverifiedDataWarning
 from mdbench.data.registry import data_root, load_dataset
+
+from conftest import real_dataset
 
 
 @pytest.fixture(autouse=True)

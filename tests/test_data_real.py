@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import real_dataset
 from mdbench.data import CorruptFileError, DataNotFoundError, LabelError, load_dataset
 from mdbench.data.hc18 import HC18Dataset, fill_annotation
 from mdbench.data.isic2017 import ISIC2017Dataset
@@ -22,6 +21,8 @@ from mdbench.data.msd_hippocampus import MSDHippocampusDataset
 from mdbench.data.pbc import PBCDataset
 from mdbench.data.pneumoniamnist import PneumoniaMNISTDataset
 from mdbench.data.ucsb_breast import UCSBBreastDataset
+
+from conftest import real_dataset
 
 LOADERS = (PneumoniaMNISTDataset, PBCDataset, ISIC2017Dataset, KvasirSegDataset, HC18Dataset,
            MSDHippocampusDataset, UCSBBreastDataset)
@@ -153,7 +154,7 @@ def test_real_msd_hippocampus_volumes(real_data_dir):
     resampled = load_dataset("msd_hippocampus", "test", data_dir=real_data_dir, spatial_size=(32, 48, 32))[3]
     assert resampled["image"].shape == (1, 32, 48, 32) and resampled["label"].shape == (32, 48, 32)
     assert set(resampled["label"].unique().tolist()) == {0, 1, 2}
-    ratio = [s / n for s, n in zip(label.shape, (32, 48, 32))]
+    ratio = [s / n for s, n in zip(label.shape, (32, 48, 32), strict=True)]
     assert resampled["spacing"] == pytest.approx(ratio)
 
 

@@ -8,11 +8,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, real_dataset
-from mdbench.data import (DATASETS, CorruptFileError, DataNotFoundError, UnknownDatasetError, data_root,
-                          dataset_table, get_spec, is_present, kfold_splits, load_dataset, split_indices,
-                          tree_checksum, verify_sha256sums)
+from mdbench.data import (
+    DATASETS,
+    CorruptFileError,
+    DataNotFoundError,
+    UnknownDatasetError,
+    data_root,
+    dataset_table,
+    get_spec,
+    is_present,
+    kfold_splits,
+    load_dataset,
+    split_indices,
+    tree_checksum,
+    verify_sha256sums,
+)
 from mdbench.data.pbc import PBCDataset
+
+from conftest import REPO_ROOT, real_dataset
 
 NAMES = ("pneumoniamnist", "pbc", "isic2017", "kvasir_seg", "hc18", "msd_hippocampus", "ucsb_breast")
 

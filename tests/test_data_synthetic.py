@@ -20,7 +20,7 @@ from mdbench.data.synthetic import (
 
 
 def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
     return torch.stack(images), torch.tensor(labels)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import real_dataset
 
 from mdbench.data.boxprompt import (
     boxes_from_labels,
@@ -18,6 +17,8 @@ from mdbench.data.boxprompt import (
 from mdbench.data.errors import CorruptFileError, DataNotFoundError
 from mdbench.data.mil import tile_fractions, tile_image
 from mdbench.data.tasks import CellSetBags, ISICImageBags, isic_image_bags, pbc_cell_set_bags
+
+from conftest import real_dataset
 
 
 # ----------------------------------------------------------------------------- names
@@ -230,7 +231,7 @@ def test_cell_set_bags_on_fake_split():
         assert all(labels[c] in (0, 1, 2) for c in cases)  # "other" is in neither pool
         assert bag_label == int(instance_labels.max())
     same = CellSetBags(split, seed=0, **kwargs)
-    assert bags.checksum == same.checksum and all(np.array_equal(a[0], b[0]) for a, b in zip(bags.bags, same.bags))
+    assert bags.checksum == same.checksum and all(np.array_equal(a[0], b[0]) for a, b in zip(bags.bags, same.bags, strict=True))
     with pytest.raises(ValueError, match="distinct"):
         CellSetBags(split, 4, key_class="key", negative_classes=("key",))
     with pytest.raises(ValueError, match="need at least"):

@@ -163,7 +163,7 @@ def test_end_to_end_mil_subsamples_gradients_and_keeps_batchnorm_statistics():
     out.logits.sum().backward()
     assert student.projector[0].weight.grad.abs().sum() > 0
     after = [m.running_mean for m in student.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert all(torch.equal(a, b) for a, b in zip(running, after)), "frozen BatchNorm statistics changed"
+    assert all(torch.equal(a, b) for a, b in zip(running, after, strict=True)), "frozen BatchNorm statistics changed"
     assert model.eval()(patches).attention.shape == (1, 5)
 
 

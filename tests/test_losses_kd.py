@@ -6,8 +6,17 @@ import math
 import pytest
 import torch
 
-from mdbench.losses.kd import (CKALoss, HintLoss, KDLoss, RKDLoss, cka_loss, kd_loss, linear_cka, rkd_angle_loss,
-                               rkd_distance_loss)
+from mdbench.losses.kd import (
+    CKALoss,
+    HintLoss,
+    KDLoss,
+    RKDLoss,
+    cka_loss,
+    kd_loss,
+    linear_cka,
+    rkd_angle_loss,
+    rkd_distance_loss,
+)
 
 
 def _orthogonal(d: int, seed: int) -> torch.Tensor:

@@ -6,17 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import real_dataset
-from mdbench.papers.med_tuning import experiment as mt
 from mdbench.models import build_model
 from mdbench.models.slicewise import MedAdapterConfig, SliceWiseSegmenter, TinyViTSlices, build_slice_backbone
+from mdbench.papers.med_tuning import experiment as mt
 from mdbench.tuning import apply_method, trainable_report
+
+from conftest import real_dataset
 
 TINY = {"patch_size": 4, "depth": 8, "embed_dim": 24, "num_heads": 2}
 T, S, K = 4, 16, 3
+DEFAULT_ADAPTER = MedAdapterConfig()  # frozen, so one instance serves every call
 
 
-def tiny_segmenter(adapter: MedAdapterConfig | None = MedAdapterConfig(), **kwargs) -> SliceWiseSegmenter:
+def tiny_segmenter(adapter: MedAdapterConfig | None = DEFAULT_ADAPTER, **kwargs) -> SliceWiseSegmenter:
     torch.manual_seed(0)
     backbone = build_slice_backbone("timm:vit_tiny_patch16_224", S, pretrained=False, **{**TINY, **kwargs})
     return SliceWiseSegmenter(backbone, K, T, decoder_channels=8, adapter=adapter)

@@ -17,8 +17,8 @@ from mdbench.models import (
     freeze,
     list_models,
     register_model,
+    registry,
 )
-from mdbench.models import registry
 
 
 @pytest.fixture

@@ -12,9 +12,18 @@ from mdbench import train
 from mdbench.data.synthetic import SyntheticClassification
 from mdbench.efficiency import count_parameters
 from mdbench.losses.kd import kd_loss, linear_cka
-from mdbench.models.reprogramming import (FrozenFM, InputReprogrammer, MeanPool, PooledEncoder, ProjectedStudent,
-                                          RDObjective, RDStep, ReprogrammingDistillation, build_fm,
-                                          build_projected_student)
+from mdbench.models.reprogramming import (
+    FrozenFM,
+    InputReprogrammer,
+    MeanPool,
+    PooledEncoder,
+    ProjectedStudent,
+    RDObjective,
+    RDStep,
+    ReprogrammingDistillation,
+    build_fm,
+    build_projected_student,
+)
 from mdbench.repro import seed_rngs
 
 

@@ -150,7 +150,7 @@ def test_claims_are_judged_per_dataset(tmp_path):
         _write(store, "A", "acc", [a], dataset=dataset)
         _write(store, "B", "acc", [0.7], dataset=dataset)
     table = R.evaluate_claims(_reference(tmp_path, [_claim()]), store.records())
-    assert dict(zip(table["dataset"], table["status"])) == {"d1": R.HOLDS, "d2": R.FAILS}
+    assert dict(zip(table["dataset"], table["status"], strict=True)) == {"d1": R.HOLDS, "d2": R.FAILS}
 
 
 def test_reference_refuses_guessed_values_and_bad_ops(tmp_path):

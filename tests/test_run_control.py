@@ -21,9 +21,10 @@ import nbformat
 import psutil
 import pytest
 import yaml
-from toy_papers import write_notebook, write_paper
 
 from mdbench import cli, process_guard, runner
+
+from toy_papers import write_notebook, write_paper
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE_PARAMS = "profile = 'smoke'\ndevice = 'cpu'\ndata_dir = None"

@@ -7,10 +7,11 @@ import nbformat
 import pytest
 import torch
 import yaml
-from toy_papers import write_notebook, write_paper
 
 from mdbench import cli, runner
 from mdbench.paper_yaml import PaperFileError
+
+from toy_papers import write_notebook, write_paper
 
 NOTEBOOKS = sorted(runner.NOTEBOOKS_DIR.glob("*.ipynb"))
 PAPERS = runner.load_papers()

@@ -96,7 +96,7 @@ def test_resume_continues_and_matches_uninterrupted_run(tmp_path: Path, generato
     assert [r["epoch"] for r in resumed.epochs] == [1, 2, 3, 4]
     assert resumed.global_step == full.global_step == 4 * 4
     assert resumed.epochs[:2] == first.epochs  # the first two records come from the checkpoint
-    for a, b in zip(resumed.epochs, full.epochs):
+    for a, b in zip(resumed.epochs, full.epochs, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["lr"] == b["lr"]
     ref = reference.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in resumed_model.state_dict().items())

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 from torch.utils.data import Dataset
 
 from mdbench.data.checksums import tree_checksum
-from mdbench.data.io import (check_same_size, image_tensor, mask_tensor, read_binary_mask, read_image,
-                             require_dir)
+from mdbench.data.io import check_same_size, image_tensor, mask_tensor, read_binary_mask, read_image, require_dir
 from mdbench.data.splits import DEFAULT_FRACTIONS, DEFAULT_SEED, check_split, split_indices
 
 log = logging.getLogger(__name__)

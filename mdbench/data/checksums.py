@@ -20,9 +20,9 @@ import stat
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import platformdirs
 from filelock import FileLock, Timeout

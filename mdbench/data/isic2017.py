@@ -13,8 +13,9 @@ both tasks, so a case is in the same split for classification and segmentation.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -48,7 +49,7 @@ def read_labels(csv_path: Path) -> dict[str, int]:
         raise LabelError(f"{csv_path}: rows for {table.image_id[bad].tolist()[:5]} are not one-hot "
                          "(melanoma and seborrheic_keratosis must be 0/1 and not both 1)")
     labels = np.where(flags[:, 0] == 1, 0, np.where(flags[:, 1] == 1, 1, 2))
-    return dict(zip(table.image_id, labels.tolist()))
+    return dict(zip(table.image_id, labels.tolist(), strict=True))
 
 
 class ISIC2017Dataset(ImageMaskDataset):

@@ -6,8 +6,9 @@ a seeded random 70/15/15 split (:func:`mdbench.data.splits.split_indices`, no la
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from mdbench.data.base import ImageMaskDataset
 from mdbench.data.errors import DataNotFoundError, LabelError

@@ -26,7 +26,7 @@ class MILBatch(NamedTuple):
 
 def collate_bags(batch: Sequence[tuple[torch.Tensor, int, torch.Tensor]]) -> MILBatch:
     """``DataLoader`` collate for bags of different sizes: pads to the largest bag and returns a mask."""
-    instances, bag_labels, instance_labels = zip(*batch)
+    instances, bag_labels, instance_labels = zip(*batch, strict=True)
     sizes = torch.tensor([len(x) for x in instances])
     mask = torch.arange(int(sizes.max()))[None, :] < sizes[:, None]
     return MILBatch(

@@ -11,8 +11,9 @@ Shapes vary per case (about 35x50x35 at 1 mm); pass ``spatial_size`` to batch th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -131,7 +132,7 @@ class MSDHippocampusDataset(RealDataset):
         x = self._normalized(image)[None]
         y = torch.from_numpy(label.astype(np.int64))[None]
         if self._resize is not None:
-            spacing = tuple(s * n / m for s, n, m in zip(spacing, image.shape, self.spatial_size))
+            spacing = tuple(s * n / m for s, n, m in zip(spacing, image.shape, self.spatial_size, strict=True))
             x = self._resize[0](x).as_tensor()
             y = self._resize[1](y.float()).as_tensor().round().long()
         return self._apply({"image": x, "label": y[0], "spacing": spacing, "id": self.ids[case]})

@@ -6,8 +6,9 @@ official split: a seeded stratified 70/15/15 split (:func:`mdbench.data.splits.s
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 

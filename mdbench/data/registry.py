@@ -8,14 +8,14 @@ dataset sits in ``<root>/<spec.folder>`` in its official layout (see ``data_card
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch.utils.data import Dataset
 
-from mdbench.data.checksums import (SUMS_FILE, VERIFY_ENV, note_unverified, verification_enabled,
-                                    verify_sha256sums)
+from mdbench.data.checksums import SUMS_FILE, VERIFY_ENV, note_unverified, verification_enabled, verify_sha256sums
 from mdbench.data.errors import DataIntegrityError, DataNotFoundError, UnknownDatasetError
 from mdbench.data.hc18 import HC18Dataset
 from mdbench.data.isic2017 import ISIC2017Dataset

@@ -8,7 +8,7 @@ lists sorted by file name, so the same files and seed always give the same split
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split

@@ -8,8 +8,9 @@ official split: a seeded stratified 70/15/15 split over bags, or stratified k-fo
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ def read_bags(path: Path) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     bag_ids, starts = np.unique(ids[order], return_index=True)
     groups = np.split(order, starts[1:])
     labels = []
-    for bag, rows in zip(bag_ids, groups):
+    for bag, rows in zip(bag_ids, groups, strict=True):
         values = np.unique(inst_labels[rows])
         if len(values) != 1:
             raise LabelError(f"{path}: bag {bag} has instances with different bag_label values "

@@ -69,7 +69,7 @@ class SamNeck(nn.Module):
             raise ValueError(f"SamNeck expects {len(self.inputs)} maps, got {len(maps)}")
         size = (self.grid, self.grid)
         fused = sum(F.interpolate(proj(m), size=size, mode="bilinear", align_corners=False)
-                    for proj, m in zip(self.inputs, maps))
+                    for proj, m in zip(self.inputs, maps, strict=True))
         return self.norm(self.out(self.blocks(fused)))
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import timm
 from torch import nn

@@ -138,7 +138,7 @@ class FrozenFM(nn.Module):
     def name(self) -> str:
         return self.encoder.name
 
-    def train(self, mode: bool = True) -> "FrozenFM":
+    def train(self, mode: bool = True) -> FrozenFM:
         super().train(mode)
         self.encoder.eval()
         return self

@@ -21,8 +21,8 @@ adapter=MedAdapterConfig() or None)`` (:func:`build_slicewise_segmenter`).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +101,7 @@ class TinyViTSlices(SliceBackbone):
         self.mdbench_init = mdbench_init
         self.stage_depths = (0, *(len(layer.blocks) for layer in tinyvit.layers[1:]))
         tinyvit.patch_embed.patches_resolution = (image_size, image_size)
-        for layer, stride in zip(tinyvit.layers, self.stage_strides):
+        for layer, stride in zip(tinyvit.layers, self.stage_strides, strict=True):
             grid = (image_size // stride, image_size // stride)
             layer.input_resolution = grid
             for block in layer.blocks:
@@ -301,7 +301,7 @@ class SliceWiseSegmenter(nn.Module):
             adapters[str(stage)] = nn.ModuleList(blocks)
         return adapters
 
-    def train(self, mode: bool = True) -> "SliceWiseSegmenter":
+    def train(self, mode: bool = True) -> SliceWiseSegmenter:
         super().train(mode)
         frozen_norms_to_eval(self)
         return self
