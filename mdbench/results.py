@@ -16,10 +16,11 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,6 +68,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` as UTF-8 to ``path`` atomically (see :func:`atomic_write_bytes`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -134,7 +136,7 @@ class Record:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Record":
+    def from_dict(cls, data: dict[str, Any]) -> Record:
         known = {f for f in cls.__dataclass_fields__}
         missing = {"paper", "table", "row", "metric", "values", "seeds", "dataset", "dataset_checksum",
                    "profile", "config"} - set(data)
@@ -164,18 +166,18 @@ class ResultStore:
     def record_path(self, table: str, dataset: str, row: str, metric: str) -> Path:
         return self.records_dir / f"{_slug(table)}__{_slug(dataset)}__{_slug(row)}__{_slug(metric)}.json"
 
-    def record(self, table: str, row: str, metric: str, values: Sequence[float], *, dataset: str,
+    def record(self, table: str, row: str, metric: str, values: float | Sequence[float], *, dataset: str,
                dataset_checksum: str, config: dict[str, Any], seeds: Sequence[int] | None = None,
                unit: str = "", notes: str = "") -> Record:
         """Make a record of a measured number and write it atomically; returns the record."""
         if self._fingerprint is None:
             self._fingerprint = fingerprint()
-        values = list(values) if isinstance(values, (list, tuple, np.ndarray)) else [values]
+        values = list(values) if isinstance(values, (Sequence, np.ndarray)) else [values]
         seeds = list(seeds) if seeds is not None else list(range(len(values)))
         rec = Record(paper=self.paper, table=table, row=row, metric=metric, values=values, seeds=seeds,
                      dataset=dataset, dataset_checksum=dataset_checksum, profile=self.profile,
                      config=config, unit=unit, notes=notes, fingerprint=self._fingerprint,
-                     time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                     time=datetime.now(UTC).isoformat(timespec="seconds"))
         text = json.dumps(rec.as_dict(), indent=1, sort_keys=True, default=str)
         atomic_write_text(self.record_path(table, dataset, row, metric), text + "\n")
         return rec
@@ -215,6 +217,7 @@ def flatten_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_record(path: Path) -> Record:
+    """The record in the JSON file ``path``; a file that is not one is an error saying how to remake it."""
     try:
         data = json.loads(Path(path).read_text())
         return Record.from_dict(data)
@@ -235,6 +238,8 @@ def load_records(folder: Path) -> list[Record]:
 # ------------------------------------------------------------------------------------------ paper references
 @dataclass(frozen=True)
 class Side:
+    """One side of a claim: a row's metric in the claim's table."""
+
     row: str
     metric: str
 
@@ -342,6 +347,7 @@ def evaluate_claims(reference: PaperReference, records: Iterable[Record]) -> pd.
 
 # -------------------------------------------------------------------------------------------------- tables
 def format_value(rec: Record | None, digits: int = 2) -> str:
+    """A record for a table: ``mean ± std (n=N)``, ``mean (n=1)`` for one seed, "not run" for none."""
     if rec is None:
         return NOT_RUN
     if rec.n == 1:
@@ -375,7 +381,7 @@ def build_table(reference: PaperReference, records: Iterable[Record], table: str
             status = "no paper value" if rec is not None else NOT_RUN
         elif rec is None:
             status = NOT_RUN
-        elif tolerance is not None and abs(delta) <= tolerance:
+        elif tolerance is not None and delta is not None and abs(delta) <= tolerance:
             status = "matches"
         else:
             status = "differs"

@@ -11,8 +11,8 @@ Run control (Linux first; where noted, other platforms get less):
   every notebook it runs; another run into the same folder is refused at once, naming the folder and the holder's
   pid. The operating system drops the lock when its holder dies, even by ``kill -9``. (No lock where ``fcntl`` is
   missing.)
-* **Nothing outlives the run.** papermill runs under a guard process (:func:`mdbench.process_guard.guard`) in a session of its own. The guard
-  is a child subreaper (Linux), so the Jupyter kernel, which jupyter_client starts in yet another session, stays its
+* **Nothing outlives the run.** papermill runs under a guard process (:func:`mdbench.process_guard.guard`) in a
+  session of its own. The guard is a child subreaper (Linux), so the Jupyter kernel, which jupyter_client starts in yet another session, stays its
   descendant even if papermill dies first. When the guard is told to stop (SIGTERM, SIGINT, SIGHUP) or sees that the
   mdbench process that started it is gone (also after ``kill -9``; it polls its parent pid), it kills all its
   descendants and exits, so no notebook of a dead run goes on writing records or tables.
@@ -39,10 +39,11 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -52,7 +53,7 @@ from mdbench.process_guard import POLL_S, guard_command, kill_descendants
 try:
     import fcntl
 except ImportError:  # not POSIX: runs into one folder are not serialised
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # checked before each use
 
 # nbformat and mdbench.results (which imports torch) are imported where they are used, to keep the CLI quick to start.
 
@@ -123,10 +124,11 @@ class PaperNotebook:
 
     ``order`` (an integer: papers run by ascending order; gaps leave room for a new paper), ``notebook`` (its file
     under ``notebooks/``; tests give an absolute path), ``tier`` (``paper``: reproduces a paper's tables;
-    ``walkthrough``: building blocks for students), ``datasets`` (the real datasets a ``real_data`` profile needs under the data folder), ``minutes``
-    (expected wall time per profile: 2 CPU cores for smoke and cpu, one H100 for gpu), ``timeout_minutes`` (per
-    profile: the notebook is stopped and reported failed past it) and ``parameters`` (per profile, the values
-    papermill injects besides the profile's shared ones; every profile but a ``notebook_defaults`` one has them).
+    ``walkthrough``: building blocks for students), ``datasets`` (the real datasets a ``real_data`` profile needs
+    under the data folder), ``minutes`` (expected wall time per profile: 2 CPU cores for smoke and cpu, one H100 for
+    gpu), ``timeout_minutes`` (per profile: the notebook is stopped and reported failed past it) and ``parameters``
+    (per profile, the values papermill injects besides the profile's shared ones; every profile but a
+    ``notebook_defaults`` one has them).
     """
 
     paper: str
@@ -251,6 +253,8 @@ def resolve_data_dir(data_dir: Path | str | None) -> Path | None:
 # ---------------------------------------------------------------------------------------------------- running
 @dataclass
 class RunResult:
+    """How one notebook of a run went."""
+
     paper: str
     notebook: str
     status: str  # ok | failed | skipped | interrupted | not run
@@ -409,12 +413,19 @@ class NotebookRun:
             env["MDBENCH_DATA_DIR"] = str(self.data_dir)
         cmd = guard_command(papermill_command(self.entry.notebook, self.tmp_out, params_file))
         try:
-            with self.stderr_tmp.open("w") as err:
-                self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env,
+            with self.stderr_tmp.open("w") as stderr:
+                self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env,
                                              start_new_session=True)
         except OSError as err:
             raise RunnerError(f"cannot start papermill for {self.entry.notebook.name}: {err}") from err
         self.start_time = time.monotonic()
+
+    @property
+    def started(self) -> subprocess.Popen:
+        """The guard process that :meth:`start` started."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.stem} has not been started")
+        return self.proc
 
     @property
     def minutes(self) -> float:
@@ -422,14 +433,14 @@ class NotebookRun:
 
     def poll(self) -> RunResult | None:
         """The result once papermill has ended (or was stopped past the timeout); None while it runs."""
-        returncode = self.proc.poll()
+        returncode = self.started.poll()
         if returncode is not None:
             return self.finish(returncode)
         timeout_s = self.entry.timeout_s(self.profile.name)
         if time.monotonic() - self.start_time > timeout_s:
             self.stop()
             self.wait_stopped()
-            return self.finish(self.proc.returncode, f"timed out after {timeout_s / 60:g} min")
+            return self.finish(self.started.returncode, f"timed out after {timeout_s / 60:g} min")
         return None
 
     def stop(self) -> None:
@@ -439,12 +450,13 @@ class NotebookRun:
 
     def wait_stopped(self) -> None:
         """Wait for the guard to end; kill its tree from here if it does not in time."""
+        proc = self.started
         try:
-            self.proc.wait(timeout=STOP_WAIT_S)
+            proc.wait(timeout=STOP_WAIT_S)
         except subprocess.TimeoutExpired:
-            kill_descendants(self.proc.pid, grace_s=0)
-            self.proc.kill()
-            self.proc.wait()
+            kill_descendants(proc.pid, grace_s=0)
+            proc.kill()
+            proc.wait()
 
     def finish(self, returncode: int, detail: str = "") -> RunResult:
         """Move the outputs to their final names and say how the notebook went; no temporary file is left."""
@@ -516,7 +528,9 @@ def _run_all(todo: list[PaperNotebook], profile: Profile, results_dir: Path, dat
     """Run the notebooks, at most ``jobs`` at once, from the main thread so that signals are handled at once."""
     from tqdm.auto import tqdm
 
-    pending, running, done = deque(todo), [], []
+    pending = deque(todo)
+    running: list[NotebookRun] = []
+    done: list[RunResult] = []
     with _signals_to_stop() as stop, \
             tqdm(total=len(todo), desc=f"reproduce ({profile.name})", unit="nb", disable=not progress) as bar:
         def report(result: RunResult) -> None:
@@ -605,6 +619,7 @@ def reproduce(papers: list[str] | None = None, profile_name: str = "cpu", jobs: 
 
 
 def summary_table(results: list[RunResult]) -> str:
+    """The run's results as a text table: notebook, status, minutes, first error or reason."""
     lines = [f"{'notebook':<28} {'status':<11} {'minutes':>7}  first error / reason", "-" * 81]
     for r in results:
         minutes = f"{r.minutes:7.1f}" if r.status not in ("skipped", "not run") else f"{'-':>7}"
