@@ -34,15 +34,26 @@ PredictFn = Callable[[nn.Module, Any], tuple[Any, Any]]
 # Small public helpers
 # --------------------------------------------------------------------------------------------------------------
 def move_to_device(obj: Any, device: torch.device | str) -> Any:
-    """Tensors inside (nested) tuples, lists and dicts moved to ``device``; other objects returned as they are."""
+    """Tensors inside (nested) tuples, lists and dicts moved to ``device``; other objects returned as they are.
+
+    Copies to an accelerator are non-blocking (the stream orders them before the kernels that read them); copies
+    to the CPU block until the data has arrived, because the host reads them next.
+    """
+    device = torch.device(device)
+    return _move(obj, device, non_blocking=device.type != "cpu")
+
+
+def _move(obj: Any, device: torch.device, non_blocking: bool) -> Any:
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
+        # A non-blocking device-to-host copy returns a pinned buffer that the GPU fills later: reading it
+        # before a synchronisation gives garbage (issue 15: rd's test labels came back as 4.5e18).
+        return obj.to(device, non_blocking=non_blocking)
     if isinstance(obj, Mapping):
-        return type(obj)({k: move_to_device(v, device) for k, v in obj.items()})
+        return type(obj)({k: _move(v, device, non_blocking) for k, v in obj.items()})
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(move_to_device(v, device) for v in obj))
+        return type(obj)(*(_move(v, device, non_blocking) for v in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(move_to_device(v, device) for v in obj)
+        return type(obj)(_move(v, device, non_blocking) for v in obj)
     return obj
 
 

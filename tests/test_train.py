@@ -194,6 +194,28 @@ def test_predict_and_move_to_device():
     assert moved["b"] == 3 and moved["a"][1][1] == "text" and isinstance(moved["a"], tuple)
 
 
+def test_copies_to_the_host_block_so_predict_never_returns_data_still_in_flight(monkeypatch):
+    # Issue 15: a non-blocking device-to-host copy hands back a pinned buffer the GPU fills later, so predict's
+    # labels were garbage on CUDA. Only CUDA shows the garbage; the flags of the copies show the bug on any machine.
+    copies = []
+    to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        if len(args) != 1 or not isinstance(args[0], (str, torch.device)):  # Module.to's casts, not a copy
+            return to(self, *args, **kwargs)
+        copies.append((torch.device(args[0]).type, kwargs.get("non_blocking", False)))
+        return to(self, *args, **kwargs) if copies[-1][0] == "cpu" else self  # no GPU needed to record one
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    ds = make_data(40)
+    predict(make_model(), loader(ds, shuffle=False))
+    move_to_device({"x": [torch.ones(2)]}, torch.device("cpu"))
+    assert copies and all(not non_blocking for kind, non_blocking in copies if kind == "cpu"), copies
+    copies.clear()
+    move_to_device((torch.ones(2),), "cuda")
+    assert copies[0] == ("cuda", True)  # to an accelerator the copy stays asynchronous
+
+
 def test_bad_input_is_refused():
     ds, model = make_data(), make_model()
     with pytest.raises(ValueError, match="epochs must be >= 1"):
