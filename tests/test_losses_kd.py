@@ -56,6 +56,18 @@ def test_cka_hand_values():
     assert linear_cka(big_x, big_x[:, :1]).item() == pytest.approx(1 / math.sqrt(2), abs=1e-6)
 
 
+def test_cka_runs_in_float32_under_autocast():
+    # RD's co-training step runs under autocast (bf16 on the CPU and on CUDA, fp16 on older GPUs); the products
+    # of CKA must not drop to half precision there (fp16 overflows, bf16 keeps ~3 significant digits).
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(64, 32, generator=gen), torch.randn(64, 16, generator=gen)
+    reference = linear_cka(x, y).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = linear_cka(x, y)
+    assert under_autocast.dtype == torch.float32
+    assert under_autocast.item() == pytest.approx(reference, rel=1e-5)
+
+
 def test_cka_loss_detaches_the_teacher_and_trains_the_student():
     student = torch.randn(8, 3, requires_grad=True)
     teacher = torch.randn(8, 5, requires_grad=True)

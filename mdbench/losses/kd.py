@@ -169,14 +169,16 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Ten
     _check_pair(x, y, "linear_cka", same_width=False)
     if x.shape[0] < 2:
         raise ValueError(f"linear_cka needs at least 2 samples, got {x.shape[0]}")
-    # at least float32, also under autocast: the squared norms overflow fp16
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    y = y.to(torch.promote_types(y.dtype, torch.float32))
-    x = x - x.mean(dim=0, keepdim=True)
-    y = y - y.mean(dim=0, keepdim=True)
-    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
-    norms = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
-    return cross / (norms + eps)
+    # at least float32, also under autocast: the squared norms overflow fp16. Casting the inputs is not enough,
+    # autocast would run the products below in half precision again, so it is switched off here.
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = y.to(torch.promote_types(y.dtype, torch.float32))
+        x = x - x.mean(dim=0, keepdim=True)
+        y = y - y.mean(dim=0, keepdim=True)
+        cross = torch.linalg.matrix_norm(y.T @ x) ** 2
+        norms = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+        return cross / (norms + eps)
 
 
 def cka_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
