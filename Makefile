@@ -16,7 +16,7 @@ PROFILE  ?= $(if $(MDBENCH_DATA_DIR),cpu,smoke)
 PAPER    ?=
 JOBS     ?= 1
 
-.PHONY: reproduce test unit nbval lint doctor clean-venv execute-notebooks
+.PHONY: reproduce test unit test-gpu nbval lint doctor clean-venv execute-notebooks
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ unit: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# Every paper's fit/predict/evaluate path on CUDA (mixed precision) against the CPU; needs a GPU. make test runs
+# these too, and they skip where there is no GPU.
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest tests/gpu -m cuda -q -p no:cacheprovider -rs
 
 # The committed notebooks carry their smoke-profile outputs; nbval re-runs them and compares the checked cells.
 # Their records go to a scratch folder so a test run never touches results/.

@@ -1,0 +1,76 @@
+"""EFCM on CUDA with mixed precision against the CPU: cached teacher features, stage-1 distillation, the MIL heads,
+Reuse / Retrain / end-to-end CLAM, and bag prediction."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from gpu_compare import MARKS, assert_close, assert_same
+
+from mdbench.data.synthetic import SyntheticMILBags
+from mdbench.models import build_model, freeze
+from mdbench.papers.efcm import experiment as efcm
+from mdbench.repro import seed_rngs
+
+pytestmark = MARKS
+warnings.filterwarnings("ignore", message="no local pretrained weights")
+
+
+def _bags(n: int, split: str) -> list:
+    data = SyntheticMILBags(n, bag_size=(4, 6), instances="images", image_size=16, seed=0, split=split)
+    return [data[i] for i in range(n)]
+
+
+def test_teacher_features_alike_on_cuda_under_autocast():
+    seed_rngs(0)
+    teacher = freeze(efcm.PatchEncoder(build_model("timm:resnet10t", pretrained=False, num_classes=0)))
+    patches = torch.cat([b[0] for b in _bags(8, "train")])
+    cpu = efcm.teacher_features(teacher, patches, name="t", amp=True, device="cpu", cache=False)
+    gpu = efcm.teacher_features(teacher, patches, name="t", amp=True, device="cuda", cache=False)
+    assert gpu.device.type == "cpu" and gpu.dtype == cpu.dtype == torch.float32
+    assert_close(gpu, cpu, 0.05, "teacher features (bf16 autocast on both)")
+
+
+def _run_seed(device: str, bags: list, teacher: torch.Tensor) -> efcm.SeedResult:
+    # one epoch per stage: with more, a near-tie of validation losses could pick another best epoch per device
+    cfg = efcm.EFCMConfig(head_hidden=(16, 8), head_epochs=1, head_lr=1e-3, distill_epochs=1, distill_batch=32,
+                          etc_epochs=1, student_out_index=1, k_sample=2, dropout=0.0, device=device,
+                          amp=device == "cuda")  # no dropout: CUDA draws other masks than the CPU
+    return efcm.run_seed(bags, efcm.split_features(teacher, bags), efcm.monte_carlo_index(bags, seed=0), cfg, seed=0)
+
+
+def test_every_row_of_table_1_alike_on_cuda(monkeypatch):
+    bags = _bags(24, "train") + _bags(24, "val")
+    patches = torch.cat([b[0] for b in bags])
+    teacher = patches.flatten(2).std(dim=2).repeat(1, 2)  # a cheap fixed teacher: (N, 6) texture contrast
+    seen = []
+    predict_bags = efcm.predict_bags
+    monkeypatch.setattr(efcm, "predict_bags", lambda *a: seen.append(predict_bags(*a)) or seen[-1])
+    cpu = _run_seed("cpu", bags, teacher)
+    cpu_seen = list(seen)
+    seen.clear()
+    gpu = _run_seed("cuda", bags, teacher)
+    assert gpu.test_index == cpu.test_index and set(gpu.rows) == set(cpu.rows) and set(gpu.heads) == set(cpu.heads)
+    assert all(0 <= v <= 100 for scores in (*gpu.rows.values(), *gpu.heads.values()) for v in scores.values())
+    assert_close(list(gpu.distill_loss.values()), list(cpu.distill_loss.values()), 0.05, "stage-1 losses")
+    test_labels = torch.tensor([int(bags[i][1]) for i in cpu.test_index])
+    assert len(seen) == len(cpu_seen) > 0
+    for i, ((probs, labels, scores), (cpu_probs, cpu_labels, cpu_scores)) in enumerate(zip(seen, cpu_seen)):
+        assert_same(torch.as_tensor(labels), test_labels, f"bag labels of evaluation {i}")
+        assert_same(torch.as_tensor(cpu_labels), test_labels, f"CPU bag labels of evaluation {i}")
+        assert probs.dtype == cpu_probs.dtype and [s.shape for s in scores] == [s.shape for s in cpu_scores]
+        assert_close(probs, cpu_probs, 0.1, f"bag probabilities of evaluation {i}")
+        assert_close(np.concatenate(scores), np.concatenate(cpu_scores), 0.1, f"instance scores of evaluation {i}")
+
+
+def test_predict_bags_returns_the_bag_labels_on_cuda():
+    seed_rngs(0)
+    head = build_model("clam_sb", in_dim=6, n_classes=2, hidden=(16, 8), k_sample=2)
+    bags = [(b[0].flatten(2).std(dim=2).repeat(1, 2), b[1], b[2]) for b in _bags(16, "test")]
+    cpu_probs, cpu_labels, _ = efcm.predict_bags(head, bags, "cpu")
+    probs, labels, scores = efcm.predict_bags(head, bags, "cuda")
+    assert_same(torch.as_tensor(labels), torch.tensor([int(b[1]) for b in bags]), "bag labels")
+    assert_same(torch.as_tensor(labels), torch.as_tensor(cpu_labels), "bag labels against the CPU's")
+    assert probs.dtype == cpu_probs.dtype and [len(s) for s in scores] == [len(b[0]) for b in bags]
+    assert_close(probs, cpu_probs, 1e-3, "bag probabilities (fp32 on both)")

@@ -1,0 +1,96 @@
+"""Reprogramming Distillation on CUDA with mixed precision against the CPU: every FM baseline and student method of
+the grid (reprogramming, co-training, KD baselines, evaluation), and LoRA on LiteMedSAM's stem."""
+from __future__ import annotations
+
+import warnings
+
+import pandas as pd
+import torch
+from gpu_compare import MARKS, assert_close, assert_same
+from torch import nn
+
+from mdbench.models.reprogramming import FrozenFM, MeanPool, PooledEncoder, build_fm
+from mdbench.papers.rd import experiment as rdx
+from mdbench.repro import seed_rngs
+
+pytestmark = MARKS
+N_TEST = 64
+METHODS = ["fm_linear_probe", "fm_full_ft", *rdx.STUDENT_METHODS]
+
+
+def _tiny_fm(dim: int = 8) -> FrozenFM:
+    """A small frozen random conv net standing in for the foundation model (the grid's cost is the students')."""
+    seed_rngs(0)
+    body = nn.Sequential(nn.Conv2d(3, dim, 5, padding=2), nn.BatchNorm2d(dim), nn.ReLU())
+    return FrozenFM(PooledEncoder(body, MeanPool((2, 3)), dim, None, "tiny"))
+
+
+def _scored(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Records the (logits, labels) of every test-set evaluation; the labels are what predict brought back."""
+    seen = []
+    scores = rdx._scores
+
+    def recording(logits, y, num_classes):
+        seen.append((logits, y))
+        return scores(logits, y, num_classes)
+
+    monkeypatch.setattr(rdx, "_scores", recording)
+    return seen
+
+
+def _grid(device: str) -> pd.DataFrame:
+    data = rdx.load_classification("synthetic", 16, max_train=64, max_test=N_TEST, synthetic_classes=2)
+    fm = _tiny_fm().to(device)
+    rdx.cache_features(data, fm)
+    cfg = rdx.TrainConfig(steps=4, batch_size=16, pretrained_students=False, device=device, amp=device == "cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no local student weights: random init, as on the CPU
+        return rdx.run_grid(data, fm, 0.5, ["resnet18"], METHODS, [0], cfg, progress=False)
+
+
+def _assert_evaluations_alike(gpu: list, cpu: list, rel: float) -> None:
+    labels = rdx.load_classification("synthetic", 16, max_train=8, max_test=N_TEST).test.y
+    assert len(gpu) == len(cpu) > 0
+    for i, ((logits, y), (cpu_logits, cpu_y)) in enumerate(zip(gpu, cpu)):
+        assert_same(y, labels, f"test labels of evaluation {i}")
+        assert_same(cpu_y, labels, f"CPU test labels of evaluation {i}")
+        assert logits.device.type == "cpu" and logits.dtype == cpu_logits.dtype == torch.float32
+        assert_close(logits, cpu_logits, rel, f"test logits of evaluation {i}")
+
+
+def test_grid_of_every_method_evaluates_alike_on_cuda(monkeypatch):
+    # Issue 15 failed here: the test labels came back from predict as garbage and the metrics refused them.
+    seen = _scored(monkeypatch)
+    cpu = _grid("cpu")
+    cpu_seen = list(seen)
+    seen.clear()
+    gpu = _grid("cuda")
+    assert gpu[["method", "student", "seed"]].equals(cpu[["method", "student", "seed"]])
+    assert set(gpu.method) == {*METHODS, "rd_teacher"}
+    assert gpu[["accuracy", "auc"]].apply(lambda v: v.between(0, 100)).all().all()
+    # Adam's first steps move every weight by about lr whatever the size of its gradient, so where bf16 flips the
+    # sign of a near-zero gradient the weight moves the other way: a few steps leave students tens of % apart.
+    _assert_evaluations_alike(seen, cpu_seen, 0.5)
+
+
+def _lora(device: str) -> tuple[rdx.MethodResult, torch.Tensor]:
+    data = rdx.load_classification("synthetic", 16, max_train=32, max_test=N_TEST, synthetic_classes=2)
+    fm = FrozenFM(build_fm("litemedsam_stem", 16)).to(device)
+    task = rdx.make_task(rdx.cache_features(data, fm), fm, 1.0, 0)
+    cfg = rdx.TrainConfig(steps=3, batch_size=16, device=device, amp=device == "cuda")
+    return rdx.run_fm_method("fm_lora", task, 0, cfg), data.test.features
+
+
+def test_lora_on_the_litemedsam_stem_alike_on_cuda(monkeypatch):
+    seen = _scored(monkeypatch)
+    cpu, cpu_features = _lora("cpu")
+    cpu_seen = list(seen)
+    seen.clear()
+    gpu, gpu_features = _lora("cuda")
+    assert gpu_features.device.type == "cpu" and gpu_features.dtype == cpu_features.dtype == torch.float32
+    assert_close(gpu_features, cpu_features, 1e-2, "cached FM features (TF32 convolutions on CUDA)")
+    assert gpu.train_logits.dtype == cpu.train_logits.dtype and gpu.train_logits.device.type == "cpu"
+    assert_close(gpu.train_logits, cpu.train_logits, 0.1, "LoRA train logits (the KD teacher)")
+    _assert_evaluations_alike(seen, cpu_seen, 0.1)
+    trainable = {n for n, p in gpu.model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in cpu.model.named_parameters() if p.requires_grad}
