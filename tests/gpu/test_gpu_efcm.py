@@ -56,7 +56,7 @@ def test_every_row_of_table_1_alike_on_cuda(monkeypatch):
     assert_close(list(gpu.distill_loss.values()), list(cpu.distill_loss.values()), 0.05, "stage-1 losses")
     test_labels = torch.tensor([int(bags[i][1]) for i in cpu.test_index])
     assert len(seen) == len(cpu_seen) > 0
-    for i, ((probs, labels, scores), (cpu_probs, cpu_labels, cpu_scores)) in enumerate(zip(seen, cpu_seen)):
+    for i, ((probs, labels, scores), (cpu_probs, cpu_labels, cpu_scores)) in enumerate(zip(seen, cpu_seen, strict=True)):
         assert_same(torch.as_tensor(labels), test_labels, f"bag labels of evaluation {i}")
         assert_same(torch.as_tensor(cpu_labels), test_labels, f"CPU bag labels of evaluation {i}")
         assert probs.dtype == cpu_probs.dtype and [s.shape for s in scores] == [s.shape for s in cpu_scores]

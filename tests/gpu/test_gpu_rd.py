@@ -51,7 +51,7 @@ def _grid(device: str) -> pd.DataFrame:
 def _assert_evaluations_alike(gpu: list, cpu: list, rel: float) -> None:
     labels = rdx.load_classification("synthetic", 16, max_train=8, max_test=N_TEST).test.y
     assert len(gpu) == len(cpu) > 0
-    for i, ((logits, y), (cpu_logits, cpu_y)) in enumerate(zip(gpu, cpu)):
+    for i, ((logits, y), (cpu_logits, cpu_y)) in enumerate(zip(gpu, cpu, strict=True)):
         assert_same(y, labels, f"test labels of evaluation {i}")
         assert_same(cpu_y, labels, f"CPU test labels of evaluation {i}")
         assert logits.device.type == "cpu" and logits.dtype == cpu_logits.dtype == torch.float32

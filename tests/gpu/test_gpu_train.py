@@ -60,7 +60,7 @@ def small_cnn(num_classes: int, in_channels: int = 1, width: int = 16) -> nn.Mod
 
 def _tensors(split: str, n: int) -> TensorDataset:
     data = SyntheticClassification(n, num_classes=2, image_size=28, channels=1, seed=0, split=split)
-    images, labels = zip(*(data[i] for i in range(n)))
+    images, labels = zip(*(data[i] for i in range(n)), strict=True)
     return TensorDataset(torch.stack(images), torch.tensor(labels))
 
 
