@@ -193,7 +193,8 @@ def save_boxprompt_case(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **case)
+            # allow_pickle named (numpy's default) so that no key of case can be taken for it
+            np.savez_compressed(f, allow_pickle=True, **case)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -322,4 +323,4 @@ def postprocess_logits(low_res_logits: np.ndarray, orig_hw: tuple[int, int]) -> 
     """(K, 1, 256, 256) low-res logits -> (K, H, W) logits: crop the padding away, bilinear resize to (H, W)."""
     height, width = resized_hw(orig_hw, low_res_logits.shape[-1])
     cropped = np.moveaxis(low_res_logits[:, 0, :height, :width], 0, -1)  # (h, w, K)
-    return np.moveaxis(resize(cropped, tuple(orig_hw), "bilinear"), -1, 0)
+    return np.moveaxis(resize(cropped, orig_hw, "bilinear"), -1, 0)

@@ -95,13 +95,14 @@ class MSDHippocampusDataset(RealDataset):
         self.label_paths = [p for _, p in pairs]
         self.ids = [p.name.removesuffix(".nii.gz").removesuffix(".nii") for p in self.image_paths]
         self._select(len(pairs))
-        self._resize = self._resizers() if self.spatial_size else None
+        self._resize = self._resizers(self.spatial_size) if self.spatial_size else None
 
-    def _resizers(self) -> tuple[Callable, Callable]:
+    @staticmethod
+    def _resizers(spatial_size: tuple[int, ...]) -> tuple[Callable, Callable]:
         # Imported here: MONAI takes seconds to import and only resampling needs it.
         from monai.transforms import Resize
 
-        return (Resize(self.spatial_size, mode="trilinear"), Resize(self.spatial_size, mode="nearest"))
+        return (Resize(spatial_size, mode="trilinear"), Resize(spatial_size, mode="nearest"))
 
     @property
     def files(self) -> list[Path]:
@@ -132,6 +133,7 @@ class MSDHippocampusDataset(RealDataset):
         x = self._normalized(image)[None]
         y = torch.from_numpy(label.astype(np.int64))[None]
         if self._resize is not None:
+            assert self.spatial_size is not None  # _resize exists only for a spatial_size (__init__)
             spacing = tuple(s * n / m for s, n, m in zip(spacing, image.shape, self.spatial_size, strict=True))
             x = self._resize[0](x).as_tensor()
             y = self._resize[1](y.float()).as_tensor().round().long()

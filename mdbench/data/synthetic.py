@@ -22,6 +22,7 @@ import json
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -386,7 +387,8 @@ class SyntheticVolumes(Dataset):
             raise ValueError(
                 f"need n >= 1, num_classes >= 2, a 3D shape >= 8 per side; got {n}, {num_classes}, {shape}"
             )
-        self.n, self.shape, self.num_classes, self.seed, self.split = n, tuple(shape), num_classes, seed, split
+        d, h, w = shape  # three sides, checked above
+        self.n, self.shape, self.num_classes, self.seed, self.split = n, (d, h, w), num_classes, seed, split
         self.normalize = normalize
         self.classes = ("background", "anterior", "posterior") if num_classes == 3 else tuple(
             ["background"] + [f"segment_{k}" for k in range(1, num_classes)]
@@ -438,7 +440,8 @@ def synthetic_boxprompt_case(
         raise ValueError(f"unknown synthetic box-prompt kind {kind!r}; expected one of {SYNTHETIC_BOXPROMPT_KINDS}")
     modality = kind.split("_", 1)[1]
     if kind.startswith("3D"):
-        labels = _hippocampus_like_labels(rng, tuple(volume_shape), 3)
+        d, h, w = volume_shape  # a list (YAML, notebook parameter) works too
+        labels = _hippocampus_like_labels(rng, (d, h, w), 3)
         image = _render_volume(rng, labels, modality)
         case = {"imgs": np.round(image * 255).astype(np.uint8), "gts": relabel_instances(labels).astype(np.uint8)}
         case["spacing"] = np.asarray(_SPACING_3D[modality], dtype=np.float64)
@@ -478,7 +481,9 @@ class SyntheticBoxPromptCases(Dataset):
                 f"got n={n}, image_size={image_size}, volume_shape={volume_shape}"
             )
         self.n, self.kind, self.seed, self.split = n, kind, seed, split
-        self.image_size, self.volume_shape = tuple(image_size), tuple(volume_shape)
+        # tuple() so that lists (YAML, notebook parameters) work too; the lengths are the annotated ones
+        self.image_size = cast(tuple[int, int], tuple(image_size))
+        self.volume_shape = cast(tuple[int, int, int], tuple(volume_shape))
         self.classes = ("background", "object")
         params = {"n": n, "kind": kind, "split": split, "image_size": list(self.image_size)}
         params["volume_shape"] = list(self.volume_shape)
@@ -487,13 +492,12 @@ class SyntheticBoxPromptCases(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} items")
         rng = _rng(self.seed, self.split, self.kind, index)
         case = synthetic_boxprompt_case(self.kind, rng, self.image_size, self.volume_shape)
-        case["id"] = f"synth_{self.split}_{index:04d}"
-        return case
+        return {**case, "id": f"synth_{self.split}_{index:04d}"}
 
 
 def write_synthetic_boxprompt_cases(
@@ -513,7 +517,8 @@ def write_synthetic_boxprompt_cases(
     paths = []
     for kind in kinds:
         cases = SyntheticBoxPromptCases(per_modality, kind, seed, split, image_size, volume_shape)
-        for case in cases:
+        for index in range(len(cases)):
+            case = cases[index]
             path = out_dir / case_filename(kind, case.pop("id"))
             save_boxprompt_case(path, **case)
             paths.append(path)
@@ -570,7 +575,9 @@ class SyntheticMILBags(Dataset):
             raise ValueError(f"feature_dim must be >= {self._N_NEGATIVE_CLUSTERS + 1}, got {feature_dim}")
         if instances == "images" and (image_size < 8 or channels < 1):
             raise ValueError(f"need image_size >= 8 and channels >= 1, got {image_size} and {channels}")
-        self.n_bags, self.bag_size, self.instances, self.n_key = n_bags, tuple(bag_size), instances, tuple(n_key)
+        self.n_bags, self.instances = n_bags, instances
+        # tuple() so that lists (YAML, notebook parameters) work too; (min, max) pairs as annotated
+        self.bag_size, self.n_key = cast(tuple[int, int], tuple(bag_size)), cast(tuple[int, int], tuple(n_key))
         self.feature_dim, self.image_size, self.channels = feature_dim, image_size, channels
         self.seed, self.split = seed, split
         self.classes = ("negative", "positive")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -26,7 +27,31 @@ from mdbench.data.synthetic import params_checksum
 NORMAL_PBC_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil", "platelet")
 
 
-def _split_labels(dataset: Dataset) -> np.ndarray:
+class LabelledSplit(Protocol):
+    """What the builders read from a split of a real loader (:class:`mdbench.data.base.RealDataset` with ``labels``,
+    as the PBC and ISIC 2017 loaders): items by position, the class of every case, this split's cases."""
+
+    @property
+    def classes(self) -> Sequence[str]: ...
+
+    @property
+    def labels(self) -> Sequence[int] | np.ndarray: ...  # label of every case of the dataset (all splits)
+
+    @property
+    def indices(self) -> np.ndarray: ...  # this split's cases
+
+    @property
+    def split(self) -> str: ...
+
+    @property
+    def checksum(self) -> str: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
+def _split_labels(dataset: LabelledSplit) -> np.ndarray:
     """Label of every item of a real loader's split, read from its index without decoding images."""
     return np.asarray(dataset.labels)[dataset.indices]
 
@@ -53,7 +78,7 @@ class ISICImageBags(Dataset):
     classes = ("negative", "positive")
 
     def __init__(
-        self, segmentation: Dataset, tile: int = 64, lesion_fraction: float = 0.5, positive_class: str = "melanoma"
+        self, segmentation: LabelledSplit, tile: int = 64, lesion_fraction: float = 0.5, positive_class: str = "melanoma"
     ) -> None:
         if not 0 < lesion_fraction <= 1:
             raise ValueError(f"lesion_fraction must lie in (0, 1], got {lesion_fraction}")
@@ -90,9 +115,10 @@ def isic_image_bags(
 
     Cases with an empty lesion mask are skipped (the loader logs how many). See :class:`ISICImageBags`.
     """
-    segmentation = load_dataset(
+    # load_dataset is typed for any loader; the ISIC 2017 one has labels, indices, classes, split and checksum
+    segmentation = cast(LabelledSplit, load_dataset(
         "isic2017", split=split, data_dir=data_dir, task="segmentation", image_size=grid * tile, foreground_only=True
-    )
+    ))
     return ISICImageBags(segmentation, tile, lesion_fraction)
 
 
@@ -120,7 +146,7 @@ class CellSetBags(Dataset):
 
     def __init__(
         self,
-        images: Dataset,
+        images: LabelledSplit,
         n_bags: int,
         bag_size: tuple[int, int] = (8, 16),
         n_key: tuple[int, int] = (1, 3),
@@ -182,5 +208,7 @@ def pbc_cell_set_bags(
     data_dir: str | os.PathLike | None = None,
 ) -> CellSetBags:
     """Bags of PBC cell images from ``split`` (resized to ``image_size``); see :class:`CellSetBags`."""
-    images = load_dataset("pbc", split=split, data_dir=data_dir, image_size=image_size, channels=channels)
+    # load_dataset is typed for any loader; the PBC one has labels, indices, classes, split and checksum
+    images = cast(LabelledSplit, load_dataset("pbc", split=split, data_dir=data_dir, image_size=image_size,
+                                              channels=channels))
     return CellSetBags(images, n_bags, bag_size, n_key, key_class, negative_classes, positive_fraction, seed)
