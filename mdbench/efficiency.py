@@ -17,13 +17,16 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import psutil
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 Inputs = torch.Tensor | Sequence[torch.Tensor]
 BACKENDS = ("onnxruntime", "openvino")
@@ -35,7 +38,7 @@ class ParityError(RuntimeError):
 
 class _AsDict:
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(cast("DataclassInstance", self))  # a mixin of the report dataclasses only
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -625,8 +628,11 @@ def export_with_parity(
     exported = wrapper(onnx_path, num_threads=num_threads)
     if parity_inputs is None:
         parity_inputs = [args, _other_batch(args)] if dynamic_batch else [args]
-    tolerances = dict(atol=atol, rtol=rtol, min_agreement=min_agreement, class_dim=class_dim, threshold=threshold)
-    report = _combine([check_parity(model, exported, inputs, **tolerances) for inputs in parity_inputs])
+    report = _combine([
+        check_parity(model, exported, inputs, atol=atol, rtol=rtol, min_agreement=min_agreement, class_dim=class_dim,
+                     threshold=threshold)
+        for inputs in parity_inputs
+    ])
     if not report.passed:
         raise ParityError(
             f"{backend} export {onnx_path} fails parity with PyTorch: {report.describe()}; "

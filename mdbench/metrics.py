@@ -257,6 +257,7 @@ def dsc_nsd_challenge(
     if p.ndim == 2:  # the challenge's np.expand_dims(-1) with spacing [1, 1, 1]
         p, g = p[..., None], g[..., None]
         spacing = [*(spacing if spacing is not None else (1.0, 1.0)), 1.0]
+    assert spacing is not None  # a 3D case without spacing was refused above, a 2D one got it just now
     if len(spacing) != 3:
         raise ValueError(f"spacing must give one value per axis, got {spacing}")
     p = torch.where(p > n_labels, 0, p)  # labels above max(gt) are never scored by the challenge

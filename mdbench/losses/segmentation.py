@@ -15,6 +15,8 @@ All weights are 1 in DAFT (``finetune.py``), as in MedSAM's LiteMedSAM training 
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
@@ -84,4 +86,5 @@ class SegmentationLoss(nn.Module):
     def forward(self, logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Weighted sum of :meth:`terms` (a scalar)."""
         terms = self.terms(logits, iou_pred, target)
-        return sum(self.weights[name] * value for name, value in terms.items())
+        # terms has three entries, so the sum is a tensor, never the 0 of an empty sum
+        return cast(torch.Tensor, sum(self.weights[name] * value for name, value in terms.items()))
