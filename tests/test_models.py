@@ -169,6 +169,19 @@ def test_local_weights_file_is_loaded(offline_weights, name, filename, save):
     assert all(torch.equal(loaded[k], state[k]) for k in state)
 
 
+def test_torch_hub_file_takes_the_file_name_of_a_url_pair(offline_weights, monkeypatch):
+    # timm's pretrained url may be a (url, file name) pair; its hub cache keeps the file under that name
+    from timm.models import PretrainedCfg
+
+    from mdbench.models import timm_backbones
+
+    cfg = PretrainedCfg(url=("https://example.org/download?id=7", "pair_weights.pth"))
+    monkeypatch.setattr(timm_backbones.timm.models, "get_pretrained_cfg", lambda name: cfg)
+    assert timm_backbones._torch_hub_file("any").name == "pair_weights.pth"
+    cfg = PretrainedCfg(url="https://example.org/weights/plain_weights.pth?raw=1")
+    assert timm_backbones._torch_hub_file("any").name == "plain_weights.pth"
+
+
 def test_local_weights_adapt_to_a_new_head(offline_weights):
     torch.manual_seed(123)
     source = timm.create_model("resnet18", pretrained=False)

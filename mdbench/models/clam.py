@@ -161,6 +161,7 @@ class CLAM(nn.Module):
         width, attn_width = hidden
         self.fc = nn.Sequential(nn.Linear(in_dim, width), nn.ReLU(), nn.Dropout(dropout))
         self.attention = GatedAttention(width, attn_width, n_classes if multi_branch else 1, dropout, gated)
+        self.classifiers: nn.ModuleList | nn.Linear  # one Linear(width, 1) per class with multi_branch
         if multi_branch:
             self.classifiers = nn.ModuleList([nn.Linear(width, 1) for _ in range(n_classes)])
         else:
@@ -178,6 +179,7 @@ class CLAM(nn.Module):
         attention = F.softmax(self.attention(h).T, dim=1)  # (M, N)
         pooled = attention @ h  # (M, width)
         if self.multi_branch:
+            assert isinstance(self.classifiers, nn.ModuleList)  # so built for multi_branch
             logits = torch.cat([clf(pooled[c]) for c, clf in enumerate(self.classifiers)])[None]  # (1, C)
         else:
             logits = self.classifiers(pooled)  # (1, C)
@@ -197,13 +199,15 @@ class CLAM(nn.Module):
         total = h.new_zeros(())
         if k < 1:
             return total
+        loss_fn = self.instance_loss_fn
+        assert loss_fn is not None  # forward computes the instance loss only with an instance_loss
         for c, classifier in enumerate(self.instance_classifiers):
             in_class = c == label
             if not in_class and not self.subtyping:
                 continue
             row = attention[c if self.multi_branch else 0]
             index, targets = pseudo_labels(row, k, in_class)
-            total = total + self.instance_loss_fn(classifier(h[index]), targets)
+            total = total + loss_fn(classifier(h[index]), targets)
         return total / self.n_classes if self.subtyping else total
 
 

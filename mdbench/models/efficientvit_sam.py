@@ -17,11 +17,19 @@ Built by ``build_model("efficientvit_sam", backbone=..., neck_depth=...)`` or :f
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from timm.layers import GELU, LayerNorm2d
-from timm.models.efficientvit_mit import ConvNormAct, FusedMBConv, MBConv, ResidualBlock
+from timm.models.efficientvit_mit import (
+    ConvNormAct,
+    EfficientVit,
+    EfficientVitLarge,
+    FusedMBConv,
+    MBConv,
+    ResidualBlock,
+)
 from torch import nn
 
 from mdbench.data.boxprompt import IMAGE_SIZE
@@ -93,10 +101,13 @@ class EfficientViTSAMEncoder(nn.Module):
         self.config = {"backbone": backbone, "depths": list(depths) if depths else None, "neck_width": neck_width,
                        "neck_depth": neck_depth, "neck_block": neck_block}
         extra = {"depths": tuple(depths)} if depths else {}
-        self.backbone = build_timm(backbone, pretrained=pretrained, num_classes=0, **extra)
+        body = build_timm(backbone, pretrained=pretrained, num_classes=0, **extra)
+        assert isinstance(body, EfficientVit | EfficientVitLarge)  # what timm builds for the names checked above
+        self.backbone = body
         self.backbone.prune_intermediate_layers(list(_OUT_INDICES), prune_head=True)  # drop the classifier head
         self.mdbench_init = self.backbone.mdbench_init
-        channels = tuple(self.backbone.feature_info[i]["num_chs"] for i in _OUT_INDICES)
+        # timm types feature_info as dicts of objects; num_chs is a stage's channel count
+        channels = tuple(cast(int, self.backbone.feature_info[i]["num_chs"]) for i in _OUT_INDICES)
         self.neck = SamNeck(channels, neck_width, neck_depth, neck_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

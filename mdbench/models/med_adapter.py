@@ -32,7 +32,8 @@ __all__ = ["MedAdapter"]
 
 def _depthwise(channels: int, kernel: tuple[int, int, int]) -> nn.Conv3d:
     """Depthwise 3D conv with "same" padding (odd kernels)."""
-    return nn.Conv3d(channels, channels, kernel, padding=tuple(k // 2 for k in kernel), groups=channels)
+    depth, height, width = kernel
+    return nn.Conv3d(channels, channels, kernel, padding=(depth // 2, height // 2, width // 2), groups=channels)
 
 
 class _SeparableBranch(nn.Sequential):

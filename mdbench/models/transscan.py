@@ -21,6 +21,8 @@ Variants (:data:`STUDENT_VARIANTS`, EFCM's ablation): ``fpd_ts`` (TransScan + ML
 """
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 from timm.layers import Attention, Mlp, SelectiveKernel
 from timm.models import FeatureListNet
@@ -28,7 +30,7 @@ from torch import nn
 
 from mdbench.models.registry import build_model, register_model
 
-__all__ = ["STUDENT_VARIANTS", "TransScan", "TransScanStudent", "build_transscan_student"]
+__all__ = ["STUDENT_VARIANTS", "StudentVariant", "TransScan", "TransScanStudent", "build_transscan_student"]
 
 
 class TransScan(nn.Module):
@@ -96,6 +98,7 @@ class TransScanStudent(nn.Module):
         self.mdbench_init = full.mdbench_init
         self.feature_dim = int(self.backbone.feature_info.channels()[-1])
         self.transscan = TransScan(self.feature_dim, num_heads) if transscan else None
+        self.projector: nn.Sequential | nn.Linear | None
         if projector == "mlp":
             self.projector = nn.Sequential(nn.Linear(self.feature_dim, proj_hidden), nn.GELU(),
                                            nn.Linear(proj_hidden, teacher_dim))
@@ -120,7 +123,14 @@ class TransScanStudent(nn.Module):
         return self.projector(f) if self.projector is not None else f
 
 
-STUDENT_VARIANTS = {
+class StudentVariant(TypedDict):
+    """The :class:`TransScanStudent` arguments that make one variant."""
+
+    transscan: bool
+    projector: str | None
+
+
+STUDENT_VARIANTS: dict[str, StudentVariant] = {
     "fpd_ts": {"transscan": True, "projector": "mlp"},
     "fpd": {"transscan": False, "projector": "mlp"},
     "kd": {"transscan": False, "projector": "linear"},
