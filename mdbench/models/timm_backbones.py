@@ -110,7 +110,8 @@ def build_timm(name: str, pretrained: bool = True, **kwargs) -> nn.Module:
     if weights is not None:
         overlay = {**kwargs.pop("pretrained_cfg_overlay", {}), "file": str(weights)}
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-        model.mdbench_init = f"pretrained:{weights}"  # type: ignore[assignment]  # stub: Module.__setattr__ stores any value
+        # torch's stub types Module.__setattr__'s value as Tensor | Module; any value is stored
+        model.mdbench_init = f"pretrained:{weights}"  # type: ignore[assignment]
     else:
         if pretrained:
             warnings.warn(
@@ -120,10 +121,10 @@ def build_timm(name: str, pretrained: bool = True, **kwargs) -> nn.Module:
                 stacklevel=3,
             )
         model = timm.create_model(name, pretrained=False, **kwargs)
-        model.mdbench_init = RANDOM_INIT  # type: ignore[assignment]  # stub: Module.__setattr__ stores any value
+        model.mdbench_init = RANDOM_INIT  # type: ignore[assignment]  # as above
     if hasattr(model, "feature_info") and not hasattr(model, "num_features"):
         # features_only=True gives a FeatureListNet: a list of stage maps, and no pooled vector
-        model.pooled_feature_dim = None  # type: ignore[assignment]  # stub: Module.__setattr__ stores any value
+        model.pooled_feature_dim = None  # type: ignore[assignment]  # as above
     else:
         # MobileNetV3-style heads widen the pooled features after num_features; timm records that in head_hidden_size
         model.pooled_feature_dim = getattr(model, "head_hidden_size", None) or model.num_features

@@ -26,5 +26,6 @@ def build_unet3d(in_channels: int = 1, out_channels: int = 3, channels: Sequence
     channels = tuple(channels)
     net = UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, channels=channels,
                strides=(2,) * (len(channels) - 1), num_res_units=num_res_units)
-    net.mdbench_init = RANDOM_INIT  # type: ignore[assignment]  # stub: Module.__setattr__ stores any value
+    # torch's stub types Module.__setattr__'s value as Tensor | Module; any value is stored
+    net.mdbench_init = RANDOM_INIT  # type: ignore[assignment]
     return net
