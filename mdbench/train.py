@@ -12,10 +12,10 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -49,7 +49,8 @@ def _move(obj: Any, device: torch.device, non_blocking: bool) -> Any:
         # before a synchronisation gives garbage (issue 15: rd's test labels came back as 4.5e18).
         return obj.to(device, non_blocking=non_blocking)
     if isinstance(obj, Mapping):
-        return type(obj)({k: _move(v, device, non_blocking) for k, v in obj.items()})
+        # a plain dict: rebuilding the concrete class fails for defaultdict (its first argument is a factory)
+        return {k: _move(v, device, non_blocking) for k, v in obj.items()}
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return type(obj)(*(_move(v, device, non_blocking) for v in obj))
     if isinstance(obj, (list, tuple)):
@@ -260,7 +261,7 @@ def _check_args(epochs: int, max_steps: int | None, grad_clip: float | None, log
         raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
-    if hasattr(loader, "__len__") and len(loader) == 0:
+    if hasattr(loader, "__len__") and len(cast(Sized, loader)) == 0:
         raise ValueError("train_loader is empty: it yields no batches")
 
 
@@ -429,7 +430,7 @@ def fit(
     epoch_bar = tqdm(total=epochs, initial=len(history.epochs), desc="epochs", disable=not progress)
     while not finished():
         epoch, start = len(history.epochs) + 1, time.perf_counter()
-        record = {"epoch": epoch}
+        record: dict[str, float] = {"epoch": epoch}
         record.update(
             _train_epoch(state, train_loader, step_fn, device, dtype, grad_clip, scheduler_interval == "step",
                          max_steps, log_every, progress, epoch)
@@ -440,7 +441,8 @@ def fit(
         if eval_fn is not None:
             model.eval()
             with torch.no_grad():
-                record.update({k: float(v) for k, v in eval_fn(model, val_loader, device).items()})
+                # fit refused eval_fn without val_loader on entry
+                record.update({k: float(v) for k, v in eval_fn(model, cast(Iterable, val_loader), device).items()})
         record["lr"] = optimizer.param_groups[0]["lr"]
         record["seconds"] = time.perf_counter() - start
         history.epochs.append(record)
