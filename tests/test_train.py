@@ -1,6 +1,7 @@
 """The suite's training loop on a tiny separable problem: learning, early stopping, resume, atomic checkpoints."""
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,8 @@ def test_predict_and_move_to_device():
     nested = {"a": (torch.ones(2), [torch.zeros(1), "text"]), "b": 3}
     moved = move_to_device(nested, "cpu")
     assert moved["b"] == 3 and moved["a"][1][1] == "text" and isinstance(moved["a"], tuple)
+    counts = collections.defaultdict(int, {"n": torch.ones(1)})  # cannot be rebuilt as type(obj)(dict)
+    assert torch.equal(move_to_device(counts, "cpu")["n"], torch.ones(1))
 
 
 def test_copies_to_the_host_block_so_predict_never_returns_data_still_in_flight(monkeypatch):
