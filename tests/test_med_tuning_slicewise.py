@@ -98,8 +98,8 @@ class Background(torch.nn.Module):
 
 
 def test_missed_classes_score_dice_zero_and_the_volume_diagonal():
-    setup = mt.Setup(image_size=16, num_slices=8)
-    volumes = mt.load_volumes("synthetic", "test", 2, setup)
+    cfg = mt.Config(image_size=16, num_slices=8)
+    volumes = mt.load_volumes("synthetic", "test", 2, cfg)
     scores = mt.evaluate(Background(), volumes, "cpu")
     assert scores["dice_mean"] == 0 and scores["pred"].shape == (2, 8, 16, 16)
     assert scores["hd95"] == pytest.approx((8**2 + 16**2 + 16**2) ** 0.5)  # 1 mm voxels
@@ -108,8 +108,8 @@ def test_missed_classes_score_dice_zero_and_the_volume_diagonal():
 @pytest.mark.real_data
 def test_real_hippocampus_volumes_load_for_the_cpu_profile(real_data_dir):
     real_dataset(real_data_dir, "msd_hippocampus")
-    setup = mt.Setup(image_size=32, num_slices=16)
-    volumes = mt.load_volumes("msd_hippocampus", "train", 2, setup, str(real_data_dir))
+    cfg = mt.Config(image_size=32, num_slices=16)
+    volumes = mt.load_volumes("msd_hippocampus", "train", 2, cfg, str(real_data_dir))
     assert volumes.images.shape == (2, 1, 16, 32, 32) and volumes.labels.shape == (2, 16, 32, 32)
     assert 0 <= volumes.images.min() and volumes.images.max() <= 1
     assert set(volumes.labels.unique().tolist()) == {0, 1, 2}
@@ -119,13 +119,13 @@ def test_real_hippocampus_volumes_load_for_the_cpu_profile(real_data_dir):
 
 def test_training_beats_no_training_on_synthetic_volumes():
     tiny = {"patch_size": 4, "depth": 4, "embed_dim": 64, "num_heads": 4}  # the smoke profile's backbone
-    setup = mt.Setup(backbone="timm:vit_tiny_patch16_224", backbone_kwargs=tiny, pretrained=False, image_size=32,
-                     num_slices=8, decoder_channels=32, epochs=4, batch_size=1)
-    train_set = mt.load_volumes("synthetic", "train", 6, setup)
-    test_set = mt.load_volumes("synthetic", "test", 2, setup)
+    cfg = mt.Config(backbone="timm:vit_tiny_patch16_224", backbone_kwargs=tiny, pretrained=False, image_size=32,
+                    num_slices=8, decoder_channels=32, epochs=4, batch_size=1)
+    train_set = mt.load_volumes("synthetic", "train", 6, cfg)
+    test_set = mt.load_volumes("synthetic", "test", 2, cfg)
     torch.manual_seed(0)
-    untrained = mt.evaluate(mt.build_row_model("med_tuning", setup), test_set, "cpu")
-    trained = mt.run_row("med_tuning", setup, train_set, test_set, [0])
+    untrained = mt.evaluate(mt.build_row_model("med_tuning", cfg), test_set, "cpu")
+    trained = mt.run("med_tuning", cfg, train_set, test_set, [0])
     assert trained.values["dice_mean"][0] > untrained["dice_mean"] + 20
     assert trained.values["tuned_params_pct"][0] < 100 and trained.values["train_memory_mb"][0] > 0
 

@@ -10,7 +10,7 @@ flips.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
@@ -20,12 +20,14 @@ from monai.losses import DiceLoss
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mdbench import metrics, repro, train
-from mdbench.data.registry import load_dataset
+from mdbench import metrics, train
+from mdbench.data.registry import is_present, load_dataset
 from mdbench.data.synthetic import SyntheticVolumes
 from mdbench.efficiency import peak_memory
 from mdbench.models import build_model
 from mdbench.models.slicewise import MedAdapterConfig
+from mdbench.params import NotebookConfig
+from mdbench.repro import seed_rngs
 from mdbench.tuning import apply_method, trainable_report
 
 CLASSES = ("background", "anterior", "posterior")
@@ -34,15 +36,24 @@ PET_ROWS = ("head", "lora", "vpt", "adaptformer")
 ABLATION_SWITCHES = {"no_3x3": {"branch3": False}, "no_5x5": {"branch5": False}, "no_fft": {"fft": False},
                      "no_inter_fi": {"inter_fi": False}}
 
-__all__ = ["ABLATION_SWITCHES", "CLASSES", "PET_ROWS", "TABLE1_ROWS", "RowResult", "Setup", "Volumes",
-           "ablation_adapters", "build_row_model", "dice_loss", "draw_framework", "evaluate", "load_volumes",
-           "plot_dice_vs_params", "plot_slices", "record_row", "run_row", "summary_frame", "training_memory_mb"]
+__all__ = ["ABLATION_SWITCHES", "CLASSES", "PET_ROWS", "TABLE1_ROWS", "Config", "RowResult", "Volumes",
+           "ablation_adapters", "build_row_model", "dice_loss", "draw_framework", "evaluate", "load_data",
+           "load_volumes", "plot_dice_vs_params", "plot_slices", "record", "run", "summary_frame",
+           "training_memory_mb", "wide_table"]
 
 
 @dataclass(frozen=True)
-class Setup:
-    """Everything that decides a run's numbers (recorded as the config of each record)."""
+class Config(NotebookConfig):
+    """The notebook's parameters: everything that decides a run's numbers (recorded as each record's config).
+    The deterministic mode is the session's (:func:`mdbench.notebook.start`)."""
 
+    dataset: str = "msd_hippocampus"
+    data_dir: str | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    ablation_seeds: tuple[int, ...] = (0,)
+    ablation_ratios: tuple[float, ...] = ()
+    n_train: int | None = None
+    n_test: int | None = None
     backbone: str = "litemedsam"
     backbone_kwargs: dict = field(default_factory=dict)
     pretrained: bool = True
@@ -54,17 +65,20 @@ class Setup:
     batch_size: int = 2
     lr: float = 2e-3
     weight_decay: float = 1e-5
-    warmup_epochs: int = 1
     lora_r: int = 8
     vpt_prompts: int = 8
     adaptformer_bottleneck: int = 16
     unet_channels: tuple[int, ...] = (16, 32, 64, 128)
     device: str = "cpu"
     amp: bool = False
-    deterministic: bool = True
 
-    def as_config(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def warmup_epochs(self) -> int:
+        """The official recipe warms up for a tenth of the epochs (at least one)."""
+        return max(1, self.epochs // 10)
+
+    def as_record(self) -> dict[str, Any]:
+        return {**super().as_record(), "warmup_epochs": self.warmup_epochs}
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -84,7 +98,16 @@ class Volumes:
         return len(self.ids)
 
 
-def load_volumes(dataset: str, split: str, n: int | None, setup: Setup, data_dir: str | None = None) -> Volumes:
+def load_data(cfg: Config) -> tuple[Volumes, Volumes]:
+    """The run's training and test volumes (``cfg.n_train`` and ``cfg.n_test`` of them) of ``cfg.dataset``."""
+    if cfg.dataset != "synthetic" and not is_present(cfg.dataset, cfg.data_dir):
+        raise FileNotFoundError(f"{cfg.dataset} is not under {cfg.data_dir or '$MDBENCH_DATA_DIR'}: see "
+                                f"data_cards/{cfg.dataset}.md, or run the smoke profile on synthetic volumes")
+    return (load_volumes(cfg.dataset, "train", cfg.n_train, cfg, cfg.data_dir),
+            load_volumes(cfg.dataset, "test", cfg.n_test, cfg, cfg.data_dir))
+
+
+def load_volumes(dataset: str, split: str, n: int | None, cfg: Config, data_dir: str | None = None) -> Volumes:
     """The first ``n`` volumes (all with None) of ``split``, resampled to (T, S, S) = (num_slices, image_size,
     image_size).
 
@@ -92,7 +115,7 @@ def load_volumes(dataset: str, split: str, n: int | None, setup: Setup, data_dir
     (MONAI ``Resize``: trilinear image, nearest label). Intensities are min-max scaled per volume to [0, 1], the
     input range of LiteMedSAM. The slice axis T is the volume's first axis (left-right in the RAS MSD volumes).
     """
-    shape = (setup.num_slices, setup.image_size, setup.image_size)
+    shape = (cfg.num_slices, cfg.image_size, cfg.image_size)
     if dataset == "synthetic":
         source = SyntheticVolumes(n or 1, shape=shape, seed=0, split=split, normalize="minmax")
     else:
@@ -116,20 +139,20 @@ def ablation_adapters(ratios: Iterable[float] = (), base_ratio: float = 6) -> di
     return rows
 
 
-def build_row_model(row: str, setup: Setup, adapter: MedAdapterConfig | None = None) -> nn.Module:
+def build_row_model(row: str, cfg: Config, adapter: MedAdapterConfig | None = None) -> nn.Module:
     """The model of one table row, with its trainable set: ``scratch_unet3d``, ``full``, ``head``, ``lora``,
     ``vpt``, ``adaptformer``, or Med-Tuning (any other row name, with ``adapter``; default the full Med-Adapter)."""
     num_classes = len(CLASSES)
     if row == "scratch_unet3d":
-        return build_model("unet3d", in_channels=1, out_channels=num_classes, channels=setup.unet_channels)
-    methods = {"full": {}, "head": {}, "lora": {"r": setup.lora_r}, "vpt": {"num_prompts": setup.vpt_prompts},
-               "adaptformer": {"bottleneck": setup.adaptformer_bottleneck}}
+        return build_model("unet3d", in_channels=1, out_channels=num_classes, channels=cfg.unet_channels)
+    methods = {"full": {}, "head": {}, "lora": {"r": cfg.lora_r}, "vpt": {"num_prompts": cfg.vpt_prompts},
+               "adaptformer": {"bottleneck": cfg.adaptformer_bottleneck}}
     if row not in methods and adapter is None:
-        adapter = MedAdapterConfig(ratio=setup.adapter_ratio)
-    model = build_model("slicewise_segmenter", backbone=setup.backbone, image_size=setup.image_size,
-                        num_classes=num_classes, num_slices=setup.num_slices, decoder_channels=setup.decoder_channels,
-                        adapter=None if row in methods else adapter, pretrained=setup.pretrained,
-                        **setup.backbone_kwargs)
+        adapter = MedAdapterConfig(ratio=cfg.adapter_ratio)
+    model = build_model("slicewise_segmenter", backbone=cfg.backbone, image_size=cfg.image_size,
+                        num_classes=num_classes, num_slices=cfg.num_slices, decoder_channels=cfg.decoder_channels,
+                        adapter=None if row in methods else adapter, pretrained=cfg.pretrained,
+                        **cfg.backbone_kwargs)
     return apply_method(model, row if row in methods else "head", **methods.get(row, {}))
 
 
@@ -241,7 +264,7 @@ class RowResult:
         return RowResult(self.row, seeds, values, self.example_pred, self.init, self.memory_method)
 
 
-def run_row(row: str, setup: Setup, train_set: Volumes, test_set: Volumes, seeds: list[int],
+def run(row: str, cfg: Config, train_set: Volumes, test_set: Volumes, seeds: list[int],
             adapter: MedAdapterConfig | None = None, progress: bool = False) -> RowResult:
     """Train and score one row once per seed: Table 1/2 metrics per seed.
 
@@ -252,19 +275,20 @@ def run_row(row: str, setup: Setup, train_set: Volumes, test_set: Volumes, seeds
     values: dict[str, list[float]] = {}
     example, init, memory_method = None, "", ""
     for seed in seeds:
-        generator = repro.seed_everything(seed, deterministic=setup.deterministic)
-        model = build_row_model(row, setup, adapter).to(setup.device)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=setup.lr,
-                                     weight_decay=setup.weight_decay, amsgrad=True)
-        loader = DataLoader(TensorDataset(train_set.images, train_set.labels), batch_size=setup.batch_size,
+        seed_rngs(seed)
+        generator = torch.Generator().manual_seed(seed)
+        model = build_row_model(row, cfg, adapter).to(cfg.device)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                     weight_decay=cfg.weight_decay, amsgrad=True)
+        loader = DataLoader(TensorDataset(train_set.images, train_set.labels), batch_size=cfg.batch_size,
                             shuffle=True, generator=generator)
-        history = train.fit(model, loader, step_fn=_step(dice_loss()), optimizer=optimizer, epochs=setup.epochs,
-                            scheduler=_paper_schedule(optimizer, setup.epochs, setup.warmup_epochs),
-                            device=setup.device, amp=setup.amp, progress=progress, seed=seed)
+        history = train.fit(model, loader, step_fn=_step(dice_loss()), optimizer=optimizer, epochs=cfg.epochs,
+                            scheduler=_paper_schedule(optimizer, cfg.epochs, cfg.warmup_epochs),
+                            device=cfg.device, amp=cfg.amp, progress=progress, seed=seed)
         seconds = float(np.mean([epoch["seconds"] for epoch in history.epochs]))
-        scores = evaluate(model, test_set, setup.device, setup.batch_size)
+        scores = evaluate(model, test_set, cfg.device, cfg.batch_size)
         # after scoring: the measured step runs in train mode and would move BatchNorm statistics
-        memory, memory_method = training_memory_mb(model, next(iter(loader)), optimizer, setup.device, setup.amp)
+        memory, memory_method = training_memory_mb(model, next(iter(loader)), optimizer, cfg.device, cfg.amp)
         report = trainable_report(model)
         seed_values = {**{k: v for k, v in scores.items() if k != "pred"}, "tuned_params_m": report.trainable / 1e6,
                        "tuned_params_pct": report.percent, "train_memory_mb": memory, "s_per_epoch": seconds}
@@ -282,13 +306,15 @@ UNITS = {"dice_anterior": "%", "dice_posterior": "%", "dice_mean": "%", "hd95": 
 TABLE2_METRICS = ("dice_anterior", "dice_posterior", "dice_mean", "hd95", "tuned_params_m")
 
 
-def record_row(store, table: str, result: RowResult, volumes: Volumes, config: dict[str, Any],
-               names: Iterable[str] = tuple(UNITS)) -> None:
-    """Write one record per metric of ``result`` into ``store`` (a :class:`mdbench.results.ResultStore`)."""
+def record(result: RowResult, volumes: Volumes, config: dict[str, Any], names: Iterable[str] = tuple(UNITS)
+           ) -> pd.DataFrame:
+    """The records of one row (``names``: its metrics) as a frame for :meth:`mdbench.notebook.Session.record_frame`:
+    one line per (metric, seed)."""
     notes = f"weights: {result.init}; train memory: {result.memory_method}"
-    for metric in names:
-        store.record(table, result.row, metric, result.values[metric], seeds=result.seeds, dataset=volumes.dataset,
-                     dataset_checksum=volumes.checksum, config=config, unit=UNITS[metric], notes=notes)
+    return pd.DataFrame([{"row": result.row, "metric": metric, "seed": seed, "value": value, "unit": UNITS[metric],
+                          "notes": notes, "dataset": volumes.dataset, "dataset_checksum": volumes.checksum,
+                          "config": config}
+                         for metric in names for seed, value in zip(result.seeds, result.values[metric])])
 
 
 def summary_frame(records, table: str) -> pd.DataFrame:
@@ -299,6 +325,13 @@ def summary_frame(records, table: str) -> pd.DataFrame:
             line = lines.setdefault(rec.row, {"row": rec.row, "n": rec.n})
             line[rec.metric], line[f"{rec.metric}_std"] = rec.mean, rec.std
     return pd.DataFrame(list(lines.values()))
+
+
+def wide_table(records, table: str, names: Iterable[str]) -> pd.DataFrame:
+    """One line per row, ``mean ± std`` (2 decimals) of each metric of ``names`` and the number of seeds."""
+    frame = summary_frame(records, table).set_index("row")
+    cells = {m: frame[m].map("{:.2f}".format) + " ± " + frame[f"{m}_std"].map("{:.2f}".format) for m in names}
+    return pd.DataFrame(cells).assign(n=frame["n"])
 
 
 # ---------------------------------------------------------------------------------------------------- figures

@@ -1,0 +1,156 @@
+"""What every paper notebook does around its experiment, written once.
+
+.. code-block:: python
+
+    session = notebook.start("efcm", notebook.parameters(globals()), efcm.Config)   # setup cell
+    session.record_frame("table1", frame, dataset=..., dataset_checksum=..., config=...)
+    tables = session.tables({"table1": 2, "table2": 4})                             # results cell
+    session.save_figure(fig, "pareto")
+    notebook.finish(session)                                                         # claims cell
+
+:func:`start` seeds, sets deterministic kernels (off only at the ``gpu`` profile, where speed matters more), the
+torch thread count (a ``threads`` parameter), opens the result store and prints what this machine is;
+:func:`finish` judges the paper's claims on the records and prints them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+
+from mdbench import repro, results
+from mdbench.params import NotebookConfig
+
+# parameters the session consumes; every other parameter belongs to the paper's Config
+SESSION_PARAMS = ("profile", "threads")
+# claims judged on these units compare wall-clock times, which depend on the machine and its load
+WALL_CLOCK_UNITS = ("s", "ms")
+WALL_CLOCK_NOTE = "(wall-clock, varies by machine)"
+_NOT_PARAMETERS = {"In", "Out"}  # IPython's history, in every kernel's namespace
+_PARAMETER_TYPES = (type(None), bool, int, float, str, list, tuple, dict)
+
+
+def parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The notebook's parameters out of its global namespace: every public plain value (None, bool, number,
+    string, list, dict). Call it in the first cell after the parameters cell, before that cell defines anything
+    else, so that only the parameters (and those papermill injected) are there."""
+    return {name: value for name, value in namespace.items()
+            if not name.startswith("_") and name not in _NOT_PARAMETERS and isinstance(value, _PARAMETER_TYPES)}
+
+
+@dataclass
+class Session:
+    """One notebook run: its paper and profile, the paper's ``config`` (None for a walkthrough without one), the
+    result store and the environment fingerprint."""
+
+    paper: str
+    profile: str
+    config: Any
+    store: results.ResultStore
+    deterministic: bool
+    fingerprint: dict[str, Any]
+
+    def record_frame(self, table: str, frame: pd.DataFrame, *, dataset: str | None = None,
+                     dataset_checksum: str | None = None, config: dict[str, Any] | None = None, unit: str = "",
+                     notes: str = "") -> list[results.Record]:
+        """One record per (dataset, row, metric) of a long frame, its values in the frame's order.
+
+        ``frame`` has columns ``row``, ``metric``, ``value`` and optionally ``seed`` (absent: one measurement,
+        seed 0) and any of ``dataset``, ``dataset_checksum``, ``config``, ``unit``, ``notes``, which win over the
+        keyword arguments of the same name (first line of each group).
+        """
+        missing = {"row", "metric", "value"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"record_frame needs columns row, metric, value; {sorted(missing)} missing")
+        defaults = {"dataset": dataset, "dataset_checksum": dataset_checksum, "config": config, "unit": unit,
+                    "notes": notes}
+        frame = frame.assign(**{k: [v] * len(frame) for k, v in defaults.items() if k not in frame.columns})
+        if "seed" not in frame.columns:
+            frame = frame.assign(seed=0)
+        for key in ("dataset", "dataset_checksum", "config"):
+            if frame[key].isna().any():
+                raise ValueError(f"record_frame needs a {key}: pass it or give the frame a {key} column")
+        written = []
+        for (data_name, row, metric), group in frame.groupby(["dataset", "row", "metric"], sort=False):
+            first = group.iloc[0]
+            written.append(self.store.record(
+                table, row, metric, [float(v) for v in group["value"]], seeds=[int(s) for s in group["seed"]],
+                dataset=data_name, dataset_checksum=first["dataset_checksum"], config=first["config"],
+                unit=first["unit"], notes=first["notes"]))
+        return written
+
+    def tables(self, digits: Mapping[str, int] | Sequence[str]) -> dict[str, pd.DataFrame]:
+        """Build each named table from the records on disk beside the paper's reference, save it (CSV and
+        Markdown) and return them; ``digits``: table names, or ``{name: decimals}`` (default 2)."""
+        spec = digits if isinstance(digits, Mapping) else dict.fromkeys(digits, 2)
+        reference = results.load_reference(self.paper)
+        records = self.store.records()
+        built = {name: results.build_table(reference, records, name, digits=d) for name, d in spec.items()}
+        for name, frame in built.items():
+            self.store.save_table(frame, name)
+        return built
+
+    def save_table(self, frame: pd.DataFrame, name: str) -> pd.DataFrame:
+        """Save a view derived from the tables (e.g. a wide one) beside them; returns it for display."""
+        self.store.save_table(frame, name)
+        return frame
+
+    def save_figure(self, fig, name: str) -> None:
+        self.store.save_figure(fig, name)
+
+
+def start(paper: str, params: Mapping[str, Any], config_type: type[NotebookConfig] | None = None, *,
+          packages: Sequence[str] = ("torch",)) -> Session:
+    """Set up a notebook run from its parameters (:func:`parameters`).
+
+    Seeds every RNG with the first seed, turns deterministic kernels on unless the profile is ``gpu``, sets the
+    torch thread count to ``threads`` where given, opens ``ResultStore(paper, profile)``, prints a one-line
+    banner (``packages``' versions, cores, threads, GPU, git commit) and builds ``config_type.from_params`` of
+    every parameter but ``profile`` and ``threads``.
+    """
+    profile = params["profile"]
+    if params.get("threads"):
+        torch.set_num_threads(int(params["threads"]))
+    config = None
+    if config_type is not None:
+        config = config_type.from_params({k: v for k, v in params.items() if k not in SESSION_PARAMS})
+    deterministic = profile != "gpu"
+    seeds = params.get("seeds") or [0]
+    repro.seed_everything(seeds[0], deterministic=deterministic)
+    fp = repro.fingerprint()
+    versions = ", ".join(f"{name} {fp['packages'].get(name, '?')}" for name in packages)
+    print(f"{versions}; {fp['hardware']['cpu_count']} CPU cores, {torch.get_num_threads()} threads, "
+          f"GPU: {fp['hardware']['gpu'] or 'none'}; git {fp['git']['commit'][:8]} (dirty: {fp['git']['dirty']})")
+    return Session(paper, profile, config, results.ResultStore(paper, profile), deterministic, fp)
+
+
+def _wall_clock_claims(reference: results.PaperReference, records: Iterable[results.Record]) -> set[str]:
+    """Ids of the claims whose left-hand side is a wall-clock time (its records' unit is s or ms)."""
+    units = {(r.table, r.row, r.metric): r.unit for r in records}
+    return {c.id for c in reference.claims if units.get((c.table, c.lhs.row, c.lhs.metric)) in WALL_CLOCK_UNITS}
+
+
+def claim_lines(claims: pd.DataFrame, wall_clock: set[str] = frozenset()) -> list[str]:
+    """``[status] text (dataset): lhs vs rhs`` for every claim that ran, wall-clock ones marked, then a count."""
+    ran = claims[claims.status != results.NOT_RUN]
+    lines = [f"[{c.status}] {c.text} ({c.dataset}): {c.lhs} vs {c.rhs}"
+             + (f" {WALL_CLOCK_NOTE}" if c.claim in wall_clock else "") for c in ran.itertuples()]
+    counts = ", ".join(f"{n} {status}" for status, n in ran.status.value_counts().sort_index().items())
+    return [*lines, f"{len(ran)} claim checks run ({counts}); {len(claims) - len(ran)} not run at this profile"]
+
+
+def finish(session: Session) -> pd.DataFrame:
+    """Judge the paper's claims on the records, save them as the ``claims`` table and print one line each.
+
+    Statuses are categorical (holds, does not hold, inconclusive, not run); a claim that compares wall-clock
+    times is marked, since its status may change with the machine. Returns the claims frame.
+    """
+    reference = results.load_reference(session.paper)
+    records = session.store.records()
+    claims = results.evaluate_claims(reference, records)
+    session.store.save_table(claims, "claims")
+    print("\n".join(claim_lines(claims, _wall_clock_claims(reference, records))))
+    return claims

@@ -1,0 +1,44 @@
+"""A paper notebook's parameters as one frozen config: ``Config.from_params(params)`` refuses a key it does not know.
+
+Every ``mdbench/papers/<paper>/experiment.py`` defines ``@dataclass(frozen=True) class Config(NotebookConfig)``
+whose fields are the notebook's parameters (their values come from the notebook's parameters cell or a profile;
+the field defaults are the paper's recipe, for tests and for the settings no profile changes).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, fields
+from typing import Any, TypeVar
+
+C = TypeVar("C", bound="NotebookConfig")
+
+# where the data lies on this machine: not part of what decides a number, so never written into a record
+MACHINE_FIELDS = ("data_dir", "cases_dir")
+
+
+def _frozen(value: Any) -> Any:
+    """Lists (as YAML and notebooks write sequences) become tuples, so a frozen config holds no mutable list."""
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+class NotebookConfig:
+    """Base of each paper's ``Config`` dataclass."""
+
+    @classmethod
+    def from_params(cls: type[C], params: Mapping[str, Any]) -> C:
+        """The config of a notebook's parameters; a key that is no field raises ``ValueError`` naming it."""
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"{cls.__module__}.{cls.__name__} has no parameter {', '.join(map(repr, unknown))} "
+                             f"(a typo in the notebook or the profile?); it knows {', '.join(sorted(known))}")
+        return cls(**{name: _frozen(value) for name, value in params.items()})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def as_record(self) -> dict[str, Any]:
+        """What each record stores as its config: every field except where the data lies on this machine."""
+        return {k: v for k, v in self.as_dict().items() if k not in MACHINE_FIELDS}
