@@ -55,7 +55,7 @@ class Session:
 
     def record_frame(self, table: str, frame: pd.DataFrame, *, dataset: str | None = None,
                      dataset_checksum: str | None = None, config: dict[str, Any] | None = None, unit: str = "",
-                     notes: str = "") -> list[results.Record]:
+                     notes: str = "") -> None:
         """One record per (dataset, row, metric) of a long frame, its values in the frame's order.
 
         ``frame`` has columns ``row``, ``metric``, ``value`` and optionally ``seed`` (absent: one measurement,
@@ -73,14 +73,12 @@ class Session:
         for key in ("dataset", "dataset_checksum", "config"):
             if frame[key].isna().any():
                 raise ValueError(f"record_frame needs a {key}: pass it or give the frame a {key} column")
-        written = []
         for (data_name, row, metric), group in frame.groupby(["dataset", "row", "metric"], sort=False):
             first = group.iloc[0]
-            written.append(self.store.record(
-                table, row, metric, [float(v) for v in group["value"]], seeds=[int(s) for s in group["seed"]],
-                dataset=data_name, dataset_checksum=first["dataset_checksum"], config=first["config"],
-                unit=first["unit"], notes=first["notes"]))
-        return written
+            self.store.record(table, row, metric, [float(v) for v in group["value"]],
+                              seeds=[int(s) for s in group["seed"]], dataset=data_name,
+                              dataset_checksum=first["dataset_checksum"], config=first["config"], unit=first["unit"],
+                              notes=first["notes"])
 
     def tables(self, digits: Mapping[str, int] | Sequence[str]) -> dict[str, pd.DataFrame]:
         """Build each named table from the records on disk beside the paper's reference, save it (CSV and

@@ -10,8 +10,9 @@ flips.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -253,7 +254,7 @@ class RowResult:
     init: str
     memory_method: str
 
-    def subset(self, seeds: Iterable[int]) -> "RowResult":
+    def subset(self, seeds: Iterable[int]) -> RowResult:
         """The same row restricted to ``seeds`` (all of them among ``self.seeds``)."""
         seeds = list(seeds)
         missing = sorted(set(seeds) - set(self.seeds))
@@ -314,7 +315,7 @@ def record(result: RowResult, volumes: Volumes, config: dict[str, Any], names: I
     return pd.DataFrame([{"row": result.row, "metric": metric, "seed": seed, "value": value, "unit": UNITS[metric],
                           "notes": notes, "dataset": volumes.dataset, "dataset_checksum": volumes.checksum,
                           "config": config}
-                         for metric in names for seed, value in zip(result.seeds, result.values[metric])])
+                         for metric in names for seed, value in zip(result.seeds, result.values[metric], strict=False)])
 
 
 def summary_frame(records, table: str) -> pd.DataFrame:
@@ -407,7 +408,7 @@ def plot_slices(axes, volumes: Volumes, predictions: dict[str, torch.Tensor], ca
     label = volumes.labels[case]
     t = int((label > 0).flatten(1).sum(1).argmax())
     panels = {"image": None, "ground truth": label, **predictions}
-    for ax, (title, mask) in zip(axes, panels.items()):
+    for ax, (title, mask) in zip(axes, panels.items(), strict=False):
         ax.imshow(volumes.images[case, 0, t], cmap="gray")
         if mask is not None:
             ax.imshow(np.ma.masked_equal(mask[t].numpy(), 0), cmap="autumn", vmin=1, vmax=len(CLASSES) - 1,
