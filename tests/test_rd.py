@@ -243,7 +243,7 @@ def test_make_task_needs_cached_features():
 def test_precise_bn_sets_statistics_to_the_training_images_exact_mean_and_variance():
     images = torch.rand(300, 3, 4, 4) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
     norm = nn.BatchNorm2d(3)
-    rdx._precise_bn(norm, images, rdx.TrainConfig())
+    rdx._precise_bn(norm, images, rdx.Config())
     # one batch of 256 and one of 44 images: the cumulative average of the two batches' statistics
     batches = (images[:256], images[256:])
     mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
@@ -254,7 +254,7 @@ def test_precise_bn_sets_statistics_to_the_training_images_exact_mean_and_varian
 
 def test_student_methods_start_from_the_same_weights_and_return_scores():
     _, task = _tiny_task(fraction=0.5)
-    cfg = rdx.TrainConfig(steps=2, batch_size=8)
+    cfg = rdx.Config(steps=2, batch_size=8)
     initial = ProjectedStudent(_tiny_student().backbone, 16, 8)
     teacher = rdx.run_fm_method("fm_linear_probe", task, 0, cfg)
     assert teacher.train_logits.shape == (20, 2)
@@ -274,7 +274,7 @@ def test_student_methods_start_from_the_same_weights_and_return_scores():
 def test_full_fine_tuning_trains_a_copy_and_leaves_the_frozen_fm_alone():
     _, task = _tiny_task()
     frozen = {k: v.clone() for k, v in task.fm.state_dict().items()}
-    result = rdx.run_fm_method("fm_full_ft", task, 0, rdx.TrainConfig(steps=2, batch_size=8, fm_lr=1e-2))
+    result = rdx.run_fm_method("fm_full_ft", task, 0, rdx.Config(steps=2, batch_size=8, fm_lr=1e-2))
     assert result.train_logits.shape == (40, 2)
     assert all(torch.equal(frozen[k], v) for k, v in task.fm.state_dict().items())
     tuned = result.model.encoder.state_dict()
@@ -285,12 +285,12 @@ def test_lora_on_the_stem_trains_only_adapters_and_head_and_vpt_needs_attention(
     data = rdx.load_classification("synthetic", 16, max_train=16, max_test=8, synthetic_classes=2)
     fm = FrozenFM(build_fm("litemedsam_stem", 16))
     task = rdx.make_task(rdx.cache_features(data, fm), fm, 1.0, 0)
-    model = rdx._adapted_fm("fm_lora", task, rdx.TrainConfig())
+    model = rdx._adapted_fm("fm_lora", task, rdx.Config())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
     assert any(n.startswith("head.") for n in trainable)
     assert not model.train().encoder.backbone[0].seq[0].bn.training  # frozen BatchNorm statistics stay fixed
-    result = rdx.run_fm_method("fm_lora", task, 0, rdx.TrainConfig(steps=1, batch_size=8))
+    result = rdx.run_fm_method("fm_lora", task, 0, rdx.Config(steps=1, batch_size=8))
     assert result.train_logits.shape == (16, 2)
     assert set(rdx.unavailable_methods(["fm_vpt", "fm_lora"], fm)) == {"fm_vpt"}
 
@@ -303,15 +303,14 @@ def test_grid_rows_and_kd_needs_an_fm_teacher(monkeypatch):
         return student
 
     monkeypatch.setattr(rdx, "initial_student", tiny)
-    cfg = rdx.TrainConfig(steps=1, batch_size=8)
-    runs = rdx.run_grid(data, task.fm, 1.0, ["tiny"], ["fm_linear_probe", "student", "kd", "rd"], [0, 1], cfg,
-                        progress=False)
+    cfg = rdx.Config(steps=1, batch_size=8, students=("tiny",), seeds=(0, 1))
+    runs = rdx.run(data, task.fm, 1.0, ["fm_linear_probe", "student", "kd", "rd"], cfg, progress=False)
     assert len(runs) == 2 * 5 and set(runs.method) == {"fm_linear_probe", "student", "kd", "rd", "rd_teacher"}
     assert set(runs.kd_teacher) == {"fm_linear_probe"} and set(runs.dataset) == {"synthetic"}
     with pytest.raises(ValueError, match="add fm_full_ft or fm_linear_probe"):
-        rdx.run_grid(data, task.fm, 1.0, ["tiny"], ["kd"], [0], cfg, progress=False)
+        rdx.run(data, task.fm, 1.0, ["kd"], cfg, progress=False)
     with pytest.raises(ValueError, match="unknown methods"):
-        rdx.run_grid(data, task.fm, 1.0, ["tiny"], ["dkd"], [0], cfg, progress=False)
+        rdx.run(data, task.fm, 1.0, ["dkd"], cfg, progress=False)
 
 
 def test_deployment_costs_of_a_student_and_the_stem_stand_in():

@@ -6,11 +6,11 @@
   without CKA, whose FM input passes through the trainable reprogrammer, and the FM fine-tuning baselines run the
   FM at every step.
 - :func:`run_fm_method`, :func:`run_student_method`: train one method for one seed with ``mdbench.train.fit``
-  and score it on the test split; :func:`run_grid` runs every method, student and seed of one dataset at one
-  label fraction.
+  and score it on the test split; :func:`run` runs every method, student and seed of one dataset at one
+  label fraction; :func:`record` turns its runs into Table 1, spread and gain records.
 - :func:`deployment_costs`: Table 2 (deployed parameters, FLOPs and CPU latency of students against the FM).
 
-Training length is a number of optimizer steps (``TrainConfig.steps``), the same for the full and the low-data
+Training length is a number of optimizer steps (``Config.steps``), the same for the full and the low-data
 setting, so a 10% run is not also a shorter run.
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ import copy
 import hashlib
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,13 +34,21 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from mdbench import efficiency, train, tuning
-from mdbench.data.registry import load_dataset
+from mdbench.data.registry import is_present, load_dataset
 from mdbench.data.synthetic import SyntheticClassification
 from mdbench.losses.kd import HintLoss, RKDLoss, kd_loss
 from mdbench.metrics import classification_metrics
 from mdbench.models import build_model, frozen_norms_to_eval
-from mdbench.models.reprogramming import (DeployedStudent, FrozenFM, ProjectedStudent, RDObjective, RDStep,
-                                          ReprogrammingDistillation, build_fm)
+from mdbench.models.reprogramming import (
+    DeployedStudent,
+    FrozenFM,
+    ProjectedStudent,
+    RDObjective,
+    RDStep,
+    ReprogrammingDistillation,
+    build_fm,
+)
+from mdbench.params import NotebookConfig
 from mdbench.repro import seed_rngs
 
 FM_METHODS = ("fm_linear_probe", "fm_full_ft", "fm_lora", "fm_vpt")
@@ -67,7 +76,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, index: torch.Tensor) -> "Split":
+    def subset(self, index: torch.Tensor) -> Split:
         return Split(self.x[index], self.y[index], None if self.features is None else self.features[index])
 
 
@@ -121,7 +130,7 @@ def load_classification(name: str, image_size: int, data_dir: str | None = None,
     splits = {split: load_dataset(name, split=split, data_dir=data_dir, image_size=image_size, channels=3)
               for split in ("train", "test")}
     tensors = {split: _stack(ds, _stratified(np.asarray([int(l) for l in _labels(ds)]), cap, seed=0))
-               for (split, ds), cap in zip(splits.items(), (max_train, max_test))}
+               for (split, ds), cap in zip(splits.items(), (max_train, max_test), strict=False)}
     return ClassificationData(name, tensors["train"], tensors["test"], tuple(splits["train"].classes),
                               splits["train"].checksum)
 
@@ -136,6 +145,19 @@ def cache_features(data: ClassificationData, fm: FrozenFM, batch_size: int = 64)
     for split in (data.train, data.test):
         split.features = fm.cache(split.x, batch_size)
     return data
+
+
+def load_data(cfg: Config) -> tuple[FrozenFM, dict[str, ClassificationData]]:
+    """The frozen FM ``cfg.fm`` and each dataset of ``cfg.datasets`` as tensors at ``cfg.image_size``, with the
+    FM's features of its images cached."""
+    missing = [d for d in cfg.datasets if d != "synthetic" and not is_present(d, cfg.data_dir)]
+    if missing:
+        raise FileNotFoundError(f"datasets {missing} are not under the data root: set MDBENCH_DATA_DIR (or data_dir) "
+                                "to the folder holding them, or run the smoke profile on synthetic data")
+    fm = FrozenFM(build_fm(cfg.fm, input_size=None if cfg.fm == "litemedsam" else cfg.image_size)).to(cfg.device)
+    return fm, {name: cache_features(load_classification(name, cfg.image_size, data_dir=cfg.data_dir,
+                                                         max_train=cfg.max_train, max_test=cfg.max_test), fm)
+                for name in cfg.datasets}
 
 
 def label_subset(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -179,9 +201,20 @@ def make_task(data: ClassificationData, fm: FrozenFM, fraction: float, seed: int
 
 # ------------------------------------------------------------------------------------------------- training
 @dataclass(frozen=True)
-class TrainConfig:
-    """Settings shared by every method (recorded with each result)."""
+class Config(NotebookConfig):
+    """The notebook's parameters; the training settings are shared by every method (recorded with each result)."""
 
+    datasets: tuple[str, ...] = ("pneumoniamnist", "pbc", "isic2017")
+    data_dir: str | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    fractions: tuple[float, ...] = (1.0, 0.1)  # of the training labels: 1.0 all, 0.1 the low-data setting
+    students: tuple[str, ...] = ("resnet18",)
+    methods: tuple[str, ...] = FM_METHODS + STUDENT_METHODS
+    fm: str = "litemedsam"      # litemedsam (256x256) | litemedsam_stem (pretrained first stage, any size)
+    image_size: int = 28        # side of the images the students (and the stem stand-in) see
+    max_train: int | None = None  # stratified caps per dataset, before the label fraction
+    max_test: int | None = None
+    latency_repeats: int = 10   # Table 2
     steps: int = 100            # optimizer steps per run (full and low-data alike)
     batch_size: int = 32
     lr: float = 1e-3            # students, heads, reprogrammer, PEFT parameters (AdamW)
@@ -198,10 +231,14 @@ class TrainConfig:
     vpt_tokens: int = 10
     pretrained_students: bool = True
     device: str = "cpu"
-    amp: bool = False
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def amp(self) -> bool:
+        """Mixed precision where it pays: on a GPU."""
+        return self.device == "cuda"
+
+    def as_record(self) -> dict[str, Any]:
+        return {**super().as_record(), "amp": self.amp}
 
 
 @dataclass
@@ -225,7 +262,7 @@ def _loader(tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int | None
                       generator=torch.Generator().manual_seed(seed))
 
 
-def _fit(model: nn.Module, tensors: tuple[torch.Tensor, ...], step_fn, cfg: TrainConfig, seed: int,
+def _fit(model: nn.Module, tensors: tuple[torch.Tensor, ...], step_fn, cfg: Config, seed: int,
          lr: float) -> train.History:
     loader = _loader(tensors, cfg.batch_size, seed)
     model.to(cfg.device)
@@ -240,14 +277,14 @@ def _scores(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str
     return {"accuracy": 100 * scores["accuracy"], "auc": 100 * scores["auc"]}
 
 
-def _evaluate(model: nn.Module, tensors: tuple[torch.Tensor, ...], num_classes: int, cfg: TrainConfig,
+def _evaluate(model: nn.Module, tensors: tuple[torch.Tensor, ...], num_classes: int, cfg: Config,
               fn: Callable | None = None) -> dict[str, float]:
     """Accuracy and macro AUC (%) of ``fn(model, batch) -> (logits, y)`` (default ``model(x)``) over ``tensors``."""
     logits, y = train.predict(model, _loader(tensors, 256, None), cfg.device, fn)
     return _scores(logits, y, num_classes)
 
 
-def _precise_bn(model: nn.Module, images: torch.Tensor, cfg: TrainConfig) -> None:
+def _precise_bn(model: nn.Module, images: torch.Tensor, cfg: Config) -> None:
     """Recompute ``model``'s BatchNorm statistics as exact averages over ``images`` (no weight changes).
 
     A short run's running averages (momentum 0.1) lag behind the weights and can collapse eval-mode predictions to
@@ -275,7 +312,7 @@ class FMClassifier(nn.Module):
         super().__init__()
         self.encoder, self.head = encoder, nn.Linear(feature_dim, num_classes)
 
-    def train(self, mode: bool = True) -> "FMClassifier":
+    def train(self, mode: bool = True) -> FMClassifier:
         super().train(mode)
         return frozen_norms_to_eval(self)
 
@@ -286,7 +323,7 @@ class FMClassifier(nn.Module):
 _TUNING = {"fm_full_ft": "full", "fm_lora": "lora", "fm_vpt": "vpt"}
 
 
-def _adapted_fm(method: str, task: Task, cfg: TrainConfig) -> FMClassifier:
+def _adapted_fm(method: str, task: Task, cfg: Config) -> FMClassifier:
     """A copy of the FM with a head, set up by ``mdbench.tuning`` for full fine-tuning, LoRA or VPT (the frozen FM
     of the task stays untouched)."""
     encoder = copy.deepcopy(task.fm.encoder)
@@ -296,7 +333,7 @@ def _adapted_fm(method: str, task: Task, cfg: TrainConfig) -> FMClassifier:
     return tuning.apply_method(model, _TUNING[method], backbone="encoder", **options)
 
 
-def run_fm_method(method: str, task: Task, seed: int, cfg: TrainConfig, teacher: bool = True) -> MethodResult:
+def run_fm_method(method: str, task: Task, seed: int, cfg: Config, teacher: bool = True) -> MethodResult:
     """Adapt the FM to the task with ``method`` (one of :data:`FM_METHODS`) and score it on the test split.
 
     The linear probe trains a head on the cached features; the others run the FM at every step. With ``teacher``,
@@ -332,7 +369,7 @@ class DistilledStudent(nn.Module):
         self.aux = aux
 
 
-def _kd_step(method: str, cfg: TrainConfig):
+def _kd_step(method: str, cfg: Config):
     """``CE(l_s, y)`` plus the method's distillation term on batches ``(x, y[, teacher logits or FM features])``."""
 
     def step(model: DistilledStudent, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -353,7 +390,7 @@ def _kd_step(method: str, cfg: TrainConfig):
     return step
 
 
-def initial_student(name: str, task: Task, seed: int, cfg: TrainConfig) -> ProjectedStudent:
+def initial_student(name: str, task: Task, seed: int, cfg: Config) -> ProjectedStudent:
     """The timm student ``name`` (projecting to the FM's width) as every method of ``seed`` starts it."""
     seed_rngs(seed)
     with warnings.catch_warnings():
@@ -363,7 +400,7 @@ def initial_student(name: str, task: Task, seed: int, cfg: TrainConfig) -> Proje
                            projector=cfg.projector)
 
 
-def run_student_method(method: str, task: Task, initial: ProjectedStudent, seed: int, cfg: TrainConfig,
+def run_student_method(method: str, task: Task, initial: ProjectedStudent, seed: int, cfg: Config,
                        teacher_logits: torch.Tensor | None = None) -> MethodResult:
     """Train a copy of the student ``initial`` with ``method`` (one of :data:`STUDENT_METHODS`) and score it.
 
@@ -414,18 +451,20 @@ def unavailable_methods(methods: Iterable[str], fm: FrozenFM) -> dict[str, str]:
     return {}
 
 
-def run_grid(data: ClassificationData, fm: FrozenFM, fraction: float, students: list[str], methods: list[str],
-             seeds: list[int], cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
-    """Every method of ``methods`` for every seed (and student) on ``data`` at one label fraction.
+def run(data: ClassificationData, fm: FrozenFM, fraction: float, methods: Iterable[str], cfg: Config,
+        progress: bool = True) -> pd.DataFrame:
+    """Every method of ``methods`` for every seed and student of ``cfg`` on ``data`` at one label fraction.
 
     Each seed draws its own label subset (:func:`make_task`). Hinton KD's teacher is the fully fine-tuned FM when
     ``fm_full_ft`` runs, else the linear probe.
 
     Returns:
-        One row per (method, student, seed): ``dataset`` (the task label), ``method``, ``student`` ("—" for FM
+        One row per (method, student, seed): ``dataset`` (the task label), ``name`` (the dataset's), ``fraction``,
+        ``method``, ``student`` ("—" for FM
         methods), ``seed``, ``accuracy``, ``auc`` (%), ``kd_teacher``, ``init`` (where the weights came from).
         ``rd`` adds a row for its reprogrammed-FM path, method ``rd_teacher``.
     """
+    methods = list(methods)
     unknown = sorted(set(methods) - set(FM_METHODS) - set(STUDENT_METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {FM_METHODS + STUDENT_METHODS}")
@@ -435,11 +474,13 @@ def run_grid(data: ClassificationData, fm: FrozenFM, fraction: float, students: 
     if "kd" in student_methods and teacher_method is None:
         raise ValueError("Hinton KD distils the fine-tuned FM: add fm_full_ft or fm_linear_probe to methods")
     rows = []
+    seeds, students = cfg.seeds, cfg.students
     total = len(seeds) * (len(fm_methods) + len(students) * len(student_methods))
     bar = tqdm(total=total, desc=fraction_label(data.name, fraction), disable=not progress)
     for seed in seeds:
         seed_task = make_task(data, fm, fraction, seed)
-        base = {"dataset": seed_task.label, "seed": seed, "kd_teacher": teacher_method or "—"}
+        base = {"dataset": seed_task.label, "name": data.name, "fraction": fraction, "seed": seed,
+                "kd_teacher": teacher_method or "—"}
         teacher_logits = None
         for method in fm_methods:
             bar.set_postfix_str(f"seed {seed} {method}")
@@ -461,6 +502,43 @@ def run_grid(data: ClassificationData, fm: FrozenFM, fraction: float, students: 
                 bar.update()
     bar.close()
     return pd.DataFrame(rows)
+
+
+def record(runs: pd.DataFrame, data: dict[str, ClassificationData], cfg: Config, fm_init: str
+           ) -> dict[str, pd.DataFrame]:
+    """The records of :func:`run`'s rows, per table, as frames for :meth:`mdbench.notebook.Session.record_frame`.
+
+    ``table1``: accuracy and AUC of each (dataset label, row), row ``<method>`` for FM methods and
+    ``<method>/<student>`` for student methods. ``spread``: each seed's absolute deviation from the seeds' mean
+    accuracy (student rows, more than one seed). ``gain``: per seed, RD's accuracy minus the best of Hinton KD,
+    FitNet and RKD (when all four ran).
+    """
+    base_config = {**cfg.as_record(), "fm_init": fm_init}
+    lines: dict[str, list[dict[str, Any]]] = {"table1": [], "spread": [], "gain": []}
+
+    def add(table: str, row: str, metric: str, values, seeds, dataset: str, name: str, config: dict, unit: str):
+        lines[table] += [{"row": row, "metric": metric, "value": v, "seed": s, "dataset": dataset, "unit": unit,
+                          "dataset_checksum": data[name].checksum, "config": config} for v, s in zip(values, seeds, strict=True)]
+
+    for (label, method, student), group in runs.groupby(["dataset", "method", "student"], sort=False):
+        group = group.sort_values("seed")
+        row = method if student == "—" else f"{method}/{student}"
+        config = {**base_config, "fraction": float(group.fraction.iloc[0]), "method": method, "student": student,
+                  "init": group.init.iloc[0], "kd_teacher": group.kd_teacher.iloc[0]}
+        name = group.name.iloc[0]
+        for metric in ("accuracy", "auc"):
+            add("table1", row, metric, group[metric], group.seed, label, name, config, "%")
+        if student != "—" and len(group) > 1:
+            deviation = (group.accuracy - group.accuracy.mean()).abs()
+            add("spread", row, "accuracy_abs_dev", deviation, group.seed, label, name, config, "points")
+    if set(KD_BASELINES) <= set(runs.method) and "rd" in set(runs.method):
+        for (name, fraction, student), group in runs[runs.student != "—"].groupby(["name", "fraction", "student"]):
+            by_seed = group.pivot_table(index="seed", columns="method", values="accuracy")
+            gain = by_seed["rd"] - by_seed[list(KD_BASELINES)].max(axis=1)
+            tag = "full" if fraction == 1 else f"{round(100 * fraction)}pct"
+            add("gain", f"rd_gain_{tag}/{student}", "accuracy_gain", gain, gain.index, name, name,
+                {**base_config, "fraction": fraction, "student": student}, "points")
+    return {table: pd.DataFrame(rows) for table, rows in lines.items() if rows}
 
 
 # ------------------------------------------------------------------------------------------------- Table 2
@@ -492,6 +570,19 @@ def deployment_costs(students: list[str], image_size: int, num_classes: int, emb
     return pd.DataFrame(rows)
 
 
+def record_costs(costs: pd.DataFrame, num_classes: int, cfg: Config) -> pd.DataFrame:
+    """Table 2's records (``params_m``, ``gflops``, ``latency_ms`` of each model) of :func:`deployment_costs`."""
+    lines = []
+    for cost in costs.itertuples():
+        config = {"model": cost.model, "input_shape": cost.input_shape, "num_classes": num_classes,
+                  "threads": cost.threads, "latency_repeats": cfg.latency_repeats}
+        for metric, value, unit in (("params_m", cost.params / 1e6, "M"), ("gflops", cost.flops / 1e9, "GFLOPs"),
+                                    ("latency_ms", cost.latency_ms, "ms")):
+            lines.append({"row": cost.model, "metric": metric, "value": value, "unit": unit, "config": config,
+                          "notes": f"input {cost.input_shape}, CPU, {cost.threads} threads"})
+    return pd.DataFrame(lines).assign(dataset="deployment", dataset_checksum="random input")
+
+
 def _costs(name: str, kind: str, model: nn.Module, size: int, repeats: int) -> dict[str, Any]:
     example = torch.rand(1, 3, size, size)
     params = efficiency.count_parameters(model).deployed
@@ -499,3 +590,28 @@ def _costs(name: str, kind: str, model: nn.Module, size: int, repeats: int) -> d
     latency = efficiency.measure_latency(model, example, warmup=1, repeats=repeats)
     return {"model": name, "kind": kind, "params": params, "flops": flops, "latency_ms": latency.median_ms,
             "latency_p90_ms": latency.p90_ms, "threads": latency.threads, "input_shape": f"1x3x{size}x{size}"}
+
+
+# ------------------------------------------------------------------------------------------------- figures
+def plot_accuracy(runs: pd.DataFrame, costs: pd.DataFrame, fm: str):
+    """Left: mean accuracy over seeds against the deployed model's FLOPs (students at their cost, FM methods and
+    RD's reprogrammed-FM path at the FM's ``fm``). Right: every seed's accuracy per method. Returns the figure."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    flops = dict(zip(costs.model, costs.flops / 1e9, strict=True))
+    means = runs.groupby(["dataset", "method", "student"], as_index=False).accuracy.mean()
+    means["deployed"] = np.where(means.student == "—", fm, means.student)
+    means.loc[means.method == "rd_teacher", "deployed"] = fm
+    means["GFLOPs"] = means.deployed.map(flops)
+    fig, (ax_cost, ax_seed) = plt.subplots(1, 2, figsize=(13, 4.5))
+    sns.scatterplot(data=means, x="GFLOPs", y="accuracy", hue="method", style="dataset", s=60, ax=ax_cost)
+    ax_cost.set_xscale("log")
+    ax_cost.set_title("accuracy vs deployed FLOPs (mean over seeds)")
+    ax_cost.legend(fontsize=6, ncol=2)
+    order = [m for m in FM_METHODS + STUDENT_METHODS + ("rd_teacher",) if m in set(runs.method)]
+    sns.stripplot(data=runs, x="method", y="accuracy", hue="dataset", order=order, dodge=True, ax=ax_seed)
+    ax_seed.tick_params(axis="x", rotation=60)
+    ax_seed.set_title("accuracy of each seed")
+    fig.tight_layout()
+    return fig
