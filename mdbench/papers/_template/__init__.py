@@ -1,0 +1,1 @@
+"""The template of a paper's home: copy this folder to ``mdbench/papers/<paper>/`` (see CONTRIBUTING.md)."""

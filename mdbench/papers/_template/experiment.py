@@ -1,0 +1,104 @@
+"""Template experiment glue (copy to ``mdbench/papers/<paper>/experiment.py``): a tiny CNN on synthetic textures, trained with the suite's one training loop and scored before and after training.
+
+Every paper's ``experiment.py`` has this shape, so that its notebook is a sequence of calls:
+
+- :class:`Config`: the notebook's parameters (``Config.from_params`` refuses a key it does not know);
+- :func:`load_data`: the splits the run needs;
+- :func:`run`: the method for one seed, its numbers;
+- :func:`record`: those numbers as records (a frame for :meth:`mdbench.notebook.Session.record_frame`);
+- ``plot_*``: the figures.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mdbench import metrics, train
+from mdbench.data.synthetic import SyntheticClassification
+from mdbench.params import NotebookConfig
+from mdbench.repro import seed_rngs
+
+ROWS = ("untrained", "trained")
+
+
+@dataclass(frozen=True)
+class Config(NotebookConfig):
+    """The notebook's parameters (defaults: the method's recipe; the notebook's own values are the smoke ones)."""
+
+    device: str = "cpu"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_train: int = 256
+    n_test: int = 128
+    image_size: int = 16
+    epochs: int = 3
+    lr: float = 0.003
+
+
+@dataclass
+class Data:
+    """Train and test splits as tensors (images (N, 1, S, S) in [0, 1], labels (N,)) and the data's checksum."""
+
+    train: TensorDataset
+    test: TensorDataset
+    name: str
+    checksum: str
+
+
+def load_data(cfg: Config) -> Data:
+    """Two synthetic textures (``data_cards/synthetic_classification.md``) at ``cfg.image_size``."""
+    splits = {}
+    for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
+        data = SyntheticClassification(n, num_classes=2, image_size=cfg.image_size, channels=1, seed=0, split=split)
+        images, labels = zip(*(data[i] for i in range(n)), strict=True)
+        splits[split] = TensorDataset(torch.stack(images), torch.tensor(labels))
+    return Data(splits["train"], splits["test"], "synthetic", data.checksum)
+
+
+def tiny_cnn(width: int = 8) -> nn.Module:
+    """(B, 1, S, S) images -> (B, 2) logits: two convolution blocks (GroupNorm, which computes the same in training
+    and evaluation), global average pooling, a linear classifier."""
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.GroupNorm(4, width), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.GroupNorm(4, 2 * width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 2))
+
+
+def run(data: Data, cfg: Config, seed: int) -> dict[str, float]:
+    """Test accuracy (%) of the classifier of ``seed`` before and after training: ``{row: accuracy}``."""
+    seed_rngs(seed)
+    model = tiny_cnn()
+    test = DataLoader(data.test, batch_size=256)
+
+    def accuracy() -> float:
+        logits, labels = train.predict(model, test, device=cfg.device)
+        return 100 * metrics.classification_metrics(labels, logits, scores_are="logits")["accuracy"]
+
+    scores = {"untrained": accuracy()}
+    loader = DataLoader(data.train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    train.fit(model, loader, loss_fn=nn.CrossEntropyLoss(), lr=cfg.lr, epochs=cfg.epochs, device=cfg.device,
+              progress=False)
+    scores["trained"] = accuracy()
+    return scores
+
+
+def record(scores: list[dict[str, float]], cfg: Config) -> pd.DataFrame:
+    """Table 1's records: one line per (row, seed) of the accuracies of :func:`run`, one per seed of ``cfg``."""
+    return pd.DataFrame([{"row": row, "metric": "accuracy", "seed": seed, "value": s[row], "unit": "%"}
+                         for row in ROWS for seed, s in zip(cfg.seeds, scores, strict=True)])
+
+
+def plot_accuracy(frame: pd.DataFrame):
+    """Each seed's accuracy per row (the frame of :func:`record`). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for i, row in enumerate(ROWS):
+        values = frame[frame.row == row].value
+        ax.scatter([i] * len(values), values, color="black")
+    ax.set_xticks(range(len(ROWS)), ROWS)
+    ax.set_ylabel("test accuracy (%)")
+    return fig
