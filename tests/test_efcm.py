@@ -167,14 +167,14 @@ def test_end_to_end_mil_subsamples_gradients_and_keeps_batchnorm_statistics():
     assert model.eval()(patches).attention.shape == (1, 5)
 
 
-def test_run_seed_gives_every_row_of_table_1():
+def test_run_split_gives_every_row_of_table_1():
     bags = _image_bags(12) + _image_bags(12, split="val")
     patches = torch.cat([b[0] for b in bags])
     teacher = patches.flatten(2).std(dim=2).repeat(1, 2)  # a cheap fixed teacher: (N, 6) texture contrast
-    cfg = efcm.EFCMConfig(head_hidden=(16, 8), head_epochs=2, head_lr=1e-3, distill_epochs=1, distill_batch=32,
-                          etc_epochs=1, student_out_index=1, k_sample=2)
+    cfg = efcm.Config(head_hidden=(16, 8), head_epochs=2, head_lr=1e-3, distill_epochs=1, distill_batch=32,
+                      etc_epochs=1, student_out_index=1, k_sample=2)
     index = efcm.monte_carlo_index(bags, seed=0)
-    result = efcm.run_seed(bags, efcm.split_features(teacher, bags), index, cfg, seed=0)
+    result = efcm.run_split(bags, efcm.split_features(teacher, bags), index, cfg, seed=0)
     expected = {"teacher_clam", "no_distill_etc", "kd_retrain"} | {
         f"{v}_{s}" for v in ("fpd", "fpd_ts") for s in ("reuse", "retrain", "etc")}
     assert set(result.rows) == expected and set(result.heads) == {"clam_sb", "clam_mb", "abmil", "mil"}

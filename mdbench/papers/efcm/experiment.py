@@ -1,5 +1,7 @@
 """EFCM experiment glue: bags and splits, MIL training, the cached teacher features, stage-1 distillation and the
-stage-2 strategies (Reuse / Retrain / End-to-end CLAM), so that ``notebooks/efcm.ipynb`` stays a sequence of calls.
+stage-2 strategies (Reuse / Retrain / End-to-end CLAM), Table 2's costs and the figures, so that
+``notebooks/efcm.ipynb`` stays a sequence of calls: :class:`Config`, :func:`load_data`, :func:`encode`, :func:`run`,
+:func:`record`, :func:`measure_costs` / :func:`record_costs`, :func:`plot_pareto`, :func:`plot_attention`.
 
 A **bag** is a tuple ``(instances, label, instance_labels)``: instances are patches (N, 3, h, w) in [0, 1] or
 features (N, D); ``label`` an int; ``instance_labels`` an (N,) tensor or None where unknown. One protocol seed is
@@ -21,24 +23,28 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import tempfile
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
 
-from mdbench import metrics, train
+from mdbench import efficiency, metrics, train
 from mdbench.data.splits import split_indices
 from mdbench.losses.projection import fpd_loss
 from mdbench.models import build_model, freeze
 from mdbench.models.clam import MILOutput, mil_loss
 from mdbench.models.inputs import rgb_batch_at_size
 from mdbench.models.transscan import TransScanStudent
+from mdbench.params import NotebookConfig
 from mdbench.repro import seed_rngs
 
 Bag = tuple[torch.Tensor, int, "torch.Tensor | None"]
@@ -46,10 +52,12 @@ _REPO_ROOT = Path(__file__).resolve().parents[3]
 CACHE_ENV = "MDBENCH_CACHE_DIR"
 
 __all__ = [
-    "Bag", "BagData", "EFCMConfig", "EndToEndMIL", "FeatureScaler", "PatchEncoder", "SeedResult", "bag_metrics",
-    "cache_dir", "distill", "fit_heads", "load_bags", "map_instances", "measure_costs", "monte_carlo_index",
-    "monte_carlo_split", "mosaic", "predict_bags", "run_seed", "split_features", "teacher_features",
-    "texture_teacher", "throughput", "train_mil",
+    "Bag", "BagData", "Config", "DatasetRun", "EndToEndMIL", "FeatureScaler", "PatchEncoder", "SeedResult",
+    "bag_metrics", "cache_dir", "distill", "encode", "fit_heads", "instance_auc", "load_bags", "load_data",
+    "map_instances", "measure_costs", "monte_carlo_index", "monte_carlo_split", "mosaic", "table2_costs",
+    "plot_attention", "plot_pareto", "predict_bags", "record", "record_costs", "run", "run_split",
+    "split_features", "students", "teacher_features", "teacher_model", "texture_teacher", "throughput",
+    "train_mil",
 ]
 
 
@@ -146,7 +154,7 @@ def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), pat
     if name == "pbc":
         counts = np.maximum(2, np.round(np.asarray(fractions) * n_bags).astype(int))
         bags, index, checksums = [], {}, []
-        for split, count in zip(("train", "val", "test"), counts):
+        for split, count in zip(("train", "val", "test"), counts, strict=False):
             data = pbc_cell_set_bags(split, n_bags=int(count), bag_size=tuple(bag_size), image_size=patch_size,
                                      data_dir=data_dir)
             index[split] = np.arange(len(bags), len(bags) + len(data))
@@ -157,6 +165,12 @@ def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), pat
         data = load_dataset("ucsb_breast", split="all", data_dir=data_dir)
         return BagData(name, [(x, y, None) for x, y in data], data.checksum, kind="features")
     raise ValueError(f"unknown EFCM dataset {name!r}; choose synthetic, isic2017, pbc or ucsb_breast")
+
+
+def load_data(cfg: Config) -> dict[str, BagData]:
+    """The bags of every dataset of ``cfg.datasets`` (:func:`load_bags` at the config's scale)."""
+    return {name: load_bags(name, n_bags=cfg.n_bags, bag_size=cfg.bag_size, patch_size=cfg.patch_size,
+                            isic_grid=cfg.isic_grid, data_dir=cfg.data_dir) for name in cfg.datasets}
 
 
 # ------------------------------------------------------------------------------------------------ MIL training
@@ -235,7 +249,7 @@ def split_features(features: torch.Tensor, bags: Sequence[Bag]) -> list[Bag]:
     sizes = [len(b[0]) for b in bags]
     if sum(sizes) != len(features):
         raise ValueError(f"{len(features)} feature rows for bags holding {sum(sizes)} instances")
-    return [(f, b[1], b[2] if len(b) > 2 else None) for f, b in zip(features.split(sizes), bags)]
+    return [(f, b[1], b[2] if len(b) > 2 else None) for f, b in zip(features.split(sizes), bags, strict=False)]
 
 
 @dataclass
@@ -247,7 +261,7 @@ class FeatureScaler:
     std: torch.Tensor
 
     @classmethod
-    def fit(cls, bags: Sequence[Bag]) -> "FeatureScaler":
+    def fit(cls, bags: Sequence[Bag]) -> FeatureScaler:
         feats = torch.cat([b[0] for b in bags])
         return cls(feats.mean(dim=0), feats.std(dim=0).clamp_min(1e-6))
 
@@ -260,7 +274,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, _REPO_ROOT / ".cache")) / "efcm"
 
 
-def _fingerprint(teacher: "PatchEncoder", patches: torch.Tensor, amp: bool) -> str:
+def _fingerprint(teacher: PatchEncoder, patches: torch.Tensor, amp: bool) -> str:
     digest = hashlib.sha256()
     identity = f"{type(teacher.encoder).__name__}|{teacher.mdbench_init}|{teacher.input_size}|amp={amp}"
     digest.update(identity.encode())
@@ -372,7 +386,7 @@ class EndToEndMIL(nn.Module):
         super().__init__()
         self.encoder, self.head, self.max_patches, self.freeze_bn = encoder, head, max_patches, freeze_bn
 
-    def train(self, mode: bool = True) -> "EndToEndMIL":
+    def train(self, mode: bool = True) -> EndToEndMIL:
         super().train(mode)
         if self.freeze_bn:
             for m in self.encoder.modules():
@@ -394,10 +408,18 @@ class EndToEndMIL(nn.Module):
         return self.head(features, label)
 
 
-@dataclass
-class EFCMConfig:
-    """Everything one protocol seed needs (hyper-parameters of both stages and of the MIL heads)."""
+@dataclass(frozen=True)
+class Config(NotebookConfig):
+    """The notebook's parameters: the data, the teacher, both stages, the MIL heads and Table 2's measurement."""
 
+    datasets: tuple[str, ...] = ("isic2017", "pbc", "ucsb_breast")
+    data_dir: str | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)   # one Monte-Carlo split (and training run) per seed
+    teacher: str = "litemedsam"          # litemedsam | texture (the smoke stand-in, trained in the notebook)
+    patch_size: int = 32
+    n_bags: int = 40
+    bag_size: tuple[int, int] = (4, 8)
+    isic_grid: int = 2
     head_hidden: tuple[int, int] = (512, 256)
     k_sample: int = 8
     dropout: float = 0.25
@@ -415,9 +437,9 @@ class EFCMConfig:
     heads: tuple[str, ...] = ("clam_sb", "clam_mb", "abmil", "mil")
     device: str = "cpu"
     amp: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    teacher_batch: int = 8
+    cost_bag_size: int = 1000            # patches per bag for Table 2's cost per bag
+    latency_repeats: int = 20
 
 
 @dataclass
@@ -433,22 +455,22 @@ class SeedResult:
     distill_loss: dict[str, float] = field(default_factory=dict)
 
 
-# head name in the tables (EFCMConfig.heads) -> registered MIL head; the tables call max-instance MIL "mil"
+# head name in the tables (Config.heads) -> registered MIL head; the tables call max-instance MIL "mil"
 HEAD_MODELS = {"clam_sb": "clam_sb", "clam_mb": "clam_mb", "abmil": "abmil", "mil": "max_mil"}
 
 
-def _head(cfg: EFCMConfig, name: str, in_dim: int, n_classes: int) -> nn.Module:
+def _head(cfg: Config, name: str, in_dim: int, n_classes: int) -> nn.Module:
     return build_model(HEAD_MODELS[name], in_dim=in_dim, n_classes=n_classes, hidden=cfg.head_hidden,
                        dropout=cfg.dropout, k_sample=cfg.k_sample, subtyping=n_classes > 2)
 
 
-def _student(cfg: EFCMConfig, variant: str, teacher_dim: int) -> TransScanStudent:
+def _student(cfg: Config, variant: str, teacher_dim: int) -> TransScanStudent:
     """A stage-1 student from random init, as EFCM trains it."""
     return build_model("transscan_student", variant=variant, teacher_dim=teacher_dim, pretrained=False,
                        backbone=cfg.student_backbone, out_index=cfg.student_out_index)
 
 
-def _fit_head(cfg: EFCMConfig, name: str, train_bags, val_bags, n_classes: int, seed: int) -> nn.Module:
+def _fit_head(cfg: Config, name: str, train_bags, val_bags, n_classes: int, seed: int) -> nn.Module:
     seed_rngs(seed)  # fixes the head's initial weights
     head = _head(cfg, name, train_bags[0][0].shape[1], n_classes)
     train_mil(head, train_bags, val_bags, epochs=cfg.head_epochs, lr=cfg.head_lr, bag_weight=cfg.bag_weight,
@@ -456,7 +478,7 @@ def _fit_head(cfg: EFCMConfig, name: str, train_bags, val_bags, n_classes: int, 
     return head
 
 
-def fit_heads(parts: dict[str, Sequence[Bag]], cfg: EFCMConfig, n_classes: int, seed: int
+def fit_heads(parts: dict[str, Sequence[Bag]], cfg: Config, n_classes: int, seed: int
               ) -> tuple[dict[str, nn.Module], dict[str, dict[str, float]]]:
     """Train every head of ``cfg.heads`` on ``parts["train"]`` (best epoch by ``parts["val"]`` loss) and score
     it on ``parts["test"]``: (trained heads, ``{head: {"accuracy", "auc"}}``)."""
@@ -464,7 +486,7 @@ def fit_heads(parts: dict[str, Sequence[Bag]], cfg: EFCMConfig, n_classes: int, 
     return heads, {name: bag_metrics(head, parts["test"], cfg.device) for name, head in heads.items()}
 
 
-def _fit_etc(cfg: EFCMConfig, student: nn.Module, head: nn.Module, parts: dict, n_classes: int, seed: int
+def _fit_etc(cfg: Config, student: nn.Module, head: nn.Module, parts: dict, n_classes: int, seed: int
              ) -> EndToEndMIL:
     model = EndToEndMIL(student, head, cfg.etc_max_patches)
     optimizer = torch.optim.Adam([{"params": student.parameters(), "lr": cfg.etc_lr_student},
@@ -474,7 +496,7 @@ def _fit_etc(cfg: EFCMConfig, student: nn.Module, head: nn.Module, parts: dict, 
     return model
 
 
-def run_seed(bags: Sequence[Bag], feature_bags: Sequence[Bag], index: dict[str, Sequence[int]], cfg: EFCMConfig,
+def run_split(bags: Sequence[Bag], feature_bags: Sequence[Bag], index: dict[str, Sequence[int]], cfg: Config,
              seed: int, n_classes: int = 2, keep_scores: Sequence[str] = ("teacher_clam", "fpd_ts_etc")
              ) -> SeedResult:
     """The whole EFCM protocol on one split of patch bags.
@@ -540,6 +562,54 @@ def run_seed(bags: Sequence[Bag], feature_bags: Sequence[Bag], index: dict[str, 
     return result
 
 
+def students(cfg: Config, teacher_dim: int) -> dict[str, TransScanStudent]:
+    """One stage-1 student of each variant (``fpd_ts``, ``fpd``, ``kd``) from random init, projecting to
+    ``teacher_dim``."""
+    return {variant: _student(cfg, variant, teacher_dim) for variant in ("fpd_ts", "fpd", "kd")}
+
+
+@dataclass
+class DatasetRun:
+    """Every seed of one dataset: ``splits`` (one :class:`SeedResult` per seed; empty for feature bags, which
+    train MIL heads only) and ``heads`` (``{head: {"accuracy", "auc"}}`` per seed)."""
+
+    name: str
+    splits: list[SeedResult]
+    heads: list[dict[str, dict[str, float]]]
+
+
+def run(data: BagData, feature_bags: Sequence[Bag] | None, cfg: Config, progress: Callable | None = None
+        ) -> DatasetRun:
+    """The EFCM protocol (:func:`run_split`) for every seed of ``cfg`` on one dataset: a Monte-Carlo split per
+    seed, or its fixed split. Feature bags (``data.kind == "features"``, ``feature_bags`` None) train the MIL
+    heads on z-scored features only. ``progress`` optionally wraps the seed iterator (e.g. ``tqdm``)."""
+    splits, heads = [], []
+    for seed in progress(cfg.seeds) if progress else cfg.seeds:
+        if data.kind == "features":
+            parts = monte_carlo_split(data.bags, seed)
+            scaler = FeatureScaler.fit(parts["train"])
+            heads.append(fit_heads({k: scaler(v) for k, v in parts.items()}, cfg, 2, seed)[1])
+            continue
+        index = data.fixed_index or monte_carlo_index(data.bags, seed)
+        result = run_split(data.bags, feature_bags, index, cfg, seed)
+        splits.append(result)
+        heads.append(result.heads)
+    return DatasetRun(data.name, splits, heads)
+
+
+def record(data: BagData, result: DatasetRun, cfg: Config) -> dict[str, pd.DataFrame]:
+    """The ``table1`` (one line per row, metric and seed) and ``mil_heads`` records of one dataset's run, as
+    frames for :meth:`mdbench.notebook.Session.record_frame`."""
+    scores = {"table1": {row: [r.rows[row] for r in result.splits] for row in
+                         (result.splits[0].rows if result.splits else [])},
+              "mil_heads": {head: [h[head] for h in result.heads] for head in cfg.heads}}
+    common = {"dataset": data.name, "dataset_checksum": data.checksum, "config": cfg.as_record(), "unit": "%"}
+    return {table: pd.DataFrame([{"row": row, "metric": metric, "seed": seed, "value": s[metric], **common}
+                                 for row, per_seed in rows.items() for metric in ("accuracy", "auc")
+                                 for seed, s in zip(cfg.seeds, per_seed, strict=True)])
+            for table, rows in scores.items() if rows}
+
+
 # ------------------------------------------------------------------------------------------ smoke-profile teacher
 def texture_teacher(image_size: int, *, n_images: int = 512, epochs: int = 3, backbone: str = "resnet10t",
                     seed: int = 0, device: str = "cpu") -> PatchEncoder:
@@ -558,6 +628,32 @@ def texture_teacher(image_size: int, *, n_images: int = 512, epochs: int = 3, ba
     train.fit(model, loader, loss_fn=nn.CrossEntropyLoss(), lr=3e-3, epochs=epochs, device=device, progress=False)
     model.reset_classifier(0)  # forward now returns the pooled pre-logit features
     return freeze(PatchEncoder(model))
+
+
+def teacher_model(cfg: Config) -> PatchEncoder:
+    """The frozen teacher: LiteMedSAM's image encoder, or the smoke profile's texture-pretrained stand-in."""
+    if cfg.teacher == "litemedsam":
+        return freeze(PatchEncoder(build_model("litemedsam_encoder")))
+    return texture_teacher(cfg.patch_size, n_images=256, epochs=2, device=cfg.device)
+
+
+def encode(teacher: PatchEncoder, data: dict[str, BagData], cfg: Config, progress: Callable | None = None
+           ) -> tuple[dict[str, list[Bag]], dict[str, float]]:
+    """The teacher's feature bags of every patch dataset (:func:`teacher_features`; cached for LiteMedSAM) and
+    the seconds each took. ``progress(iterable, name)`` optionally wraps the batch iterator."""
+    features, seconds = {}, {}
+    for name, d in data.items():
+        if d.kind == "features":
+            continue
+        patches = torch.cat([b[0] for b in d.bags])
+        start = time.perf_counter()
+        feats = teacher_features(teacher, patches, name=f"{name}-{cfg.patch_size}px-{cfg.teacher}",
+                                 batch_size=cfg.teacher_batch, amp=cfg.amp, device=cfg.device,
+                                 cache=cfg.teacher == "litemedsam",
+                                 progress=(lambda it, name=name: progress(it, name)) if progress else None)
+        seconds[name] = time.perf_counter() - start
+        features[name] = split_features(feats, d.bags)
+    return features, seconds
 
 
 # ------------------------------------------------------------------------------------------------- efficiency
@@ -587,6 +683,54 @@ def measure_costs(encoders: dict[str, nn.Module], head: nn.Module, patch_size: i
                       "ms_patch": ms, "gflops_bag": bag_size * flops + head_flops / 1e9,
                       "s_bag": (bag_size * ms + head_ms) / 1e3}
     return rows
+
+
+TABLE2_UNITS = {"params_m": "M", "gflops_patch": "GFLOPs", "gflops_bag": "GFLOPs", "ms_patch": "ms", "s_bag": "s",
+                "ms_patch_gpu": "ms", "s_bag_gpu": "s", "parity_max_abs_diff": "", "patches_per_s": "patches/s",
+                "tflops_achieved": "TFLOP/s"}
+
+
+def table2_costs(teacher: PatchEncoder, teacher_dim: int, cfg: Config) -> dict[str, dict[str, float]]:
+    """Table 2: :func:`measure_costs` of the teacher and each student (with a CLAM-SB head) on the CPU; the
+    FPD + TransScan student exported to every backend of :data:`mdbench.efficiency.BACKENDS` (``ms_patch`` and
+    its ``parity_max_abs_diff`` against PyTorch); the teacher's feature throughput on ``cfg.device`` and the
+    compute rate it implies (patches/s x counted FLOPs); on CUDA, the GPU latency of teacher and student."""
+    from mdbench.models.clam import clam_sb
+
+    head = clam_sb(teacher_dim, hidden=tuple(cfg.head_hidden))
+    encoders = {"teacher": teacher, **{f"student_{v}": s.eval() for v, s in students(cfg, teacher_dim).items()}}
+    costs = measure_costs(encoders, head, cfg.patch_size, cfg.cost_bag_size, repeats=cfg.latency_repeats,
+                          device="cpu")
+    patch = torch.rand(2, 3, cfg.patch_size, cfg.patch_size)
+    workdir = tempfile.mkdtemp()
+    for backend in efficiency.BACKENDS:
+        exported, parity = efficiency.export_with_parity(encoders["student_fpd_ts"], (patch,), backend=backend,
+                                                         workdir=workdir, atol=1e-4, name=f"student_{backend}")
+        latency = efficiency.measure_latency(exported, (patch[:1].numpy(),), repeats=cfg.latency_repeats)
+        costs[f"student_fpd_ts_{backend}"] = {"ms_patch": latency.median_ms, "parity_max_abs_diff": parity.max_abs_diff}
+    rate = throughput(teacher, cfg.patch_size, cfg.teacher_batch, amp=cfg.amp, repeats=cfg.latency_repeats,
+                      device=cfg.device)
+    costs["teacher"].update(patches_per_s=rate, tflops_achieved=rate * costs["teacher"]["gflops_patch"] / 1e3)
+    if cfg.device == "cuda":
+        for name in ("teacher", "student_fpd_ts"):
+            gpu = efficiency.measure_latency(encoders[name].to("cuda"), (patch[:1],), repeats=cfg.latency_repeats)
+            costs[name]["ms_patch_gpu"] = gpu.median_ms
+            costs[name]["s_bag_gpu"] = cfg.cost_bag_size * gpu.median_ms / 1e3
+    return costs
+
+
+def record_costs(costs: dict[str, dict[str, float]], cfg: Config) -> pd.DataFrame:
+    """Table 2's records (one measurement each) of :func:`table2_costs`, with their units and how each was timed."""
+    notes = {"ms_patch": "CPU, median of single-patch calls", "s_bag": "CPU", "ms_patch_gpu": "CUDA, synchronised",
+             "patches_per_s": f"{cfg.device}, batches of {cfg.teacher_batch}, amp={cfg.amp}",
+             "tflops_achieved": f"{cfg.device}: patches/s x counted FLOPs per patch"}
+    config = {"patch_size": cfg.patch_size, "bag_size": cfg.cost_bag_size, "teacher": cfg.teacher,
+              "threads": torch.get_num_threads(), "device": cfg.device}
+    return pd.DataFrame([{"row": row, "metric": metric, "value": value, "unit": TABLE2_UNITS[metric],
+                          "notes": notes.get(metric, ""), "config": config}
+                         for row, values in costs.items() for metric, value in values.items()]
+                        ).assign(dataset=f"{cfg.patch_size}px patches, bags of {cfg.cost_bag_size}",
+                                 dataset_checksum="not applicable")
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -633,3 +777,72 @@ def throughput(encoder: nn.Module, patch_size: int, batch_size: int, *, amp: boo
 
     batch = torch.rand(batch_size, 3, patch_size, patch_size, device=dev)
     return batch_size / (measure_latency(run, (batch,), warmup=1, repeats=repeats, device=dev).median_ms / 1e3)
+
+
+# which encoder each Table 1 row runs at deployment, for the accuracy-versus-cost figure
+ROW_ENCODER = {"teacher_clam": "teacher", "kd_retrain": "student_kd", "no_distill_etc": "student_fpd_ts",
+               **{f"fpd_{s}": "student_fpd" for s in ("reuse", "retrain", "etc")},
+               **{f"fpd_ts_{s}": "student_fpd_ts" for s in ("reuse", "retrain", "etc")}}
+
+
+def plot_pareto(runs: dict[str, DatasetRun], costs: dict[str, dict[str, float]], cfg: Config):
+    """Each Table 1 row of each patch dataset: mean bag AUC over seeds (bars: ± std) against the GFLOPs its
+    feature extractor and head need for one bag of ``cfg.cost_bag_size`` patches (log scale). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    image_sets = [name for name, r in runs.items() if r.splits]
+    fig, axes = plt.subplots(1, len(image_sets), figsize=(5.5 * len(image_sets), 4), squeeze=False)
+    for ax, name in zip(axes[0], image_sets, strict=False):
+        for k, (row, encoder) in enumerate(ROW_ENCODER.items()):
+            aucs = [r.rows[row]["auc"] for r in runs[name].splits]
+            gflops = costs[encoder]["gflops_bag"]
+            ax.errorbar(gflops, np.mean(aucs), yerr=np.std(aucs, ddof=1) if len(aucs) > 1 else 0, fmt="o",
+                        color="tab:red" if row == "teacher_clam" else "tab:blue", capsize=3)
+            ax.annotate(row, (gflops, np.mean(aucs)), fontsize=7, xytext=(4, -8 + 6 * (k % 4)),
+                        textcoords="offset points")  # staggered so that rows of equal cost stay legible
+        ax.set_xscale("log")
+        ax.set_xlabel(f"GFLOPs per bag of {cfg.cost_bag_size} patches")
+        ax.set_ylabel("bag AUC (%)")
+        ax.set_title(name)
+    fig.tight_layout()
+    return fig
+
+
+def instance_auc(result: SeedResult, row: str, bags: Sequence[Bag]) -> float:
+    """AUC (%) of ``row``'s attention against the key instances over the positive test bags of one seed (NaN
+    when those bags hold only key or only other instances)."""
+    from sklearn.metrics import roc_auc_score
+
+    pairs = [(s, bags[i][2].numpy()) for s, i in zip(result.instance_scores[row], result.test_index, strict=False)
+             if bags[i][1] == 1]
+    labels = np.concatenate([p[1] for p in pairs])
+    return 100 * roc_auc_score(labels, np.concatenate([p[0] for p in pairs])) if 0 < labels.mean() < 1 else np.nan
+
+
+def plot_attention(result: SeedResult, data: BagData, cfg: Config, rows: Sequence[str] = ("teacher_clam", "fpd_ts_etc"),
+                   n_bags: int = 3):
+    """The first ``n_bags`` test bags of one seed (positive ones first): the bag as a grid (an ISIC image re-forms
+    from its tiles), its key instances (grey: no instance) and each row's attention, titled with the row's
+    :func:`instance_auc`. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    bags = data.bags
+    order = sorted(range(len(result.test_index)), key=lambda j: -bags[result.test_index[j]][1])[:n_bags]
+    cols = cfg.isic_grid if data.name == "isic2017" else None
+    cmap = plt.get_cmap("magma").copy()
+    cmap.set_bad("lightgrey")  # grid cells without an instance
+    fig, axes = plt.subplots(len(order), 2 + len(rows), figsize=(10, 2.6 * len(order)), squeeze=False)
+    for line, j in zip(axes, order, strict=False):
+        instances, label, key = bags[result.test_index[j]]
+        picture, truth = mosaic(instances, key.numpy(), cols)
+        line[0].imshow(picture)
+        line[0].set_title(f"bag {result.test_index[j]} (label {label})", fontsize=8)
+        line[1].imshow(truth, cmap=cmap, vmin=0, vmax=1)
+        line[1].set_title("key instances", fontsize=8)
+        for ax, row in zip(line[2:], rows, strict=False):
+            ax.imshow(mosaic(instances, result.instance_scores[row][j], cols)[1], cmap=cmap)
+            ax.set_title(f"{row} attention (inst. AUC {instance_auc(result, row, bags):.0f})", fontsize=8)
+        for ax in line:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
