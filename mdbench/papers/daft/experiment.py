@@ -1,9 +1,11 @@
-"""DAFT experiment glue: Table A, every row's models run on the test cases with their routes, and averaged.
+"""DAFT experiment glue: the notebook's steps as calls, and Table A (every row's models run on the test cases with
+their routes, and averaged).
 
-The notebook wires DAFT's helpers together: :mod:`~mdbench.papers.daft.cases` (case folders), :mod:`~.training`
-(KD, general fine-tuning, data-aware fine-tuning), :mod:`~.routing` (file-name and learned routers),
-:mod:`~.inference` (2D / 3D box-prompt segmentation), :mod:`~.evaluation` (the per-case challenge score) and
-:mod:`~.deploy` (export, runtime, fresh-process timing).
+This module wires DAFT's helpers together, one function per step of ``notebooks/daft.ipynb``: :class:`Config`,
+:func:`load_data` (:mod:`~mdbench.papers.daft.cases`), :func:`model_costs`, :func:`baseline`, :func:`distill`,
+:func:`general_finetune` and :func:`expert_finetune` (:mod:`~.training`), :func:`fit_routers` (:mod:`~.routing`),
+:func:`run` (Table A through :mod:`~.inference` and :mod:`~.evaluation`), :func:`deploy` and :func:`time_cases`
+(:mod:`~.deploy`: export, runtime, fresh-process timing), the ``record_*`` functions and the ``plot_*`` figures.
 
 :class:`CaseEvaluator` segments each (model, case) pair once and reuses it for every row of Table A that routes
 that case to that model (e.g. DAFT sends an unseen modality to the general model, whose masks are already known).
@@ -16,16 +18,33 @@ mean over modalities.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
+from mdbench import efficiency, repro
+from mdbench.data.synthetic import write_synthetic_boxprompt_cases
+from mdbench.models.efficientvit_sam import build_efficientvit_sam
+from mdbench.models.litemedsam import LiteMedSAM
+from mdbench.papers.daft import cases as daft_cases
+from mdbench.papers.daft import training as daft_training
+from mdbench.papers.daft.deploy import timing
 from mdbench.papers.daft.evaluation import score_case
 from mdbench.papers.daft.inference import Predictor, segment_case
+from mdbench.papers.daft.routing import GENERAL, FileNameRouter, LearnedRouter
+from mdbench.params import NotebookConfig
 
-__all__ = ["AVERAGE", "CaseEvaluator", "modality_summary", "summary_metrics"]
+__all__ = ["AVERAGE", "ROWS", "CaseEvaluator", "Cases", "Config", "Lineages", "Routers", "TableA", "Timings",
+           "baseline", "build_student", "deploy", "distill", "expert_finetune", "fit_routers", "general_finetune",
+           "load_data", "modality_summary", "model_costs", "plot_overlays", "plot_scores", "record_table_a",
+           "record_table_b", "run", "summary_metrics", "time_cases", "wide_table_a"]
 
 log = logging.getLogger(__name__)
 AVERAGE = "average"
@@ -98,3 +117,430 @@ def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
     """Flat ``{"<metric>_<modality>": value}`` of a :func:`modality_summary` (``dsc_Endoscopy``, ``nsd_average``)."""
     return {f"{metric}_{modality}": float(value)
             for modality, row in summary.drop(columns="n").iterrows() for metric, value in row.items()}
+
+
+# ------------------------------------------------------------------------------------------------- the notebook
+ROWS = ["LiteMedSAM", "KD only", "+ general FT", "+ DAFT (file-name router)", "+ DAFT (learned router)"]
+
+
+@dataclass(frozen=True)
+class Config(NotebookConfig):
+    """The notebook's parameters: the cases, the student, KD, general and data-aware fine-tuning, Table B's timing."""
+
+    device: str = "cpu"                 # training and Table A inference (Table B is always timed on the CPU)
+    seeds: tuple[int, ...] = (0,)       # one KD -> FT -> DAFT lineage per seed
+    data_dir: str | None = None
+    dataset: str = "real"               # synthetic | real (Kvasir-SEG, ISIC 2017, HC18, MSD hippocampus)
+    cases_dir: str | None = None        # or any folder of challenge .npz cases
+    n_cases: dict = field(default_factory=lambda: {"train": 40, "val": 4, "test": 3})  # per modality and split
+    synthetic_kinds: tuple[str, ...] = ("2DBox_Endoscopy", "2DBox_Dermoscopy", "2DBox_US", "3DBox_MR")
+    synthetic_image_size: tuple[int, int] = (160, 160)
+    synthetic_volume_shape: tuple[int, int, int] = (8, 64, 64)
+    experts: tuple[str, ...] = ("Endoscopy", "Dermoscopy", "3D")  # other modalities go to the general model
+    student_backbone: str = "efficientvit_l1"
+    student_depths: tuple[int, ...] = (1, 1, 1, 4, 4)  # () keeps timm's
+    neck_width: int = 256
+    neck_depth: int = 4
+    neck_block: str = "fmbconv"
+    student_pretrained: bool = False
+    teacher_backend: str = "torch"      # torch | openvino
+    kd_images: int | None = None        # at most this many KD inputs (None: all training images + slices)
+    kd_slices_per_volume: int = 4
+    kd_epochs: int = 20
+    kd_lr: float = 5e-4
+    kd_batch: int = 16
+    ft_epochs: int = 15
+    ft_lr: float = 1e-4
+    ft_batch: int = 32
+    patience: int = 7
+    workers: int = 0
+    daft_epochs: int = 6
+    daft_slices_per_volume: int | None = 10
+    timing_per_modality: int = 1        # test cases per modality timed in Table B (0: none)
+    timing_modalities: tuple[str, ...] | None = None
+    timing_threads: int | None = None   # threads of the timed processes (None: all cores)
+
+    @property
+    def student(self) -> dict[str, Any]:
+        """:func:`build_efficientvit_sam` arguments of the student (recorded as ``student``)."""
+        return {"backbone": self.student_backbone, "depths": list(self.student_depths) or None,
+                "neck_width": self.neck_width, "neck_depth": self.neck_depth, "neck_block": self.neck_block,
+                "pretrained": self.student_pretrained}
+
+
+def build_student(teacher: LiteMedSAM, cfg: Config) -> LiteMedSAM:
+    """The EfficientViT student encoder merged with the teacher's prompt encoder and mask decoder."""
+    return build_efficientvit_sam(teacher, **cfg.student)
+
+
+@dataclass
+class Cases:
+    """The challenge cases of one run: the dataset's ``name``, each split's ``paths`` and read ``cases``, the
+    unreadable files skipped (``errors``, name -> reason) and a ``checksum`` of every case read."""
+
+    name: str
+    paths: dict[str, list[Path]]
+    cases: dict[str, list[dict]]
+    errors: dict[str, str]
+    checksum: str
+
+    @property
+    def train(self) -> list[dict]:
+        return self.cases["train"]
+
+    @property
+    def val(self) -> list[dict]:
+        return self.cases["val"]
+
+    @property
+    def test(self) -> list[dict]:
+        return self.cases["test"]
+
+    def counts(self) -> pd.DataFrame:
+        """Cases per modality (rows) and split (columns)."""
+        return pd.DataFrame({split: pd.Series([c["modality"] for c in cs]).value_counts()
+                             for split, cs in self.cases.items()}).fillna(0).astype(int)
+
+
+def load_data(cfg: Config, work: Path) -> Cases:
+    """The run's cases: ``cfg.cases_dir`` as it is, or real (``dataset="real"``, converted by
+    :func:`~mdbench.papers.daft.cases.write_real_cases`) or synthetic cases written to ``work/cases``."""
+    if cfg.cases_dir is not None:
+        folder, name = Path(cfg.cases_dir), Path(cfg.cases_dir).name
+    elif cfg.dataset == "real":
+        folder, name = work / "cases", "real"
+        daft_cases.write_real_cases(folder, cfg.n_cases, data_dir=cfg.data_dir)
+    else:
+        folder, name = work / "cases", "synthetic"
+        for split, n in cfg.n_cases.items():
+            write_synthetic_boxprompt_cases(folder / split, n, seed=0, split=split, kinds=list(cfg.synthetic_kinds),
+                                            image_size=tuple(cfg.synthetic_image_size),
+                                            volume_shape=tuple(cfg.synthetic_volume_shape))
+    paths = daft_cases.case_splits(folder)
+    read = {split: daft_cases.read_cases(paths[split]) for split in ("train", "val", "test")}
+    cases = {split: found for split, (found, _) in read.items()}
+    errors = {name: reason for _, errs in read.values() for name, reason in errs.items()}
+    checksum = daft_cases.cases_checksum(cases["train"] + cases["val"] + cases["test"])
+    return Cases(name, paths, cases, errors, checksum)
+
+
+def model_costs(models: Mapping[str, LiteMedSAM], cfg: Config) -> pd.DataFrame:
+    """Parameters (whole model and image encoder, M) and the encoder's GFLOPs on a 256x256 image of each model,
+    as records (``row``, ``metric``, ``value``, ``unit``, ``config``) with the encoder's ``init``."""
+    example = torch.rand(1, 3, 256, 256)
+    lines = []
+    for row, model in models.items():
+        params = efficiency.count_parameters(model)
+        encoder = efficiency.count_parameters(model.image_encoder)
+        flops = efficiency.count_flops(model.image_encoder, example).flops
+        init = getattr(model.image_encoder, "mdbench_init", model.mdbench_init)
+        config = {"model": row, "student": cfg.student if row != "LiteMedSAM" else None,
+                  "input_shape": "1x3x256x256"}
+        for metric, value, unit in [("params_m", params.total / 1e6, "M"),
+                                    ("encoder_params_m", encoder.total / 1e6, "M"),
+                                    ("encoder_gflops", flops / 1e9, "GFLOPs")]:
+            lines.append({"row": row, "metric": metric, "value": value, "unit": unit, "config": config,
+                          "init": init})
+    return pd.DataFrame(lines)
+
+
+def baseline(teacher: LiteMedSAM, cases: Cases, cfg: Config, work: Path
+             ) -> tuple[Predictor, Callable, dict[str, Any] | None]:
+    """The LiteMedSAM baseline predictor, the encoder that computes the KD targets, and the OpenVINO parity
+    report (None with ``teacher_backend="torch"``): with ``"openvino"`` the teacher runs through its export,
+    after a parity check against PyTorch on a real image."""
+    if cfg.teacher_backend != "openvino":
+        return teacher.to(cfg.device), teacher.image_encoder.to(cfg.device), None
+    import openvino as ov
+
+    from mdbench.papers.daft.deploy.export import export_openvino
+    from mdbench.papers.daft.deploy.runtime import OpenVinoSAM
+
+    parity = export_openvino(teacher, work / "teacher", example_image=cases.train[0]["imgs"])
+    model = OpenVinoSAM(work / "teacher", ov.Core())
+    return model, model.encode, parity
+
+
+@dataclass
+class Lineages:
+    """One KD -> general FT -> DAFT lineage per seed: ``models[seed]`` has ``"KD only"``, ``"+ general FT"`` and
+    ``"experts"`` (expert name -> model); ``config`` is what decided them so far (recorded with their numbers);
+    ``curves`` the training histories (one frame per run, with ``seed`` and ``stage``)."""
+
+    models: dict[int, dict[str, Any]]
+    config: dict[str, Any]
+    curves: list[pd.DataFrame] = field(default_factory=list)
+    kd_mse: dict[str, list[float]] = field(default_factory=dict)
+    kd_inputs: int = 0
+    subsets: dict[str, tuple[list[dict], list[dict]]] = field(default_factory=dict)
+
+
+def distill(teacher: LiteMedSAM, teacher_encode: Callable, cases: Cases, cfg: Config, deterministic: bool
+            ) -> Lineages:
+    """Step 1: per seed, a student whose image encoder is distilled into the teacher's embeddings of the training
+    images (and slices), with its embedding MSE before and after (``kd_mse``)."""
+    inputs = daft_training.encoder_inputs(cases.train, slices_per_volume=cfg.kd_slices_per_volume)
+    if cfg.kd_images is not None and len(inputs) > cfg.kd_images:
+        inputs = inputs[np.random.default_rng(0).permutation(len(inputs))[:cfg.kd_images]]
+    targets = daft_training.embed_images(teacher_encode, inputs, device=cfg.device)
+    config = {"student": cfg.student, "images": len(inputs), "epochs": cfg.kd_epochs, "lr": cfg.kd_lr,
+              "batch": cfg.kd_batch, "teacher_backend": cfg.teacher_backend}
+    lineages = Lineages({}, config, kd_mse={"before KD": [], "after KD": []}, kd_inputs=len(inputs))
+    for seed in cfg.seeds:
+        repro.seed_everything(seed, deterministic=deterministic)
+        model = build_student(teacher, cfg)
+        encoder = model.image_encoder
+        lineages.kd_mse["before KD"].append(daft_training.embedding_mse(encoder, inputs, targets, device=cfg.device))
+        daft_training.distill_encoder(encoder, inputs, targets, epochs=cfg.kd_epochs, lr=cfg.kd_lr,
+                                      batch_size=cfg.kd_batch, device=cfg.device, seed=seed)
+        lineages.kd_mse["after KD"].append(daft_training.embedding_mse(encoder, inputs, targets, device=cfg.device))
+        lineages.models[seed] = {"KD only": model}
+    return lineages
+
+
+def general_finetune(lineages: Lineages, teacher: LiteMedSAM, cases: Cases, cfg: Config) -> None:
+    """Step 2: per seed, a copy of the KD student fine-tuned on all training cases (``"+ general FT"``)."""
+    lineages.config = {**lineages.config, "ft_epochs": cfg.ft_epochs, "ft_lr": cfg.ft_lr, "ft_batch": cfg.ft_batch,
+                       "patience": cfg.patience}
+    for seed, models in lineages.models.items():
+        general = build_student(teacher, cfg)
+        general.load_state_dict(models["KD only"].state_dict())
+        history = daft_training.finetune(general, cases.train, cases.val, epochs=cfg.ft_epochs, lr=cfg.ft_lr,
+                                         batch_size=cfg.ft_batch, patience=cfg.patience, num_workers=cfg.workers,
+                                         device=cfg.device, seed=seed)
+        models["+ general FT"] = general
+        lineages.curves.append(history.to_frame().assign(seed=seed, stage="general FT"))
+
+
+def expert_finetune(lineages: Lineages, cases: Cases, cfg: Config) -> None:
+    """Step 3 (DAFT proper): per seed, one copy of the general model per expert with training cases, fine-tuned
+    on the cases the file-name router sends to it (``"experts"``)."""
+    router = FileNameRouter(list(cfg.experts))
+    subsets = {name: ([c for c in cases.train if router.route(c["name"]) == name],
+                      [c for c in cases.val if router.route(c["name"]) == name]) for name in cfg.experts}
+    lineages.subsets = {name: split for name, split in subsets.items() if split[0]}
+    lineages.config = {**lineages.config, "experts": sorted(lineages.subsets), "daft_epochs": cfg.daft_epochs,
+                       "daft_slices_per_volume": cfg.daft_slices_per_volume}
+    for seed, models in lineages.models.items():
+        tuned = daft_training.data_aware_finetune(
+            models["+ general FT"], lineages.subsets, epochs=cfg.daft_epochs, lr=cfg.ft_lr, batch_size=cfg.ft_batch,
+            patience=cfg.patience, num_workers=cfg.workers, device=cfg.device, seed=seed,
+            max_slices_per_volume=cfg.daft_slices_per_volume)
+        models["experts"] = {name: model for name, (model, _) in tuned.items()}
+        lineages.curves += [h.to_frame().assign(seed=seed, stage=f"DAFT {name}") for name, (_, h) in tuned.items()]
+
+
+@dataclass
+class Routers:
+    """The file-name router, the learned one (trained on ``train_cases`` cases), both routes of every test case,
+    and the learned router's scores (fractions) against the file names."""
+
+    file_name: FileNameRouter
+    learned: LearnedRouter
+    oracle: dict[str, str]
+    routes: dict[str, str]
+    scores: dict[str, float]
+    train_cases: int
+
+
+def fit_routers(cases: Cases, cfg: Config) -> Routers:
+    """Fit the learned router on the train and validation images of the expert modalities and route the test
+    cases with both routers. Scores: ``accuracy`` (agreement with the file names), ``accuracy_seen`` (on expert
+    modalities), ``fallback_unseen`` (other modalities sent to the general model)."""
+    file_router = FileNameRouter(list(cfg.experts))
+    known = [c for c in cases.train + cases.val if file_router.route(c["name"]) != GENERAL]
+    learned_router = LearnedRouter().fit([c["imgs"] for c in known], [file_router.route(c["name"]) for c in known])
+    oracle = {c["name"]: file_router.route(c["name"]) for c in cases.test}
+    learned = dict(zip(oracle, learned_router.route_many([c["imgs"] for c in cases.test]), strict=True))
+    seen = [name for name, expert in oracle.items() if expert != GENERAL]
+    unseen = [name for name, expert in oracle.items() if expert == GENERAL]
+    scores = {"accuracy": np.mean([learned[n] == oracle[n] for n in oracle]),
+              "accuracy_seen": np.mean([learned[n] == oracle[n] for n in seen]) if seen else np.nan,
+              "fallback_unseen": np.mean([learned[n] == GENERAL for n in unseen]) if unseen else np.nan}
+    return Routers(file_router, learned_router, oracle, learned, scores, len(known))
+
+
+def record_routers(routers: Routers, cfg: Config) -> pd.DataFrame:
+    """The learned router's scores (%) as records; a score without cases (NaN) is not recorded."""
+    config = {"experts": list(cfg.experts), "train_cases": routers.train_cases}
+    return pd.DataFrame([{"row": "learned router", "metric": metric, "value": 100 * value, "config": config}
+                         for metric, value in routers.scores.items() if not np.isnan(value)])
+
+
+@dataclass
+class TableA:
+    """Every (row, seed, case) score (``per_case``) and, per seed, the evaluator whose masks they came from."""
+
+    per_case: pd.DataFrame
+    evaluators: dict[int, CaseEvaluator]
+
+
+def run(baseline_model: Predictor, lineages: Lineages, routers: Routers, cases: Cases, cfg: Config) -> TableA:
+    """Table A: the baseline (once) and each seed's KD, general and DAFT rows (both routers) on the test cases."""
+    frames = [CaseEvaluator({"LiteMedSAM": baseline_model}).evaluate(cases.test, "LiteMedSAM")
+              .assign(row="LiteMedSAM", seed=cfg.seeds[0])]
+    evaluators = {}
+    for seed, models in lineages.models.items():
+        evaluator = evaluators[seed] = CaseEvaluator({"KD only": models["KD only"], GENERAL: models["+ general FT"],
+                                                      **models["experts"]})
+        routes = {"KD only": "KD only", "+ general FT": GENERAL,
+                  "+ DAFT (file-name router)": lambda c: routers.file_name.route(c["name"]),
+                  "+ DAFT (learned router)": lambda c: routers.routes[c["name"]]}
+        for row, route in routes.items():
+            frames.append(evaluator.evaluate(cases.test, route).assign(row=row, seed=seed))
+    return TableA(pd.concat(frames, ignore_index=True), evaluators)
+
+
+def record_table_a(table: TableA, lineages: Lineages, cases: Cases) -> pd.DataFrame:
+    """Per row and seed, DSC and NSD per modality and their average (:func:`summary_metrics`), as records."""
+    config = {**lineages.config, "test_cases": len(cases.test)}
+    lines = []
+    for (row, seed), frame in table.per_case.groupby(["row", "seed"], sort=False):
+        lines += [{"row": row, "seed": seed, "metric": metric, "value": value}
+                  for metric, value in summary_metrics(modality_summary(frame)).items()]
+    order = {row: i for i, row in enumerate(ROWS)}
+    return pd.DataFrame(lines).sort_values(["row", "seed"], key=lambda c: c.map(order) if c.name == "row" else c,
+                                           kind="stable").assign(config=[config] * len(lines), unit="%")
+
+
+def wide_table_a(table: TableA) -> pd.DataFrame:
+    """Mean over seeds of each row's DSC and NSD per modality and on average (rows in Table A's order)."""
+    summary = table.per_case.groupby(["row", "seed"]).apply(modality_summary, include_groups=False)
+    return summary.groupby(level=[0, 2])[["dsc", "nsd"]].mean().unstack(level=1).reindex(ROWS)
+
+
+def deploy(lineages: Lineages, routers: Routers, cases: Cases, cfg: Config, folder: Path
+           ) -> tuple[list[dict], dict[str, Any], pd.DataFrame]:
+    """Export what the timed test cases need (the experts they are routed to and the general fall-back) of the
+    first seed's lineage to ``folder`` (ONNX and OpenVINO IR, parity-checked). Returns the timed cases
+    (``timing_per_modality`` per modality of ``timing_modalities``), the deployment manifest and its parity
+    checks, one line per (expert, part, backend)."""
+    timed = [c for modality in sorted({c["modality"] for c in cases.test})
+             if cfg.timing_modalities is None or modality in cfg.timing_modalities
+             for c in [c for c in cases.test if c["modality"] == modality][:cfg.timing_per_modality]]
+    lineage = lineages.models[cfg.seeds[0]]
+    all_experts = {GENERAL: lineage["+ general FT"], **lineage["experts"]}
+    needed = {GENERAL, *(routers.file_name.route(c["name"]) for c in timed)}
+    deployed = {name: model.cpu() for name, model in all_experts.items() if name in needed}
+    from mdbench.papers.daft.deploy.export import save_deployment
+
+    manifest = save_deployment(folder, deployed, example_image=cases.test[0]["imgs"])
+    parity = pd.DataFrame([{"expert": name, "part": part, "backend": backend, "max |diff|": r["max_abs_diff"],
+                            "sign agreement": r["agreement"], "passed": r["passed"]}
+                           for name, parts in manifest["parity"].items() for part, by in parts.items()
+                           for backend, r in by.items()])
+    return timed, manifest, parity
+
+
+@dataclass
+class Timings:
+    """Seconds per timed case and Table B stage (``frame``: case, stage, seconds, dims, output, ...), the mean per
+    stage in Table B's order, and the threads each process had."""
+
+    frame: pd.DataFrame
+    per_stage: pd.Series
+    threads: int
+
+
+def time_cases(timed: Sequence[dict], cases: Cases, cfg: Config, work: Path) -> Timings | None:
+    """Table B: each timed case in a fresh process per stage (:func:`mdbench.papers.daft.deploy.timing.time_cases`),
+    with the deployment in ``work/deploy``; None when no case is timed. A failed process raises."""
+    if not timed:
+        return None
+    threads = cfg.timing_threads or os.cpu_count()
+    names = {c["name"] for c in timed}
+    paths = [p for p in cases.paths["test"] if p.name in names]
+    frame = pd.concat([timing.time_cases(paths, stage, work / "deploy", work / "timing", threads=threads)
+                       for stage in timing.table_b_stages()], ignore_index=True)
+    frame["dims"] = frame.case.str[0].astype(int)
+    failed = frame[frame.returncode != 0]
+    if not failed.empty:
+        raise RuntimeError(f"timed cases failed: {failed.error.tolist()}")
+    return Timings(frame, frame.groupby("stage", sort=False).seconds.mean(), threads)
+
+
+def record_table_b(timings: Timings, table: TableA, routers: Routers, timed: Sequence[dict], cfg: Config,
+                   cpu: str) -> tuple[pd.DataFrame, float]:
+    """Table B's records (seconds per case overall and per 2D / 3D, speedup over the baseline, per stage) and the
+    agreement (%) of the last stage's deployed masks with Table A's in-process masks of the same expert."""
+    in_process = table.evaluators[cfg.seeds[0]].predictions
+    last = timing.table_b_stages()[-1]
+    outputs = timings.frame[timings.frame.stage == last.name].set_index("case").output
+    agreement = 100 * np.mean([
+        float((np.load(outputs[c["name"]])["segs"] == in_process[(routers.file_name.route(c["name"]), c["name"])])
+              .mean()) for c in timed])
+    base = timings.per_stage.iloc[0]
+    lines = []
+    for stage, seconds in timings.per_stage.items():
+        values = {"seconds_per_case": seconds, "speedup": base / seconds}
+        by_dims = timings.frame[timings.frame.stage == stage].groupby("dims").seconds.mean()
+        values.update({f"seconds_{d}d": s for d, s in by_dims.items()})
+        lines += [{"row": stage, "metric": metric, "value": value, "unit": "x" if metric == "speedup" else "s"}
+                  for metric, value in values.items()]
+    lines.append({"row": last.name, "metric": "mask_agreement", "value": agreement, "unit": "%"})
+    config = {"threads": timings.threads, "cases": [c["name"] for c in timed], "cpu": cpu}
+    return pd.DataFrame(lines).assign(config=[config] * len(lines)), agreement
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+def plot_scores(table: TableA, timings: Timings | None):
+    """DSC per case by modality and row; beside it, seconds per case of each Table B stage (log scale, 2D / 3D).
+    Returns the figure."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    scored = table.per_case[table.per_case.error == ""]
+    sns.stripplot(data=scored, x="modality", y="dsc", hue="row", hue_order=ROWS, dodge=True, ax=axes[0], size=5)
+    axes[0].set_title("DSC per case by modality")
+    axes[0].set_ylabel("DSC (%)")
+    axes[0].legend(fontsize=7)
+    if timings is not None:
+        sns.barplot(data=timings.frame, x="stage", y="seconds", hue="dims", order=list(timings.per_stage.index),
+                    ax=axes[1])
+        axes[1].set_yscale("log")
+        axes[1].set_title(f"seconds per case, fresh process each ({timings.threads} threads)")
+        axes[1].tick_params(axis="x", labelrotation=25, labelsize=7)
+    else:
+        axes[1].set_axis_off()
+        axes[1].text(0.5, 0.5, "Table B not timed in this profile", ha="center", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def _overlay(ax, case: dict, labels: np.ndarray, title: str) -> None:
+    """A case's image (3D: the middle slice of its first box) with its boxes (yellow), ground truth (green) and
+    predicted labels (red)."""
+    import matplotlib.pyplot as plt
+
+    dims = case["dims"]
+    z = int(case["boxes"][0][2] + (case["boxes"][0][5] - case["boxes"][0][2]) // 2) if dims == 3 else None
+    image = case["imgs"] if z is None else case["imgs"][z]
+    gts, pred = (case["gts"], labels) if z is None else (case["gts"][z], labels[z])
+    ax.imshow(image, cmap="gray")
+    ax.contour(gts > 0, levels=[0.5], colors="lime", linewidths=1)
+    if pred.any():
+        ax.contour(pred > 0, levels=[0.5], colors="red", linewidths=1)
+    for box in case["boxes"]:
+        x0, y0, x1, y1 = (box[0], box[1], box[2], box[3]) if dims == 2 else (box[0], box[1], box[3], box[4])
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=0.8))
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def plot_overlays(table: TableA, routers: Routers, cases: Cases, seed: int):
+    """One test case per modality as DAFT with the file-name router segmented it (seed ``seed``), titled with the
+    expert it went to and its DSC. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    shown = {c["modality"]: c for c in cases.test}
+    in_process = table.evaluators[seed].predictions
+    scores = table.per_case[(table.per_case.seed == seed) & (table.per_case.row == "+ DAFT (file-name router)")]
+    dsc = dict(zip(scores.case, scores.dsc, strict=True))
+    fig, axes = plt.subplots(1, len(shown), figsize=(3 * len(shown), 3), squeeze=False)
+    for ax, (modality, case) in zip(axes[0], shown.items(), strict=True):
+        expert = routers.file_name.route(case["name"])
+        _overlay(ax, case, in_process[(expert, case["name"])], f"{modality} -> {expert}: DSC {dsc[case['name']]:.0f}")
+    fig.suptitle("DAFT (file-name router): box (yellow), ground truth (green), prediction (red)", fontsize=9)
+    fig.tight_layout()
+    return fig
