@@ -35,8 +35,8 @@ _PARAMETER_TYPES = (type(None), bool, int, float, str, list, tuple, dict)
 
 def parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
     """The notebook's parameters out of its global namespace: every public plain value (None, bool, number,
-    string, list, dict). Call it in the first cell after the parameters cell, before that cell defines anything
-    else, so that only the parameters (and those papermill injected) are there."""
+    string, list, dict). Call it in the first cell after the parameters cell, before that cell assigns any such
+    value (imports are fine), so that only the parameters (and those papermill injected) are there."""
     return {name: value for name, value in namespace.items()
             if not name.startswith("_") and name not in _NOT_PARAMETERS and isinstance(value, _PARAMETER_TYPES)}
 
