@@ -21,8 +21,9 @@ class PaperFileError(ValueError):
 
 
 def known_papers(papers_dir: Path = PAPERS_DIR) -> list[str]:
-    """The papers under ``papers_dir``: every folder that holds a paper.yaml, by name."""
-    return sorted(path.parent.name for path in papers_dir.glob(f"*/{FILE_NAME}"))
+    """The papers under ``papers_dir``: every folder that holds a paper.yaml, by name; ``_``-folders (the template)
+    are not papers."""
+    return sorted(path.parent.name for path in papers_dir.glob(f"*/{FILE_NAME}") if not path.parent.name.startswith("_"))
 
 
 def paper_file(paper: str, papers_dir: Path = PAPERS_DIR) -> Path:

@@ -14,17 +14,17 @@ pytestmark = MARKS
 TINY = {"patch_size": 4, "depth": 4, "embed_dim": 64, "num_heads": 4}  # the smoke profile's backbone
 
 
-def _setup(device: str) -> mt.Setup:
-    return mt.Setup(backbone="timm:vit_tiny_patch16_224", backbone_kwargs=TINY, pretrained=False, image_size=32,
-                    num_slices=8, decoder_channels=32, epochs=3, batch_size=2, device=device, amp=device == "cuda")
+def _setup(device: str) -> mt.Config:
+    return mt.Config(backbone="timm:vit_tiny_patch16_224", backbone_kwargs=TINY, pretrained=False, image_size=32,
+                     num_slices=8, decoder_channels=32, epochs=3, batch_size=2, device=device, amp=device == "cuda")
 
 
 @pytest.mark.parametrize("row", ["med_tuning", "lora"])
 def test_row_trains_and_scores_alike_on_cuda(row):
     train_set = mt.load_volumes("synthetic", "train", 6, _setup("cpu"))
     test_set = mt.load_volumes("synthetic", "test", 3, _setup("cpu"))
-    cpu = mt.run_row(row, _setup("cpu"), train_set, test_set, [0])
-    gpu = mt.run_row(row, _setup("cuda"), train_set, test_set, [0])
+    cpu = mt.run(row, _setup("cpu"), train_set, test_set, [0])
+    gpu = mt.run(row, _setup("cuda"), train_set, test_set, [0])
     assert gpu.memory_method == "cuda_max_memory_allocated" and gpu.values["train_memory_mb"][0] > 0
     assert gpu.values["tuned_params_m"] == cpu.values["tuned_params_m"]
     assert gpu.example_pred.dtype == cpu.example_pred.dtype == torch.uint8

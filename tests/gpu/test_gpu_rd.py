@@ -42,10 +42,11 @@ def _grid(device: str) -> pd.DataFrame:
     data = rdx.load_classification("synthetic", 16, max_train=64, max_test=N_TEST, synthetic_classes=2)
     fm = _tiny_fm().to(device)
     rdx.cache_features(data, fm)
-    cfg = rdx.TrainConfig(steps=4, batch_size=16, pretrained_students=False, device=device, amp=device == "cuda")
+    cfg = rdx.Config(steps=4, batch_size=16, pretrained_students=False, students=("resnet18",), seeds=(0,),
+                     device=device)  # amp follows the device
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no local student weights: random init, as on the CPU
-        return rdx.run_grid(data, fm, 0.5, ["resnet18"], METHODS, [0], cfg, progress=False)
+        return rdx.run(data, fm, 0.5, METHODS, cfg, progress=False)
 
 
 def _assert_evaluations_alike(gpu: list, cpu: list, rel: float) -> None:
@@ -77,7 +78,7 @@ def _lora(device: str) -> tuple[rdx.MethodResult, torch.Tensor]:
     data = rdx.load_classification("synthetic", 16, max_train=32, max_test=N_TEST, synthetic_classes=2)
     fm = FrozenFM(build_fm("litemedsam_stem", 16)).to(device)
     task = rdx.make_task(rdx.cache_features(data, fm), fm, 1.0, 0)
-    cfg = rdx.TrainConfig(steps=3, batch_size=16, device=device, amp=device == "cuda")
+    cfg = rdx.Config(steps=3, batch_size=16, device=device)
     return rdx.run_fm_method("fm_lora", task, 0, cfg), data.test.features
 
 
