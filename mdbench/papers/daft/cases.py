@@ -17,14 +17,21 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from mdbench.data.boxprompt import (boxes_from_labels, case_filename, modality_from_name, read_boxprompt_case,
-                                    relabel_instances, save_boxprompt_case)
+from mdbench.data.boxprompt import (
+    boxes_from_labels,
+    case_filename,
+    modality_from_name,
+    read_boxprompt_case,
+    relabel_instances,
+    save_boxprompt_case,
+)
 from mdbench.data.errors import DataError
 from mdbench.data.registry import load_dataset
 from mdbench.data.splits import SPLITS, split_indices

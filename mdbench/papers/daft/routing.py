@@ -14,8 +14,8 @@ Torch-free (numpy; scikit-learn only inside :class:`LearnedRouter`), so the depl
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -122,7 +122,7 @@ class LearnedRouter:
         self.classifier = None
         self.novelty = None
 
-    def fit(self, images: Sequence[np.ndarray], experts: Sequence[str]) -> "LearnedRouter":
+    def fit(self, images: Sequence[np.ndarray], experts: Sequence[str]) -> LearnedRouter:
         """Train on case images and the expert each should go to (at least two experts, two images each)."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.neighbors import LocalOutlierFactor

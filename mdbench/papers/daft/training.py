@@ -26,7 +26,8 @@ statistics are recomputed on training images after KD, before each validation an
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Literal, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch

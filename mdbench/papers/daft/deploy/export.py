@@ -19,17 +19,24 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from mdbench.data import boxprompt
-from mdbench.efficiency import (BACKENDS, OnnxRuntimeModel, ParityError, ParityReport, check_parity, compare_outputs,
-                                export_onnx)
+from mdbench.efficiency import (
+    BACKENDS,
+    OnnxRuntimeModel,
+    ParityError,
+    ParityReport,
+    check_parity,
+    compare_outputs,
+    export_onnx,
+)
 from mdbench.models.litemedsam import LiteMedSAM, preprocess_image
 from mdbench.papers.daft.deploy.runtime import MANIFEST
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
