@@ -134,7 +134,7 @@ class LearnedRouter:
         if len(images) != len(labels) or len(names) < 2 or counts.min() < 2:
             raise ValueError(
                 f"the learned router needs >= 2 experts with >= 2 images each and one expert per image; "
-                f"got {len(images)} images, counts {dict(zip(names.tolist(), counts.tolist()))}"
+                f"got {len(images)} images, counts {dict(zip(names.tolist(), counts.tolist(), strict=True))}"
             )
         features = np.stack([image_features(image) for image in images])
         self.classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(features, labels)
@@ -152,7 +152,7 @@ class LearnedRouter:
         novel = self.novelty.predict(features) == -1
         choice = self.classifier.classes_[probabilities.argmax(axis=1)]
         confident = probabilities.max(axis=1) >= self.min_confidence
-        return [str(c) if ok and not new else self.default for c, ok, new in zip(choice, confident, novel)]
+        return [str(c) if ok and not new else self.default for c, ok, new in zip(choice, confident, novel, strict=True)]
 
     def route(self, image: np.ndarray) -> str:
         """Expert for one case image."""

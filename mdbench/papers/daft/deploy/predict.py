@@ -36,6 +36,7 @@ __all__ = ["main", "parse_args"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None); exit with a usage error on bad combinations."""
     parser = argparse.ArgumentParser(prog="python -m mdbench.papers.daft.deploy.predict",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("cases", nargs="+", type=Path, help="challenge .npz case files")
@@ -83,12 +84,14 @@ def _torch_experts(args: argparse.Namespace) -> Callable[[str], Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Segment every case on the command line; return 0, or 2 if any case failed (the others still run)."""
     args = parse_args(argv)
     if args.baseline:
         router = None
     else:
         manifest = read_manifest(args.models)
         router = FileNameRouter(manifest["experts"], default=manifest["default"])
+    get: Callable[[str], Any]  # expert name -> predictor; OpenVINO's or PyTorch's
     if args.backend == "openvino":
         pool = ExpertPool(args.models, lazy=args.lazy, cache_dir=args.compile_cache, threads=args.threads)
         get = pool.get

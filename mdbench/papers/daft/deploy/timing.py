@@ -93,6 +93,7 @@ def time_cases(cases: Sequence[str | Path], stage: Stage, models: str | Path, wo
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Time every Table B stage on the cases and print seconds per case and speed-ups; return 1 if any run failed."""
     parser = argparse.ArgumentParser(prog="python -m mdbench.papers.daft.deploy.timing",
                                      description="seconds per case, each case in a fresh process, for every stage")
     parser.add_argument("cases", nargs="+", type=Path, help="challenge .npz case files")
