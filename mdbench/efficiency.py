@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 Inputs = torch.Tensor | Sequence[torch.Tensor]
+# what measure_latency passes on: a plain callable (an exported model) may take numpy arrays
+LatencyInputs = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 BACKENDS = ("onnxruntime", "openvino")
 
 
@@ -44,7 +46,7 @@ class _AsDict:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _as_args(inputs: Inputs) -> tuple:
+def _as_args(inputs: LatencyInputs) -> tuple:
     """One tensor or array, or a tuple/list of them, as a tuple of positional arguments."""
     if isinstance(inputs, (torch.Tensor, np.ndarray)):
         return (inputs,)
@@ -204,7 +206,7 @@ def _infer_device(fn: Callable, args: tuple, device: str | torch.device | None) 
 
 def measure_latency(
     fn_or_model: Callable | nn.Module,
-    example_inputs: Inputs,
+    example_inputs: LatencyInputs,
     warmup: int = 5,
     repeats: int = 30,
     device: str | torch.device | None = None,

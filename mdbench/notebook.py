@@ -14,7 +14,7 @@ torch thread count (a ``threads`` parameter), opens the result store and prints 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,7 +131,7 @@ def _wall_clock_claims(reference: results.PaperReference, records: Iterable[resu
     return {c.id for c in reference.claims if units.get((c.table, c.lhs.row, c.lhs.metric)) in WALL_CLOCK_UNITS}
 
 
-def claim_lines(claims: pd.DataFrame, wall_clock: set[str] = frozenset()) -> list[str]:
+def claim_lines(claims: pd.DataFrame, wall_clock: Set[str] = frozenset()) -> list[str]:
     """``[status] text (dataset): lhs vs rhs`` for every claim that ran, wall-clock ones marked, then a count."""
     ran = claims[claims.status != results.NOT_RUN]
     lines = [f"[{c.status}] {c.text} ({c.dataset}): {c.lhs} vs {c.rhs}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 C = TypeVar("C", bound="NotebookConfig")
 
@@ -25,6 +25,9 @@ def _frozen(value: Any) -> Any:
 
 class NotebookConfig:
     """Base of each paper's ``Config`` dataclass."""
+
+    if TYPE_CHECKING:  # every subclass is a @dataclass: tells mypy that fields() and asdict() apply to it
+        __dataclass_fields__: ClassVar[dict[str, Any]]
 
     @classmethod
     def from_params(cls: type[C], params: Mapping[str, Any]) -> C:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from scipy import ndimage
@@ -106,7 +106,8 @@ def write_real_cases(out_dir: str | Path, counts: Mapping[str, int], data_dir: s
         name, kwargs = REAL_SOURCES[kind]
         for split, count in counts.items():
             dataset = load_dataset(name, split=split, data_dir=data_dir, **kwargs)
-            for index in range(min(count, len(dataset))):
+            # the registry types its result as Dataset; the box-prompt loaders are map-style, with __len__
+            for index in range(min(count, len(cast(Sized, dataset)))):
                 item = dataset[index]
                 path = out_dir / split / case_filename(kind, item["id"])
                 if not path.exists():

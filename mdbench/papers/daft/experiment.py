@@ -214,8 +214,8 @@ def load_data(cfg: Config, work: Path) -> Cases:
         folder, name = work / "cases", "synthetic"
         for split, n in cfg.n_cases.items():
             write_synthetic_boxprompt_cases(folder / split, n, seed=0, split=split, kinds=list(cfg.synthetic_kinds),
-                                            image_size=tuple(cfg.synthetic_image_size),
-                                            volume_shape=tuple(cfg.synthetic_volume_shape))
+                                            image_size=(*cfg.synthetic_image_size,),
+                                            volume_shape=(*cfg.synthetic_volume_shape,))
     paths = daft_cases.case_splits(folder)
     read = {split: daft_cases.read_cases(paths[split]) for split in ("train", "val", "test")}
     cases = {split: found for split, (found, _) in read.items()}
@@ -383,9 +383,10 @@ def run(baseline_model: Predictor, lineages: Lineages, routers: Routers, cases: 
     for seed, models in lineages.models.items():
         evaluator = evaluators[seed] = CaseEvaluator({"KD only": models["KD only"], GENERAL: models["+ general FT"],
                                                       **models["experts"]})
-        routes = {"KD only": "KD only", "+ general FT": GENERAL,
-                  "+ DAFT (file-name router)": lambda c: routers.file_name.route(c["name"]),
-                  "+ DAFT (learned router)": lambda c: routers.routes[c["name"]]}
+        routes: dict[str, str | Callable[[dict], str]] = {
+            "KD only": "KD only", "+ general FT": GENERAL,
+            "+ DAFT (file-name router)": lambda c: routers.file_name.route(c["name"]),
+            "+ DAFT (learned router)": lambda c: routers.routes[c["name"]]}
         for row, route in routes.items():
             frames.append(evaluator.evaluate(cases.test, route).assign(row=row, seed=seed))
     return TableA(pd.concat(frames, ignore_index=True), evaluators)
@@ -439,7 +440,7 @@ class Timings:
 
     frame: pd.DataFrame
     per_stage: pd.Series
-    threads: int
+    threads: int | None  # None only where os.cpu_count() cannot tell the core count
 
 
 def time_cases(timed: Sequence[dict], cases: Cases, cfg: Config, work: Path) -> Timings | None:
@@ -466,9 +467,9 @@ def record_table_b(timings: Timings, table: TableA, routers: Routers, timed: Seq
     in_process = table.evaluators[cfg.seeds[0]].predictions
     last = timing.table_b_stages()[-1]
     outputs = timings.frame[timings.frame.stage == last.name].set_index("case").output
-    agreement = 100 * np.mean([
+    agreement = 100 * float(np.mean([
         float((np.load(outputs[c["name"]])["segs"] == in_process[(routers.file_name.route(c["name"]), c["name"])])
-              .mean()) for c in timed])
+              .mean()) for c in timed]))
     base = timings.per_stage.iloc[0]
     lines = []
     for stage, seconds in timings.per_stage.items():

@@ -16,10 +16,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mdbench.data.boxprompt import modality_from_name
+
+if TYPE_CHECKING:  # scikit-learn is imported only when a LearnedRouter is fitted
+    from sklearn.pipeline import Pipeline
 
 __all__ = ["EXPERT_GROUPS", "GENERAL", "FileNameRouter", "LearnedRouter", "image_features"]
 
@@ -119,8 +123,8 @@ class LearnedRouter:
         self.min_confidence = min_confidence
         self.novelty_neighbors = novelty_neighbors
         self.default = default
-        self.classifier = None
-        self.novelty = None
+        self.classifier: Pipeline | None = None  # both set by fit
+        self.novelty: Pipeline | None = None
 
     def fit(self, images: Sequence[np.ndarray], experts: Sequence[str]) -> LearnedRouter:
         """Train on case images and the expert each should go to (at least two experts, two images each)."""
@@ -149,6 +153,7 @@ class LearnedRouter:
             raise RuntimeError("LearnedRouter.route called before fit")
         features = np.stack([image_features(image) for image in images])
         probabilities = self.classifier.predict_proba(features)
+        assert self.novelty is not None  # fit sets it together with the classifier, checked above
         novel = self.novelty.predict(features) == -1
         choice = self.classifier.classes_[probabilities.argmax(axis=1)]
         confident = probabilities.max(axis=1) >= self.min_confidence

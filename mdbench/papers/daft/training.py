@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, cast
 
 import numpy as np
 import torch
@@ -134,10 +134,18 @@ class PromptSamples(Dataset):
         return x, mask, box
 
 
+class _Loading(TypedDict):
+    """DataLoader options shared by the training and validation loaders of :func:`finetune`."""
+
+    batch_size: int
+    num_workers: int
+    persistent_workers: bool
+
+
 def encoder_inputs(cases: Sequence[dict], slices_per_volume: int = 4) -> torch.Tensor:
     """Preprocessed encoder inputs for KD: every 2D image, and up to ``slices_per_volume`` evenly spaced slices with
     an object from every volume. Returns (N, 3, 256, 256) float."""
-    images = []
+    images: list[torch.Tensor] = []
     for case in cases:
         present = _slices(case)
         if case["dims"] == 3 and present:
@@ -190,7 +198,9 @@ def recalibrate_batchnorm(encoder: nn.Module, images: torch.Tensor, batch_size: 
     inputs removes that mismatch (the paper's batches of 96 made it negligible).
     """
     if _batchnorms(encoder):
-        update_bn(DataLoader(images, batch_size=batch_size), encoder.to(device), device=torch.device(device))
+        # a Tensor is a map-style dataset (__getitem__, __len__), which DataLoader's annotation does not admit
+        update_bn(DataLoader(images, batch_size=batch_size),  # type: ignore[arg-type]
+                  encoder.to(device), device=torch.device(device))
     encoder.eval()
 
 
@@ -242,7 +252,7 @@ def finetune(model: LiteMedSAM, train_cases: Sequence[dict], val_cases: Sequence
     model.prompt_encoder.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     # workers prepare items (resizing, flips) in parallel, which matters on a GPU; seeded through the generator
-    loading = {"batch_size": batch_size, "num_workers": num_workers, "persistent_workers": num_workers > 0}
+    loading = _Loading(batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
     train = DataLoader(PromptSamples(train_cases, slices, augment=True, max_slices=max_slices_per_volume),
                        shuffle=True, generator=generator, worker_init_fn=seed_worker, **loading)
     val = DataLoader(PromptSamples(val_cases, slices, augment=False, seed=seed, max_slices=max_slices_per_volume),
@@ -254,7 +264,8 @@ def finetune(model: LiteMedSAM, train_cases: Sequence[dict], val_cases: Sequence
     calibration = torch.stack([samples[int(i)][0] for i in picks])
     stale = [True]  # BatchNorm statistics out of date since the last training step
 
-    def step(net: LiteMedSAM, batch) -> tuple[torch.Tensor, dict]:
+    def step(module: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        net = cast(LiteMedSAM, module)  # fit passes back the model it was given: ``model``, a LiteMedSAM
         images, masks, boxes = batch
         if net.training:
             stale[0] = True
@@ -263,7 +274,8 @@ def finetune(model: LiteMedSAM, train_cases: Sequence[dict], val_cases: Sequence
             stale[0] = False
         logits, iou = net(images, boxes)
         terms = loss.terms(logits, iou, masks)
-        return sum(terms.values()), {name: value.detach() for name, value in terms.items()}
+        total = cast(torch.Tensor, sum(terms.values()))  # terms is never empty: a Tensor, never sum's start 0
+        return total, {name: value.detach() for name, value in terms.items()}
 
     optimizer, scheduler = _optimizer([p for p in model.parameters() if p.requires_grad], lr, weight_decay)
     stopping = EarlyStopping(monitor="val_loss", patience=patience) if val is not None else None
@@ -292,6 +304,6 @@ def data_aware_finetune(general: LiteMedSAM, subsets: Mapping[str, tuple[Sequenc
     experts = {}
     for name, (train_cases, val_cases) in subsets.items():
         expert = copy.deepcopy(general)
-        slices = "all" if name in volumetric else "random"
+        slices: Literal["random", "all"] = "all" if name in volumetric else "random"
         experts[name] = (expert, finetune(expert, train_cases, val_cases, slices=slices, **finetune_kwargs))
     return experts

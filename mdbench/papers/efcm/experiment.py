@@ -25,10 +25,10 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -138,32 +138,41 @@ def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), pat
     from mdbench.data.registry import load_dataset
     from mdbench.data.synthetic import SyntheticMILBags
     from mdbench.data.tasks import isic_image_bags, pbc_cell_set_bags
+    from mdbench.data.ucsb_breast import UCSBBreastDataset
 
     if name == "synthetic":
-        data = SyntheticMILBags(n_bags, bag_size=tuple(bag_size), instances="images", image_size=patch_size, seed=0)
-        return BagData(name, [data[i] for i in range(len(data))], data.checksum)
+        synthetic = SyntheticMILBags(n_bags, bag_size=(*bag_size,), instances="images", image_size=patch_size, seed=0)
+        synthetic_bags: list[Bag] = [synthetic[i] for i in range(len(synthetic))]
+        return BagData(name, synthetic_bags, synthetic.checksum)
     if name == "isic2017":
-        data = isic_image_bags("all", grid=isic_grid, tile=patch_size, data_dir=data_dir)
+        isic = isic_image_bags("all", grid=isic_grid, tile=patch_size, data_dir=data_dir)
         rng = np.random.default_rng(0)
-        positives, negatives = np.flatnonzero(data.bag_labels == 1), np.flatnonzero(data.bag_labels == 0)
+        positives, negatives = np.flatnonzero(isic.bag_labels == 1), np.flatnonzero(isic.bag_labels == 0)
         n_pos = min(n_bags // 2, len(positives))
         chosen = np.sort(np.r_[rng.choice(positives, n_pos, replace=False),
                                rng.choice(negatives, n_bags - n_pos, replace=False)])
-        checksum = hashlib.sha256(f"{data.checksum}|{chosen.tolist()}".encode()).hexdigest()
-        return BagData(name, [data[int(i)] for i in chosen], checksum)
+        checksum = hashlib.sha256(f"{isic.checksum}|{chosen.tolist()}".encode()).hexdigest()
+        return BagData(name, [isic[int(i)] for i in chosen], checksum)
     if name == "pbc":
         counts = np.maximum(2, np.round(np.asarray(fractions) * n_bags).astype(int))
-        bags, index, checksums = [], {}, []
+        bags: list[Bag] = []
+        index: dict[str, np.ndarray] = {}
+        checksums: list[str] = []
         for split, count in zip(("train", "val", "test"), counts, strict=False):
-            data = pbc_cell_set_bags(split, n_bags=int(count), bag_size=tuple(bag_size), image_size=patch_size,
-                                     data_dir=data_dir)
-            index[split] = np.arange(len(bags), len(bags) + len(data))
-            bags += [data[i] for i in range(len(data))]
-            checksums.append(data.checksum)
+            cells = pbc_cell_set_bags(split, n_bags=int(count), bag_size=(*bag_size,), image_size=patch_size,
+                                      data_dir=data_dir)
+            index[split] = np.arange(len(bags), len(bags) + len(cells))
+            bags += [cells[i] for i in range(len(cells))]
+            checksums.append(cells.checksum)
         return BagData(name, bags, hashlib.sha256("|".join(checksums).encode()).hexdigest(), fixed_index=index)
     if name == "ucsb_breast":
-        data = load_dataset("ucsb_breast", split="all", data_dir=data_dir)
-        return BagData(name, [(x, y, None) for x, y in data], data.checksum, kind="features")
+        # the registry types its result as Dataset; ucsb_breast's loader is a UCSBBreastDataset
+        ucsb = cast(UCSBBreastDataset, load_dataset("ucsb_breast", split="all", data_dir=data_dir))
+        features: list[Bag] = []
+        for i in range(len(ucsb)):  # indexed (its __getitem__), as iterating it would
+            x, y = ucsb[i]
+            features.append((x, y, None))
+        return BagData(name, features, ucsb.checksum, kind="features")
     raise ValueError(f"unknown EFCM dataset {name!r}; choose synthetic, isic2017, pbc or ucsb_breast")
 
 
@@ -200,8 +209,9 @@ def train_mil(model: nn.Module, train_bags: Sequence[Bag], val_bags: Sequence[Ba
     if weighted_sample:
         labels = _labels(train_bags)
         weights = 1.0 / np.bincount(labels)[labels]
-        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels),
-                                        generator=generator)
+        # WeightedRandomSampler takes a tensor of weights (it calls torch.as_tensor); its stub says Sequence[float]
+        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double),  # type: ignore[arg-type]
+                                        len(labels), generator=generator)
     loader = DataLoader(dataset, batch_size=1, sampler=sampler, shuffle=sampler is None, generator=generator,
                         collate_fn=_first)
     val_loader = DataLoader(_BagSet(val_bags), batch_size=1, collate_fn=_first) if val_bags else None
@@ -466,8 +476,10 @@ def _head(cfg: Config, name: str, in_dim: int, n_classes: int) -> nn.Module:
 
 def _student(cfg: Config, variant: str, teacher_dim: int) -> TransScanStudent:
     """A stage-1 student from random init, as EFCM trains it."""
-    return build_model("transscan_student", variant=variant, teacher_dim=teacher_dim, pretrained=False,
-                       backbone=cfg.student_backbone, out_index=cfg.student_out_index)
+    # build_model returns nn.Module: the registry's "transscan_student" builds a TransScanStudent
+    return cast(TransScanStudent, build_model("transscan_student", variant=variant, teacher_dim=teacher_dim,
+                                              pretrained=False, backbone=cfg.student_backbone,
+                                              out_index=cfg.student_out_index))
 
 
 def _fit_head(cfg: Config, name: str, train_bags, val_bags, n_classes: int, seed: int) -> nn.Module:
@@ -478,7 +490,7 @@ def _fit_head(cfg: Config, name: str, train_bags, val_bags, n_classes: int, seed
     return head
 
 
-def fit_heads(parts: dict[str, Sequence[Bag]], cfg: Config, n_classes: int, seed: int
+def fit_heads(parts: Mapping[str, Sequence[Bag]], cfg: Config, n_classes: int, seed: int
               ) -> tuple[dict[str, nn.Module], dict[str, dict[str, float]]]:
     """Train every head of ``cfg.heads`` on ``parts["train"]`` (best epoch by ``parts["val"]`` loss) and score
     it on ``parts["test"]``: (trained heads, ``{head: {"accuracy", "auc"}}``)."""
@@ -496,7 +508,8 @@ def _fit_etc(cfg: Config, student: nn.Module, head: nn.Module, parts: dict, n_cl
     return model
 
 
-def run_split(bags: Sequence[Bag], feature_bags: Sequence[Bag], index: dict[str, Sequence[int]], cfg: Config,
+def run_split(bags: Sequence[Bag], feature_bags: Sequence[Bag], index: Mapping[str, Sequence[int] | np.ndarray],
+              cfg: Config,
              seed: int, n_classes: int = 2, keep_scores: Sequence[str] = ("teacher_clam", "fpd_ts_etc")
              ) -> SeedResult:
     """The whole EFCM protocol on one split of patch bags.
@@ -591,6 +604,7 @@ def run(data: BagData, feature_bags: Sequence[Bag] | None, cfg: Config, progress
             heads.append(fit_heads({k: scaler(v) for k, v in parts.items()}, cfg, 2, seed)[1])
             continue
         index = data.fixed_index or monte_carlo_index(data.bags, seed)
+        assert feature_bags is not None  # patch bags (kind != "features") always come with their teacher features
         result = run_split(data.bags, feature_bags, index, cfg, seed)
         splits.append(result)
         heads.append(result.heads)
@@ -622,7 +636,8 @@ def texture_teacher(image_size: int, *, n_images: int = 512, epochs: int = 3, ba
 
     data = SyntheticClassification(n_images, num_classes=4, image_size=image_size, channels=3, seed=10_000 + seed)
     generator = _seeded(seed)
-    model = build_model(f"timm:{backbone}", pretrained=False, num_classes=4)
+    # a timm model (build_model types it nn.Module); its own API (reset_classifier) is untyped: timm has no stubs
+    model: Any = build_model(f"timm:{backbone}", pretrained=False, num_classes=4)
     model.mdbench_init = f"texture-pretrained (SyntheticClassification, {n_images} images, {epochs} epochs)"
     loader = DataLoader(data, batch_size=64, shuffle=True, generator=generator)
     train.fit(model, loader, loss_fn=nn.CrossEntropyLoss(), lr=3e-3, epochs=epochs, device=device, progress=False)
@@ -670,7 +685,8 @@ def measure_costs(encoders: dict[str, nn.Module], head: nn.Module, patch_size: i
     from mdbench.efficiency import count_flops, count_parameters, measure_latency
 
     patch = torch.rand(1, 3, patch_size, patch_size)
-    bag = torch.randn(bag_size, head.in_dim)
+    in_dim = cast(int, head.in_dim)  # every MIL head keeps its input width as the int ``in_dim``
+    bag = torch.randn(bag_size, in_dim)
     head_flops = count_flops(head, (bag,)).flops
     head_ms = measure_latency(head, (bag,), warmup=2, repeats=repeats, device=device).median_ms
     head_params = count_parameters(head).total
@@ -813,7 +829,8 @@ def instance_auc(result: SeedResult, row: str, bags: Sequence[Bag]) -> float:
     when those bags hold only key or only other instances)."""
     from sklearn.metrics import roc_auc_score
 
-    pairs = [(s, bags[i][2].numpy()) for s, i in zip(result.instance_scores[row], result.test_index, strict=False)
+    # the bags here are patch bags, which carry their key-instance labels (never None)
+    pairs = [(s, cast(torch.Tensor, bags[i][2]).numpy()) for s, i in zip(result.instance_scores[row], result.test_index, strict=False)
              if bags[i][1] == 1]
     labels = np.concatenate([p[1] for p in pairs])
     return 100 * roc_auc_score(labels, np.concatenate([p[0] for p in pairs])) if 0 < labels.mean() < 1 else np.nan
@@ -834,6 +851,7 @@ def plot_attention(result: SeedResult, data: BagData, cfg: Config, rows: Sequenc
     fig, axes = plt.subplots(len(order), 2 + len(rows), figsize=(10, 2.6 * len(order)), squeeze=False)
     for line, j in zip(axes, order, strict=False):
         instances, label, key = bags[result.test_index[j]]
+        assert key is not None  # patch bags carry their key-instance labels
         picture, truth = mosaic(instances, key.numpy(), cols)
         line[0].imshow(picture)
         line[0].set_title(f"bag {result.test_index[j]} (label {label})", fontsize=8)

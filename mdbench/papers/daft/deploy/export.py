@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -164,7 +165,8 @@ def export_openvino(model: LiteMedSAM, folder: str | Path, example_image: np.nda
     parts = {"encoder": (model.image_encoder, (x,)), "decoder": (SamDecoder(model).eval(), (embedding, boxes))}
     config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
     tolerances = dict(atol=atol, rtol=rtol, min_agreement=min_agreement)
-    reports, runtimes = {}, {}
+    reports: dict[str, dict[str, ParityReport]] = {}
+    runtimes: dict[str, dict[str, Callable[..., Any]]] = {}  # part -> backend -> its compiled part
     with tempfile.TemporaryDirectory() as workdir:
         for name, (module, inputs) in parts.items():
             with warnings.catch_warnings():
@@ -177,7 +179,8 @@ def export_openvino(model: LiteMedSAM, folder: str | Path, example_image: np.nda
             ov.save_model(ov.Core().read_model(str(onnx_path)), str(xml), compress_to_fp16=False)
             runtimes[name] = {"openvino": _CompiledCall(ov.Core().compile_model(str(xml), "CPU", config)),
                               "onnxruntime": OnnxRuntimeModel(onnx_path, num_threads=threads)}
-            reports[name] = {backend: check_parity(module, runtime, inputs, threshold=0.0, **tolerances)
+            reports[name] = {backend: check_parity(module, runtime, inputs, atol=atol, rtol=rtol,
+                                                    min_agreement=min_agreement, threshold=0.0)
                              for backend, runtime in runtimes[name].items()}
         image_boxes = np.asarray([box]) * max(example_image.shape[:2]) / boxprompt.IMAGE_SIZE
         reference = _mask_logits(parts["encoder"][0], parts["decoder"][0], example_image, image_boxes)

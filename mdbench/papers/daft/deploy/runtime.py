@@ -46,7 +46,7 @@ class OpenVinoSAM:
 
     def __init__(self, folder: str | Path, core: Any, threads: int | None = None) -> None:
         folder = Path(folder)
-        config = {"INFERENCE_PRECISION_HINT": "f32"}  # no bf16 on CPUs that have it: keeps parity with PyTorch
+        config: dict[str, str | int] = {"INFERENCE_PRECISION_HINT": "f32"}  # no bf16 on CPUs that have it: keeps parity with PyTorch
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         paths = {part: folder / f"{part}.xml" for part in ("encoder", "decoder")}
