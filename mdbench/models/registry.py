@@ -148,7 +148,7 @@ def freeze(module: ModuleT) -> ModuleT:
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def frozen_norms_to_eval(model: nn.Module) -> nn.Module:
+def frozen_norms_to_eval(model: ModuleT) -> ModuleT:
     """Put every BatchNorm whose own parameters are all frozen in eval mode, so its running statistics stay fixed.
 
     Call it after every ``model.train()`` of a partly frozen model (``train()`` would switch them back); returns

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mdbench import metrics, train
+from mdbench.data.base import RealDataset
 from mdbench.data.registry import is_present, load_dataset
 from mdbench.data.synthetic import SyntheticVolumes
 from mdbench.efficiency import peak_memory
@@ -117,10 +118,13 @@ def load_volumes(dataset: str, split: str, n: int | None, cfg: Config, data_dir:
     input range of LiteMedSAM. The slice axis T is the volume's first axis (left-right in the RAS MSD volumes).
     """
     shape = (cfg.num_slices, cfg.image_size, cfg.image_size)
+    source: SyntheticVolumes | RealDataset
     if dataset == "synthetic":
         source = SyntheticVolumes(n or 1, shape=shape, seed=0, split=split, normalize="minmax")
     else:
-        source = load_dataset(dataset, split=split, data_dir=data_dir, normalize="minmax", spatial_size=shape)
+        # the registry types its result as Dataset; every real dataset's loader is a RealDataset (len, checksum)
+        source = cast(RealDataset, load_dataset(dataset, split=split, data_dir=data_dir, normalize="minmax",
+                                                spatial_size=shape))
     count = len(source) if n is None else min(n, len(source))
     if count == 0:
         raise ValueError(f"{dataset} split {split!r} has no volumes")
@@ -146,7 +150,7 @@ def build_row_model(row: str, cfg: Config, adapter: MedAdapterConfig | None = No
     num_classes = len(CLASSES)
     if row == "scratch_unet3d":
         return build_model("unet3d", in_channels=1, out_channels=num_classes, channels=cfg.unet_channels)
-    methods = {"full": {}, "head": {}, "lora": {"r": cfg.lora_r}, "vpt": {"num_prompts": cfg.vpt_prompts},
+    methods: dict[str, dict[str, Any]] = {"full": {}, "head": {}, "lora": {"r": cfg.lora_r}, "vpt": {"num_prompts": cfg.vpt_prompts},
                "adaptformer": {"bottleneck": cfg.adaptformer_bottleneck}}
     if row not in methods and adapter is None:
         adapter = MedAdapterConfig(ratio=cfg.adapter_ratio)
@@ -250,7 +254,7 @@ class RowResult:
     row: str
     seeds: list[int]
     values: dict[str, list[float]]
-    example_pred: torch.Tensor
+    example_pred: torch.Tensor | None  # None only for a row run over no seeds
     init: str
     memory_method: str
 
@@ -274,7 +278,8 @@ def run(row: str, cfg: Config, train_set: Volumes, test_set: Volumes, seeds: lis
     ``s_per_epoch`` (wall seconds of one training epoch).
     """
     values: dict[str, list[float]] = {}
-    example, init, memory_method = None, "", ""
+    example: torch.Tensor | None = None
+    init, memory_method = "", ""
     for seed in seeds:
         seed_rngs(seed)
         generator = torch.Generator().manual_seed(seed)
@@ -296,7 +301,8 @@ def run(row: str, cfg: Config, train_set: Volumes, test_set: Volumes, seeds: lis
         for key, value in seed_values.items():
             values.setdefault(key, []).append(value)
         if example is None:
-            example, init = scores["pred"][0], model.mdbench_init
+            # every model that build_model makes carries its mdbench_init, a str (mdbench.models)
+            example, init = scores["pred"][0], cast(str, model.mdbench_init)
         del model, optimizer
     return RowResult(row, list(seeds), values, example, init, memory_method)
 

@@ -21,7 +21,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from mdbench import efficiency, train, tuning
+from mdbench.data.base import RealDataset
 from mdbench.data.registry import is_present, load_dataset
 from mdbench.data.synthetic import SyntheticClassification
 from mdbench.losses.kd import HintLoss, RKDLoss, kd_loss
@@ -42,6 +43,7 @@ from mdbench.models import build_model, frozen_norms_to_eval
 from mdbench.models.reprogramming import (
     DeployedStudent,
     FrozenFM,
+    InputReprogrammer,
     ProjectedStudent,
     RDObjective,
     RDStep,
@@ -127,12 +129,13 @@ def load_classification(name: str, image_size: int, data_dir: str | None = None,
         checksum = hashlib.sha256((splits["train"].checksum + splits["test"].checksum).encode()).hexdigest()
         return ClassificationData(name, _stack(splits["train"], range(max_train)),
                                   _stack(splits["test"], range(max_test)), splits["train"].classes, checksum)
-    splits = {split: load_dataset(name, split=split, data_dir=data_dir, image_size=image_size, channels=3)
-              for split in ("train", "test")}
+    # the registry types its result as Dataset; every real dataset's loader is a RealDataset (classes, checksum)
+    real = {split: cast(RealDataset, load_dataset(name, split=split, data_dir=data_dir, image_size=image_size,
+                                                  channels=3)) for split in ("train", "test")}
     tensors = {split: _stack(ds, _stratified(np.asarray([int(l) for l in _labels(ds)]), cap, seed=0))
-               for (split, ds), cap in zip(splits.items(), (max_train, max_test), strict=False)}
-    return ClassificationData(name, tensors["train"], tensors["test"], tuple(splits["train"].classes),
-                              splits["train"].checksum)
+               for (split, ds), cap in zip(real.items(), (max_train, max_test), strict=False)}
+    return ClassificationData(name, tensors["train"], tensors["test"], tuple(real["train"].classes),
+                              real["train"].checksum)
 
 
 def _labels(dataset) -> list[int]:
@@ -292,7 +295,7 @@ def _precise_bn(model: nn.Module, images: torch.Tensor, cfg: Config) -> None:
     FM's statistics must stay as they are.
     """
     with torch.no_grad():
-        update_bn(_loader((images,), 256, None), model.to(cfg.device), device=cfg.device)
+        update_bn(_loader((images,), 256, None), model.to(cfg.device), device=torch.device(cfg.device))
 
 
 def _ce_step(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
@@ -327,8 +330,9 @@ def _adapted_fm(method: str, task: Task, cfg: Config) -> FMClassifier:
     """A copy of the FM with a head, set up by ``mdbench.tuning`` for full fine-tuning, LoRA or VPT (the frozen FM
     of the task stays untouched)."""
     encoder = copy.deepcopy(task.fm.encoder)
-    options = {"fm_lora": {"r": cfg.lora_rank, "target_modules": encoder.lora_targets},
-               "fm_vpt": {"num_prompts": cfg.vpt_tokens}}.get(method, {})
+    by_method: dict[str, dict[str, Any]] = {"fm_lora": {"r": cfg.lora_rank, "target_modules": encoder.lora_targets},
+                                            "fm_vpt": {"num_prompts": cfg.vpt_tokens}}
+    options = by_method.get(method, {})
     model = FMClassifier(encoder, encoder.feature_dim, task.num_classes)
     return tuning.apply_method(model, _TUNING[method], backbone="encoder", **options)
 
@@ -344,6 +348,8 @@ def run_fm_method(method: str, task: Task, seed: int, cfg: Config, teacher: bool
     seed_rngs(seed)
     train_split, test_split = task.train, task.test
     if method == "fm_linear_probe":
+        # make_task refuses data without cached FM features, and subsets keep them
+        assert train_split.features is not None and test_split.features is not None
         head = nn.Linear(task.fm.feature_dim, task.num_classes)
         _fit(head, (train_split.features, train_split.y), _ce_step, cfg, seed, cfg.lr)
         metrics = _evaluate(head, (test_split.features, test_split.y), task.num_classes, cfg)
@@ -381,7 +387,9 @@ def _kd_step(method: str, cfg: Config):
             return ce, {"ce": ce.detach()}
         if method == "kd":
             term = cfg.alpha * kd_loss(logits, teacher[0], cfg.temperature)
-        elif method == "fitnet":
+            return ce + term, {"ce": ce.detach(), method: term.detach()}
+        assert model.aux is not None  # run_student_method builds FitNet's and RKD's students with their loss module
+        if method == "fitnet":
             term = cfg.hint_weight * model.aux(features, teacher[0])
         else:  # rkd
             term = model.aux(features, teacher[0])
@@ -395,9 +403,10 @@ def initial_student(name: str, task: Task, seed: int, cfg: Config) -> ProjectedS
     seed_rngs(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # missing local weights: random init, recorded through mdbench_init
-        return build_model("projected_student", backbone=name, embed_dim=task.fm.feature_dim,
-                           image_size=task.train.x.shape[-1], pretrained=cfg.pretrained_students,
-                           projector=cfg.projector)
+        # build_model returns nn.Module: the registry's "projected_student" builds a ProjectedStudent
+        return cast(ProjectedStudent, build_model("projected_student", backbone=name, embed_dim=task.fm.feature_dim,
+                                                  image_size=task.train.x.shape[-1],
+                                                  pretrained=cfg.pretrained_students, projector=cfg.projector))
 
 
 def run_student_method(method: str, task: Task, initial: ProjectedStudent, seed: int, cfg: Config,
@@ -417,12 +426,17 @@ def run_student_method(method: str, task: Task, initial: ProjectedStudent, seed:
     student = copy.deepcopy(initial)
     tr, te = task.train, task.test
     if method in RD_METHODS:
+        # build_model returns nn.Module: the registry's "input_reprogrammer" builds an InputReprogrammer
         reprogrammer = (None if method == "rd_no_reprogramming"
-                        else build_model("input_reprogrammer", channels=3, hidden=cfg.reprogrammer_hidden))
+                        else cast(InputReprogrammer,
+                                  build_model("input_reprogrammer", channels=3, hidden=cfg.reprogrammer_hidden)))
         model = ReprogrammingDistillation(task.fm, student, task.num_classes, reprogrammer)
         objective = RDObjective(cfg.alpha, 0.0 if method == "rd_no_cka" else cfg.beta, cfg.temperature)
         cached = reprogrammer is None
-        train_tensors = (tr.x, tr.y, tr.features) if cached else (tr.x, tr.y)
+        train_tensors: tuple[torch.Tensor, ...] = (tr.x, tr.y)
+        if cached:
+            assert tr.features is not None  # make_task refuses data without cached FM features, and subsets keep them
+            train_tensors = (tr.x, tr.y, tr.features)
         _fit(model, train_tensors, RDStep(objective, cfg.steps, cfg.decay), cfg, seed, cfg.lr)
         deployed = model.deployed()
         _precise_bn(deployed, tr.x, cfg)
@@ -435,12 +449,12 @@ def run_student_method(method: str, task: Task, initial: ProjectedStudent, seed:
         return result
     aux = {"fitnet": lambda: HintLoss(student.feature_dim, task.fm.feature_dim),
            "rkd": lambda: RKDLoss(*cfg.rkd_weights)}.get(method, lambda: None)()
-    model = DistilledStudent(student, task.num_classes, aux)
+    distilled = DistilledStudent(student, task.num_classes, aux)
     extra_tensor = {"kd": teacher_logits, "fitnet": tr.features, "rkd": tr.features}.get(method)
     train_tensors = (tr.x, tr.y) if extra_tensor is None else (tr.x, tr.y, extra_tensor)
-    _fit(model, train_tensors, _kd_step(method, cfg), cfg, seed, cfg.lr)
-    _precise_bn(model.deployed, tr.x, cfg)
-    return MethodResult(_evaluate(model.deployed, (te.x, te.y), task.num_classes, cfg), model.deployed)
+    _fit(distilled, train_tensors, _kd_step(method, cfg), cfg, seed, cfg.lr)
+    _precise_bn(distilled.deployed, tr.x, cfg)
+    return MethodResult(_evaluate(distilled.deployed, (te.x, te.y), task.num_classes, cfg), distilled.deployed)
 
 
 # ------------------------------------------------------------------------------------------------- the grid
@@ -563,8 +577,9 @@ def deployment_costs(students: list[str], image_size: int, num_classes: int, emb
     for name in students:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            student = build_model("projected_student", backbone=name, embed_dim=embed_dim, image_size=image_size,
-                                  pretrained=False)
+            # build_model returns nn.Module: the registry's "projected_student" builds a ProjectedStudent
+            student = cast(ProjectedStudent, build_model("projected_student", backbone=name, embed_dim=embed_dim,
+                                                         image_size=image_size, pretrained=False))
         rows.append(_costs(name, "student", DeployedStudent(student, nn.Linear(student.embed_dim, num_classes)),
                            image_size, latency_repeats))
     return pd.DataFrame(rows)
