@@ -28,7 +28,7 @@ $(VENV): $(STAMP)
 reproduce: $(STAMP)
 	$(BIN)/mdbench reproduce --profile $(PROFILE) --jobs $(JOBS) $(foreach p,$(PAPER),--paper $(p))
 
-test: $(STAMP) unit nbval
+test: $(STAMP) lint unit nbval
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
