@@ -28,6 +28,17 @@ def _session_cache_dir(tmp_path_factory):
         yield
 
 
+@pytest.fixture
+def fresh_data_verification(tmp_path, monkeypatch):
+    """A private hash cache, verification on, and fresh in-process verification state, for one test."""
+    from mdbench.data import checksums, registry
+
+    monkeypatch.setenv("MDBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MDBENCH_VERIFY_DATA", raising=False)
+    monkeypatch.setattr(registry, "_verified", {})
+    monkeypatch.setattr(checksums, "_unverified", {})
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     """Root of the real datasets (``MDBENCH_DATA_DIR`` or ``../shared/data``); skips when absent."""

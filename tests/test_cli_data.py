@@ -9,16 +9,9 @@ import pytest
 from test_data_integrity import tiny_pbc, tiny_pneumonia
 
 from mdbench import cli
-from mdbench.data import checksums, registry
 from mdbench.data.registry import DATASETS
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("MDBENCH_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("MDBENCH_VERIFY_DATA", raising=False)
-    monkeypatch.setattr(registry, "_verified", {})
-    monkeypatch.setattr(checksums, "_unverified", {})
+pytestmark = pytest.mark.usefixtures("fresh_data_verification")
 
 
 @pytest.fixture

@@ -21,14 +21,7 @@ from mdbench.data.registry import data_root, load_dataset
 
 from conftest import real_dataset
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """A private hash cache, verification on, and fresh in-process state for every test."""
-    monkeypatch.setenv("MDBENCH_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("MDBENCH_VERIFY_DATA", raising=False)
-    monkeypatch.setattr(registry, "_verified", {})
-    monkeypatch.setattr(checksums, "_unverified", {})
+pytestmark = pytest.mark.usefixtures("fresh_data_verification")
 
 
 def write_sums(folder: Path) -> None:
