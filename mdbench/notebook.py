@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from mdbench import repro, results
+from mdbench import samples as sample_outputs
 from mdbench.params import NotebookConfig
 
 # parameters the session consumes; every other parameter belongs to the paper's Config
@@ -55,12 +56,18 @@ class Session:
 
     def record_frame(self, table: str, frame: pd.DataFrame, *, dataset: str | None = None,
                      dataset_checksum: str | None = None, config: dict[str, Any] | None = None, unit: str = "",
-                     notes: str = "") -> None:
+                     notes: str = "", samples: pd.DataFrame | None = None, classification_scale: float = 100.0
+                     ) -> None:
         """One record per (dataset, row, metric) of a long frame, its values in the frame's order.
 
         ``frame`` has columns ``row``, ``metric``, ``value`` and optionally ``seed`` (absent: one measurement,
         seed 0) and any of ``dataset``, ``dataset_checksum``, ``config``, ``unit``, ``notes``, which win over the
         keyword arguments of the same name (first line of each group).
+
+        ``samples``: the per-sample outputs the values were aggregated from (:mod:`mdbench.samples`), with a
+        ``row`` column (and ``dataset`` where the frame has several): per-unit ``metric, value`` lines, whose mean
+        is the record's value, or classifier outputs ``label, prob_*``, whose accuracy/AUC/… times
+        ``classification_scale`` is. They are written beside the records, which point to them.
         """
         missing = {"row", "metric", "value"} - set(frame.columns)
         if missing:
@@ -73,12 +80,32 @@ class Session:
         for key in ("dataset", "dataset_checksum", "config"):
             if frame[key].isna().any():
                 raise ValueError(f"record_frame needs a {key}: pass it or give the frame a {key} column")
-        for (data_name, row, metric), group in frame.groupby(["dataset", "row", "metric"], sort=False):
-            first = group.iloc[0]
-            self.store.record(table, row, metric, [float(v) for v in group["value"]],
-                              seeds=[int(s) for s in group["seed"]], dataset=data_name,
-                              dataset_checksum=first["dataset_checksum"], config=first["config"], unit=first["unit"],
-                              notes=first["notes"])
+        if samples is not None and "row" not in samples.columns:
+            raise ValueError("record_frame's samples need a row column")
+        for (data_name, row), lines in frame.groupby(["dataset", "row"], sort=False):
+            refs = self._write_samples(table, data_name, row, samples, classification_scale)
+            for metric, group in lines.groupby("metric", sort=False):
+                first = group.iloc[0]
+                self.store.record(table, row, metric, [float(v) for v in group["value"]],
+                                  seeds=[int(s) for s in group["seed"]], dataset=data_name,
+                                  dataset_checksum=first["dataset_checksum"], config=first["config"],
+                                  unit=first["unit"], notes=first["notes"], samples=refs(metric))
+
+    def _write_samples(self, table: str, dataset: str, row: str, samples: pd.DataFrame | None, scale: float):
+        """Write the lines of ``samples`` that belong to (dataset, row); returns metric -> SamplesRef or None."""
+        if samples is None:
+            return lambda metric: None
+        own = samples[samples["row"] == row]
+        if "dataset" in own.columns:
+            own = own[own["dataset"] == dataset]
+        if own.empty:
+            return lambda metric: None
+        name = self.store.write_samples(table, dataset, row, own.drop(columns=["row", "dataset"], errors="ignore"))
+        if "value" in own.columns:
+            have = set(own["metric"])
+            return lambda metric: sample_outputs.SamplesRef(name, sample_outputs.MEAN) if metric in have else None
+        return lambda metric: (sample_outputs.SamplesRef(name, metric, scale)
+                               if metric in sample_outputs.CLASSIFICATION else None)
 
     def tables(self, digits: Mapping[str, int] | Sequence[str]) -> dict[str, pd.DataFrame]:
         """Build each named table from the records on disk beside the paper's reference, save it (CSV and

@@ -3,6 +3,7 @@
 Layout on disk (``root`` is ``results/`` unless ``MDBENCH_RESULTS_DIR`` says otherwise)::
 
     <root>/<paper>/<profile>/records/<table>__<dataset>__<row>__<metric>.json   one per measured number
+    <root>/<paper>/<profile>/records/<table>__<dataset>__<row>.samples.csv.gz  per-sample outputs of a row
     <root>/<paper>/<profile>/<name>.csv|.md|.png                               tables and figures
 
 Profiles get their own folder so that a smoke run (CI, nbval) never overwrites the numbers of a cpu or gpu run.
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mdbench import samples as sample_outputs
 from mdbench.paper_yaml import PaperFileError, paper_file, read_paper_file
 from mdbench.repro import config_hash, fingerprint
 
@@ -104,6 +106,7 @@ class Record:
     notes: str = ""
     fingerprint: dict[str, Any] = field(default_factory=dict)
     time: str = ""
+    samples: dict[str, Any] | None = None  # a SamplesRef: the per-sample outputs each value aggregates
 
     def __post_init__(self) -> None:
         for name in ("paper", "table", "row", "metric", "dataset", "profile"):
@@ -122,15 +125,18 @@ class Record:
         self.mean = float(arr.mean())
         self.std = float(arr.std(ddof=1)) if self.n > 1 else 0.0
         self.config_hash = self.config_hash or config_hash(self.config)
+        try:
+            sample_outputs.SamplesRef.from_dict(self.samples)
+        except (KeyError, TypeError, ValueError) as err:
+            raise RecordError(f"record {self.key}: bad per-sample pointer {self.samples!r}: {err}") from err
 
     @property
     def key(self) -> tuple[str, str, str, str]:
         return (self.table, self.dataset, self.row, self.metric)
 
     @property
-    def interval(self) -> tuple[float, float]:
-        """mean ± std: the seed interval claims are judged on (a single seed gives a point)."""
-        return (self.mean - self.std, self.mean + self.std)
+    def samples_ref(self) -> sample_outputs.SamplesRef | None:
+        return sample_outputs.SamplesRef.from_dict(self.samples)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,18 +172,41 @@ class ResultStore:
     def record_path(self, table: str, dataset: str, row: str, metric: str) -> Path:
         return self.records_dir / f"{_slug(table)}__{_slug(dataset)}__{_slug(row)}__{_slug(metric)}.json"
 
+    def samples_path(self, table: str, dataset: str, row: str) -> Path:
+        return self.records_dir / f"{_slug(table)}__{_slug(dataset)}__{_slug(row)}{sample_outputs.SUFFIX}"
+
+    def write_samples(self, table: str, dataset: str, row: str, frame: pd.DataFrame) -> str:
+        """Write a row's per-sample outputs (:mod:`mdbench.samples`) atomically; returns the file name that
+        records point to."""
+        frame = sample_outputs.validate(frame.reset_index(drop=True))
+        path = atomic_write_bytes(self.samples_path(table, dataset, row), sample_outputs.to_bytes(frame))
+        return path.name
+
+    def samples(self, rec: Record) -> pd.DataFrame | None:
+        """The per-sample outputs behind ``rec``, or None where it has none."""
+        ref = rec.samples_ref
+        return None if ref is None else sample_outputs.read(self.records_dir / ref.file)
+
     def record(self, table: str, row: str, metric: str, values: float | Sequence[float], *, dataset: str,
                dataset_checksum: str, config: dict[str, Any], seeds: Sequence[int] | None = None,
-               unit: str = "", notes: str = "") -> Record:
-        """Make a record of a measured number and write it atomically; returns the record."""
+               unit: str = "", notes: str = "", samples: sample_outputs.SamplesRef | None = None) -> Record:
+        """Make a record of a measured number and write it atomically; returns the record.
+
+        ``samples`` points to the per-sample outputs (written first by :meth:`write_samples`) the values were
+        aggregated from; they must give back every seed's value, else :class:`~mdbench.samples.SamplesError`.
+        """
         if self._fingerprint is None:
             self._fingerprint = fingerprint()
         values = list(values) if isinstance(values, (Sequence, np.ndarray)) else [values]
         seeds = list(seeds) if seeds is not None else list(range(len(values)))
+        if samples is not None:
+            frame = sample_outputs.read(self.records_dir / samples.file)
+            sample_outputs.check_reproduces(frame, samples, metric, seeds, values)
         rec = Record(paper=self.paper, table=table, row=row, metric=metric, values=values, seeds=seeds,
                      dataset=dataset, dataset_checksum=dataset_checksum, profile=self.profile,
                      config=config, unit=unit, notes=notes, fingerprint=self._fingerprint,
-                     time=datetime.now(UTC).isoformat(timespec="seconds"))
+                     time=datetime.now(UTC).isoformat(timespec="seconds"),
+                     samples=None if samples is None else samples.as_dict())
         text = json.dumps(rec.as_dict(), indent=1, sort_keys=True, default=str)
         atomic_write_text(self.record_path(table, dataset, row, metric), text + "\n")
         return rec
