@@ -1,4 +1,4 @@
-"""The ``mdbench`` command: ``reproduce``, ``doctor`` and ``data list|check``."""
+"""The ``mdbench`` command: ``reproduce``, ``judge``, ``doctor``, ``execute-notebooks`` and ``data list|check``."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +98,30 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _judge(args: argparse.Namespace) -> int:
+    """Re-judge the claims of each paper's records at a profile (no retraining) and rewrite the summary."""
+    from mdbench import verdicts
+    from mdbench.paper_yaml import known_papers
+    from mdbench.results import ResultStore, results_root
+
+    root = args.results_dir or results_root()
+    papers = args.paper or [p for p in known_papers() if (root / p / args.profile / "records").is_dir()]
+    if not papers:
+        print(f"mdbench: no records at profile {args.profile!r} under {root}", file=sys.stderr)
+        return 2
+    for paper in papers:
+        store = ResultStore(paper, args.profile, root=root)
+        if not store.records():
+            print(f"mdbench: no records of {paper} at profile {args.profile!r} under {store.records_dir}",
+                  file=sys.stderr)
+            return 2
+        _, lines = verdicts.judge_store(store)
+        print(f"== {paper} ({args.profile})\n" + "\n".join(lines) + "\n")
+    verdicts.write_summary(root)
+    print(f"claims saved beside each paper's records; every claim check in {root / 'summary.csv'}")
+    return 0
+
+
 def _execute_notebooks(args: argparse.Namespace) -> int:
     from mdbench.runner import NOTEBOOKS_DIR, execute_in_place
 
@@ -140,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     exe = sub.add_parser("execute-notebooks", help="re-run notebooks in place at their smoke defaults (for nbval)")
     exe.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook in notebooks/")
     exe.set_defaults(func=_execute_notebooks)
+
+    jud = sub.add_parser("judge", help="re-judge the claims on the stored records and per-sample outputs (no "
+                         "retraining) and rewrite results/summary.csv")
+    jud.add_argument("--paper", action="append", help="paper (repeatable; default: every paper with records)")
+    jud.add_argument("--profile", default="cpu", choices=available_profiles(), help="default: cpu")
+    jud.add_argument("--results-dir", type=Path, default=None, help="default: results/ or MDBENCH_RESULTS_DIR")
+    jud.set_defaults(func=_judge)
 
     data = sub.add_parser("data", help="the dataset registry")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -14,22 +14,19 @@ torch thread count (a ``threads`` parameter), opens the result store and prints 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 
-from mdbench import repro, results
+from mdbench import repro, results, verdicts
 from mdbench import samples as sample_outputs
 from mdbench.params import NotebookConfig
 
 # parameters the session consumes; every other parameter belongs to the paper's Config
 SESSION_PARAMS = ("profile", "threads")
-# claims judged on these units compare wall-clock times, which depend on the machine and its load
-WALL_CLOCK_UNITS = ("s", "ms")
-WALL_CLOCK_NOTE = "(wall-clock, varies by machine)"
 _NOT_PARAMETERS = {"In", "Out"}  # IPython's history, in every kernel's namespace
 _PARAMETER_TYPES = (type(None), bool, int, float, str, list, tuple, dict)
 
@@ -152,30 +149,10 @@ def start(paper: str, params: Mapping[str, Any], config_type: type[NotebookConfi
     return Session(paper, profile, config, results.ResultStore(paper, profile), deterministic, fp)
 
 
-def _wall_clock_claims(reference: results.PaperReference, records: Iterable[results.Record]) -> set[str]:
-    """Ids of the claims whose left-hand side is a wall-clock time (its records' unit is s or ms)."""
-    units = {(r.table, r.row, r.metric): r.unit for r in records}
-    return {c.id for c in reference.claims if units.get((c.table, c.lhs.row, c.lhs.metric)) in WALL_CLOCK_UNITS}
-
-
-def claim_lines(claims: pd.DataFrame, wall_clock: Set[str] = frozenset()) -> list[str]:
-    """``[status] text (dataset): lhs vs rhs`` for every claim that ran, wall-clock ones marked, then a count."""
-    ran = claims[claims.status != results.NOT_RUN]
-    lines = [f"[{c.status}] {c.text} ({c.dataset}): {c.lhs} vs {c.rhs}"
-             + (f" {WALL_CLOCK_NOTE}" if c.claim in wall_clock else "") for c in ran.itertuples()]
-    counts = ", ".join(f"{n} {status}" for status, n in ran.status.value_counts().sort_index().items())
-    return [*lines, f"{len(ran)} claim checks run ({counts}); {len(claims) - len(ran)} not run at this profile"]
-
-
 def finish(session: Session) -> pd.DataFrame:
-    """Judge the paper's claims on the records, save them as the ``claims`` table and print one line each.
-
-    Statuses are categorical (holds, does not hold, inconclusive, not run); a claim that compares wall-clock
-    times is marked, since its status may change with the machine. Returns the claims frame.
-    """
-    reference = results.load_reference(session.paper)
-    records = session.store.records()
-    claims = results.evaluate_claims(reference, records)
-    session.store.save_table(claims, "claims")
-    print("\n".join(claim_lines(claims, _wall_clock_claims(reference, records))))
+    """Judge the paper's claims on the records and their per-sample outputs (:func:`mdbench.verdicts.judge_store`),
+    save them as the ``claims`` table and print one line each (:func:`mdbench.verdicts.claim_lines`): the verdict,
+    the mean paired difference with its BH-adjusted interval, n and the test. Returns the claims frame."""
+    claims, lines = verdicts.judge_store(session.store)
+    print("\n".join(lines))
     return claims

@@ -225,10 +225,13 @@ class ResultStore:
         return load_records(self.records_dir)
 
     def save_table(self, df: pd.DataFrame, name: str) -> tuple[Path, Path]:
-        """Write a table as ``<name>.csv`` and ``<name>.md``; multi-level column names are joined with spaces."""
+        """Write a table as ``<name>.csv`` and ``<name>.md``; multi-level column names are joined with spaces.
+        The Markdown view leaves out the numeric twins (``mean``, ``std``, ``ci_low``, ``ci_high``) of a
+        formatted column, which the CSV keeps for sorting and plotting."""
         df = flatten_columns(df)
         csv = atomic_write_text(self.dir / f"{name}.csv", df.to_csv(index=False))
-        md = atomic_write_text(self.dir / f"{name}.md", to_markdown(df) + "\n")
+        readable = df.drop(columns=[c for c in NUMERIC_TWINS if c in df.columns]) if "reproduced" in df else df
+        md = atomic_write_text(self.dir / f"{name}.md", to_markdown(readable) + "\n")
         return csv, md
 
     def save_figure(self, fig, name: str) -> Path:
@@ -275,11 +278,13 @@ class Side:
 
 @dataclass(frozen=True)
 class Claim:
-    """``lhs  op  factor × rhs + offset``, judged on the seed intervals (mean ± std) of two records.
+    """``lhs  op  factor × rhs + offset``, judged on the paired difference of two records
+    (:mod:`mdbench.verdicts`).
 
     "row A's AUC exceeds row B's": lhs=A/auc, op='>', rhs=B/auc. "the student's FLOPs are at most a quarter of the
     teacher's": lhs=student/flops, op='<=', factor=0.25, rhs=teacher/flops. "A matches or beats B within 1 point":
-    op='>=', offset=-1.
+    op='>=', offset=-1. ``exact``: a deterministic quantity (parameter count, FLOPs), compared as it is;
+    ``test="spread"``: a claim about spread across seeds (absolute deviations), judged by Levene's test.
     """
 
     id: str
@@ -291,9 +296,12 @@ class Claim:
     factor: float = 1.0
     offset: float = 0.0
     dataset: str | None = None
+    exact: bool = False
+    test: str = "paired"
 
 
-_OPS = {">": np.greater, ">=": np.greater_equal, "<": np.less, "<=": np.less_equal}
+CLAIM_TESTS = ("paired", "spread")
+CLAIM_OPS = (">", ">=", "<", "<=")
 
 
 @dataclass
@@ -306,6 +314,8 @@ class PaperReference:
     reported: dict[str, dict[str, dict[str, Any]]]
     claims: list[Claim]
     tolerance: dict[str, float]
+    lower_is_better: frozenset[str] = frozenset()
+    comparable: dict[str, list[str]] = field(default_factory=dict)
 
     def value(self, table: str, row: str, metric: str):
         value = self.reported.get(table, {}).get(row, {}).get(metric, NOT_REPORTED)
@@ -319,11 +329,14 @@ def load_reference(paper: str, path: Path | None = None) -> PaperReference:
     try:
         claims = []
         for c in data.get("claims", []):
-            if c["op"] not in _OPS:
-                raise PaperReferenceError(f"claim {c['id']}: unknown op {c['op']!r}; use one of {sorted(_OPS)}")
+            if c["op"] not in CLAIM_OPS:
+                raise PaperReferenceError(f"claim {c['id']}: unknown op {c['op']!r}; use one of {list(CLAIM_OPS)}")
+            if c.get("test", "paired") not in CLAIM_TESTS:
+                raise PaperReferenceError(f"claim {c['id']}: unknown test {c['test']!r}; use one of {list(CLAIM_TESTS)}")
             claims.append(Claim(id=c["id"], text=c["text"], table=c["table"], lhs=Side(**c["lhs"]), op=c["op"],
                                 rhs=Side(**c["rhs"]), factor=float(c.get("factor", 1.0)),
-                                offset=float(c.get("offset", 0.0)), dataset=c.get("dataset")))
+                                offset=float(c.get("offset", 0.0)), dataset=c.get("dataset"),
+                                exact=bool(c.get("exact", False)), test=c.get("test", "paired")))
         for table, rows in (data.get("reported") or {}).items():
             for row, metrics in rows.items():
                 for metric, value in metrics.items():
@@ -332,46 +345,14 @@ def load_reference(paper: str, path: Path | None = None) -> PaperReference:
                                                   f"{NOT_REPORTED!r}")
         return PaperReference(paper=data.get("paper", paper), title=data.get("title", ""),
                               citation=data.get("citation", ""), reported=data.get("reported") or {},
-                              claims=claims, tolerance=data.get("tolerance") or {})
+                              claims=claims, tolerance=data.get("tolerance") or {},
+                              lower_is_better=frozenset(data.get("lower_is_better") or ()),
+                              comparable={t: list(rows) for t, rows in (data.get("comparable") or {}).items()})
     except (KeyError, TypeError) as err:
         raise PaperReferenceError(f"malformed paper reference {path}: {err!r}") from err
 
 
-# -------------------------------------------------------------------------------------------------- claims
-HOLDS, FAILS, INCONCLUSIVE, NOT_RUN = "holds", "does not hold", "inconclusive", "not run"
-
-
-def judge(claim: Claim, lhs: Record | None, rhs: Record | None) -> str:
-    """Holds if it holds for every point of both seed intervals, fails if for none, else inconclusive."""
-    if lhs is None or rhs is None:
-        return NOT_RUN
-    op = _OPS[claim.op]
-    rhs_lo, rhs_hi = sorted(claim.factor * np.array(rhs.interval) + claim.offset)
-    lhs_lo, lhs_hi = lhs.interval
-    if claim.op in (">", ">="):
-        worst, best = op(lhs_lo, rhs_hi), op(lhs_hi, rhs_lo)
-    else:
-        worst, best = op(lhs_hi, rhs_lo), op(lhs_lo, rhs_hi)
-    if worst:
-        return HOLDS
-    return INCONCLUSIVE if best else FAILS
-
-
-def evaluate_claims(reference: PaperReference, records: Iterable[Record]) -> pd.DataFrame:
-    """One row per claim and dataset: the claim, both sides' mean ± std, and its status."""
-    by_key = {r.key: r for r in records}
-    datasets = sorted({r.dataset for r in by_key.values()})
-    rows = []
-    for claim in reference.claims:
-        claim_datasets = [claim.dataset] if claim.dataset else [
-            d for d in datasets if (claim.table, d, claim.lhs.row, claim.lhs.metric) in by_key
-            or (claim.table, d, claim.rhs.row, claim.rhs.metric) in by_key] or ["—"]
-        for dataset in claim_datasets:
-            lhs = by_key.get((claim.table, dataset, claim.lhs.row, claim.lhs.metric))
-            rhs = by_key.get((claim.table, dataset, claim.rhs.row, claim.rhs.metric))
-            rows.append({"claim": claim.id, "text": claim.text, "dataset": dataset,
-                         "lhs": format_value(lhs), "rhs": format_value(rhs), "status": judge(claim, lhs, rhs)})
-    return pd.DataFrame(rows, columns=["claim", "text", "dataset", "lhs", "rhs", "status"])
+NOT_RUN = "not run"
 
 
 # -------------------------------------------------------------------------------------------------- tables
@@ -384,41 +365,81 @@ def format_value(rec: Record | None, digits: int = 2) -> str:
     return f"{rec.mean:.{digits}f} ± {rec.std:.{digits}f} (n={rec.n})"
 
 
-def build_table(reference: PaperReference, records: Iterable[Record], table: str, digits: int = 2) -> pd.DataFrame:
-    """Paper | Reproduced (mean ± std, n) | Δ | status, for every row the paper reports or we measured.
+NUMERIC_TWINS = ("mean", "std", "ci_low", "ci_high")  # of "reproduced", in build_table's CSV only
+SYNTHETIC = "n/a (synthetic)"
+NO_PAPER_VALUE = "no paper value"
+COMPARABLE = "comparable"
+NOT_COMPARABLE = "not comparable (different data)"
+TABLE_COLUMNS = ["dataset", "row", "metric", "paper", "reproduced", "delta", "vs_paper", "status", "mean", "std", "n",
+                 "ci_low", "ci_high"]
 
-    Status: "matches" when |Δ| is within the table's tolerance, "differs" otherwise, "no paper value" when the
-    paper's number is not reported, "not run" when the paper has a number we have no record for.
+
+def seed_interval(rec: Record, confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of a record's mean over its seeds (nan for one seed, the point for no spread)."""
+    if rec.n < 2:
+        return (math.nan, math.nan)
+    if rec.std == 0:
+        return (rec.mean, rec.mean)
+    from scipy import stats  # SciPy's import is slow; only tables need it
+
+    low, high = stats.t.interval(confidence, df=rec.n - 1, loc=rec.mean, scale=rec.std / math.sqrt(rec.n))
+    return (float(low), float(high))
+
+
+def compare_with_paper(reference: PaperReference, table: str, rec: Record, paper: float) -> tuple[str, str]:
+    """(status, vs_paper) of a reproduced number beside the paper's.
+
+    status: "n/a (synthetic)" at the smoke profile, "comparable" for rows the paper.yaml lists as run on the
+    paper's data and protocol, else "not comparable (different data)". vs_paper: "within tolerance" when
+    |Δ| ≤ the table's tolerance, else "better" or "worse" (lower is better for the paper's ``lower_is_better``
+    metrics).
+    """
+    status = SYNTHETIC if rec.profile == "smoke" else (
+        COMPARABLE if rec.row in reference.comparable.get(table, ()) else NOT_COMPARABLE)
+    delta = rec.mean - paper
+    tolerance = reference.tolerance.get(table)
+    if tolerance is not None and abs(delta) <= tolerance:
+        return status, "within tolerance"
+    better = delta < 0 if rec.metric in reference.lower_is_better else delta > 0
+    return status, "better" if better else "worse"
+
+
+def build_table(reference: PaperReference, records: Iterable[Record], table: str, digits: int = 2,
+                include_not_run: bool = False) -> pd.DataFrame:
+    """One line per (dataset, row, metric) we measured (:data:`TABLE_COLUMNS`): the paper's number, ours as
+    ``mean ± std (n=N)`` and as numbers (``mean``, ``std``, ``n`` seeds, ``ci_low``/``ci_high``: 95 % t-interval
+    over seeds), Δ, and how the two compare (:func:`compare_with_paper`; "no paper value" where the paper gives
+    none). ``include_not_run`` adds the paper's rows we have no record for, marked "not run".
     """
     recs = [r for r in records if r.table == table]
     reported = reference.reported.get(table, {})
     keys = {(r.dataset, r.row, r.metric) for r in recs}
-    datasets = sorted({r.dataset for r in recs}) or ["—"]
-    for row, metrics in reported.items():
-        for metric in metrics:
-            for dataset in datasets:
-                keys.add((dataset, row, metric))
+    if include_not_run:
+        datasets = sorted({r.dataset for r in recs}) or ["—"]
+        keys |= {(dataset, row, metric) for row, metrics in reported.items() for metric in metrics
+                 for dataset in datasets}
     by_key = {(r.dataset, r.row, r.metric): r for r in recs}
     row_order = {row: i for i, row in enumerate(reported)}
-    tolerance = reference.tolerance.get(table)
     out = []
     for dataset, row, metric in sorted(keys, key=lambda k: (k[0], row_order.get(k[1], len(row_order)), k[1], k[2])):
         rec = by_key.get((dataset, row, metric))
         paper = reference.value(table, row, metric)
-        delta = rec.mean - paper if rec is not None and paper != NOT_REPORTED else None
-        if paper == NOT_REPORTED:
-            status = "no paper value" if rec is not None else NOT_RUN
-        elif rec is None:
-            status = NOT_RUN
-        elif tolerance is not None and delta is not None and abs(delta) <= tolerance:
-            status = "matches"
+        line = {"dataset": dataset, "row": row, "metric": metric,
+                "paper": paper if paper == NOT_REPORTED else f"{paper:.{digits}f}",
+                "reproduced": format_value(rec, digits), "delta": "—", "vs_paper": "—",
+                "mean": math.nan, "std": math.nan, "n": 0, "ci_low": math.nan, "ci_high": math.nan}
+        if rec is None:
+            line["status"] = NOT_RUN
         else:
-            status = "differs"
-        out.append({"dataset": dataset, "row": row, "metric": metric,
-                    "paper": paper if paper == NOT_REPORTED else f"{paper:.{digits}f}",
-                    "reproduced": format_value(rec, digits),
-                    "delta": "—" if delta is None else f"{delta:+.{digits}f}", "status": status})
-    return pd.DataFrame(out, columns=["dataset", "row", "metric", "paper", "reproduced", "delta", "status"])
+            low, high = seed_interval(rec)
+            line.update(mean=rec.mean, std=rec.std, n=rec.n, ci_low=low, ci_high=high)
+            if paper == NOT_REPORTED:
+                line["status"] = SYNTHETIC if rec.profile == "smoke" else NO_PAPER_VALUE
+            else:
+                line["status"], line["vs_paper"] = compare_with_paper(reference, table, rec, paper)
+                line["delta"] = f"{rec.mean - paper:+.{digits}f}"
+        out.append(line)
+    return pd.DataFrame(out, columns=TABLE_COLUMNS)
 
 
 def to_markdown(df: pd.DataFrame) -> str:

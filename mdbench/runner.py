@@ -615,6 +615,9 @@ def reproduce(papers: list[str] | None = None, profile_name: str = "cpu", jobs: 
         except Interrupted as stopped:
             stopped.results = sorted(results + stopped.results, key=lambda r: order[r.paper])
             raise
+    from mdbench.verdicts import write_summary  # SciPy and pandas: only once the notebooks have run
+
+    write_summary(results_dir)  # every paper's claim checks in one file, this run's included
     return sorted(results, key=lambda r: order[r.paper])
 
 

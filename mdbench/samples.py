@@ -27,8 +27,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mdbench import metrics
-
 SUFFIX = ".samples.csv.gz"
 # aggregates that are the mean of a value per unit, so that a paired difference is a mean of per-unit differences
 MEAN = "mean"
@@ -87,6 +85,8 @@ def aggregate(lines: pd.DataFrame, ref: SamplesRef, metric: str) -> float:
             raise SamplesError(f"no per-unit values of metric {metric!r}")
         weights = own["weight"].to_numpy(float) if "weight" in own else np.ones(len(own))
         return float(np.sum(weights * own["value"].to_numpy(float)) / np.sum(weights)) * ref.scale
+    from mdbench import metrics  # torch and MONAI come with it: only where classifier outputs are aggregated
+
     probs = lines[prob_columns(lines)].to_numpy(np.float64)
     return metrics.classification_metrics(lines["label"].to_numpy(), probs)[ref.aggregate] * ref.scale
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mdbench import notebook, results, runner
+from mdbench import notebook, results, runner, verdicts
 from mdbench.params import NotebookConfig
 
 PAPER_CONFIGS = {"med_tuning": "mdbench.papers.med_tuning.experiment", "efcm": "mdbench.papers.efcm.experiment",
@@ -115,7 +115,7 @@ def test_finish_judges_the_claims_from_the_records_and_saves_them(results_dir, c
     tables = session.tables(["table1"])
     claims = notebook.finish(session)
     reference = results.load_reference("quickstart")
-    expected = results.evaluate_claims(reference, session.store.records())
+    expected = verdicts.evaluate_claims(reference, session.store.records(), session.store.samples)
     pd.testing.assert_frame_equal(claims, expected)
     saved = pd.read_csv(session.store.dir / "claims.csv")
     assert saved.status.tolist() == expected.status.tolist()
@@ -142,12 +142,17 @@ def test_finish_leaves_the_last_claims_intact_when_a_write_fails(results_dir, mo
 
 
 def test_claims_on_wall_clock_times_are_marked():
-    claims = pd.DataFrame([{"claim": "fast", "text": "x is faster", "dataset": "d", "lhs": "1.00 (n=1)",
-                            "rhs": "2.00 (n=1)", "status": "holds"},
+    claims = pd.DataFrame([{"claim": "fast", "text": "x is faster", "dataset": "d", "lhs": "1.00 ± 0.10 (n=3)",
+                            "rhs": "2.00 ± 0.10 (n=3)", "test": "paired t over 3 seeds", "n": 3, "difference": -1.0,
+                            "ci_low": -1.5, "ci_high": -0.5, "confidence": 0.95, "p": 0.01, "p_adj": 0.01,
+                            "status": "holds"},
                            {"claim": "acc", "text": "x is better", "dataset": "d", "lhs": "not run",
-                            "rhs": "1.00 (n=1)", "status": "not run"}])
-    lines = notebook.claim_lines(claims, {"fast"})
-    assert lines == [f"[holds] x is faster (d): 1.00 (n=1) vs 2.00 (n=1) {notebook.WALL_CLOCK_NOTE}",
+                            "rhs": "1.00 (n=1)", "test": "—", "n": 0, "difference": float("nan"),
+                            "ci_low": float("nan"), "ci_high": float("nan"), "confidence": float("nan"),
+                            "p": float("nan"), "p_adj": float("nan"), "status": "not run"}])
+    lines = verdicts.claim_lines(claims, {"fast"})
+    assert lines == ["[holds] x is faster (d): d = -1.00 [-1.50, -0.50] at 95.0 % (BH-adjusted), p_adj = 0.010, "
+                     f"paired t over 3 seeds {verdicts.WALL_CLOCK_NOTE}",
                      "1 claim checks run (1 holds); 1 not run at this profile"]
 
 
@@ -155,6 +160,7 @@ def test_claims_on_wall_clock_times_are_marked():
                          ids=lambda p: p.parent.name)
 def test_committed_real_data_claims_follow_from_their_records(folder):
     """The committed results still load: their records, judged with today's paper.yaml, give their claims.csv."""
-    claims = results.evaluate_claims(results.load_reference(folder.parent.name), results.load_records(folder / "records"))
-    committed = pd.read_csv(folder / "claims.csv", keep_default_na=False)
-    pd.testing.assert_frame_equal(claims.astype(str), committed.astype(str))
+    store = results.ResultStore(folder.parent.name, "cpu", root=folder.parents[1])
+    claims = verdicts.evaluate_claims(results.load_reference(folder.parent.name), store.records(), store.samples)
+    committed = pd.read_csv(folder / "claims.csv")
+    pd.testing.assert_frame_equal(claims, committed, check_dtype=False)

@@ -1,0 +1,234 @@
+"""Claims judged on paired differences: each test on known cases, and the judge calibrated on simulated data."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from mdbench import results as R
+from mdbench import samples as S
+from mdbench import verdicts as V
+
+
+def _claim(op=">", factor=1.0, offset=0.0, metric="acc", **kw):
+    return R.Claim(id="c", text="A beats B", table="t1", lhs=R.Side("A", metric), op=op, rhs=R.Side("B", metric),
+                   factor=factor, offset=offset, **kw)
+
+
+def _record(row, values, metric="acc", seeds=None, samples=None):
+    return R.Record(paper="toy", table="t1", row=row, metric=metric, values=list(values),
+                    seeds=list(seeds if seeds is not None else range(len(values))), dataset="d",
+                    dataset_checksum="-", profile="cpu", config={}, samples=samples)
+
+
+def _reference(*claims):
+    return R.PaperReference(paper="toy", title="Toy", citation="-", reported={}, claims=list(claims), tolerance={})
+
+
+def _unit_records(a: np.ndarray, b: np.ndarray, metric="dsc", weights=None):
+    """Records of rows A and B whose per-unit values (seeds × units) are a and b, and their samples lookup."""
+    frames = {}
+    recs = []
+    for row, values in (("A", a), ("B", b)):
+        seeds, units = np.indices(values.shape)
+        frame = pd.DataFrame({"seed": seeds.ravel(), "unit": [f"u{u}" for u in units.ravel()], "metric": metric,
+                              "value": values.ravel()})
+        if weights is not None:
+            frame["weight"] = np.tile(weights, values.shape[0])
+        frames[row] = frame
+        w = np.ones(values.shape[1]) if weights is None else np.asarray(weights)
+        per_seed = (values * w).sum(axis=1) / w.sum()
+        recs.append(_record(row, per_seed, metric, samples={"file": row, "aggregate": S.MEAN}))
+    return recs, lambda rec: frames[rec.samples["file"]]
+
+
+def _judge(claim, lhs, rhs, samples_of=lambda rec: None):
+    return V.evaluate_claims(_reference(claim), [lhs, rhs], samples_of).iloc[0]
+
+
+# ------------------------------------------------------------------------------------------------ known cases
+def test_paired_t_over_units_uses_scipy_and_pairs_within_seeds():
+    rng = np.random.default_rng(0)
+    base = rng.normal(70, 10, (1, 30))      # case difficulty: shared by both rows, cancels in the pairing
+    a, b = base + 2 + rng.normal(0, 1, base.shape), base + rng.normal(0, 1, base.shape)
+    (lhs, rhs), samples_of = _unit_records(a, b)
+    row = _judge(_claim(metric="dsc"), lhs, rhs, samples_of)
+    d = a[0] - b[0]
+    from scipy import stats
+    ci = stats.ttest_1samp(d, 0).confidence_interval(0.95)
+    assert row.test == "paired t over 30 units" and row.n == 30
+    assert row.difference == pytest.approx(d.mean()) and (row.ci_low, row.ci_high) == pytest.approx((ci.low, ci.high))
+    assert row.status == V.HOLDS
+    # unpaired, the same numbers would not decide: the case spread (SD 10) swamps a 2-point effect at n = 1 seed
+    assert _judge(_claim(metric="dsc"), _record("A", [a.mean()], "dsc"), _record("B", [b.mean()], "dsc")
+                  ).status == "inconclusive (n=1)"
+
+
+def test_the_claimed_side_decides_and_the_offset_and_factor_apply():
+    rng = np.random.default_rng(1)
+    a = rng.normal(80, 1, (2, 40))
+    b = a + 0.5 + rng.normal(0, 0.2, a.shape)   # B is 0.5 above A on every case
+    (lhs, rhs), samples_of = _unit_records(a, b)
+    assert _judge(_claim(metric="dsc"), lhs, rhs, samples_of).status == V.FAILS
+    assert _judge(_claim(">=", offset=-1, metric="dsc"), lhs, rhs, samples_of).status == V.HOLDS  # within 1 point
+    assert _judge(_claim("<", metric="dsc"), lhs, rhs, samples_of).status == V.HOLDS
+    assert _judge(_claim("<=", factor=0.5, metric="dsc"), lhs, rhs, samples_of).status == V.FAILS  # 80 > 40
+
+
+def test_a_macro_average_is_bootstrapped_with_its_weights():
+    rng = np.random.default_rng(2)
+    weights = np.r_[np.full(4, 1 / 8), np.full(20, 1 / 40)]   # two modalities of 4 and 20 cases, equal weight
+    a = rng.normal(80, 5, (1, 24))
+    b = a - np.r_[np.full(4, 6.0), np.zeros(20)][None, :] + rng.normal(0, 0.5, a.shape)  # B worse on modality 1
+    (lhs, rhs), samples_of = _unit_records(a, b, weights=weights)
+    row = _judge(_claim(metric="dsc"), lhs, rhs, samples_of)
+    assert row.test == "bootstrap over 24 units"
+    assert row.difference == pytest.approx(lhs.mean - rhs.mean)   # the weighted difference, as the records have it
+    assert row.ci_low < row.difference < row.ci_high
+
+
+def test_auc_difference_is_bootstrapped_over_units_and_matches_sklearn():
+    rng = np.random.default_rng(3)
+    n = 200
+    y = np.arange(n) % 2
+    good, poor = y + rng.normal(0, 0.6, n), y + rng.normal(0, 1.5, n)
+    frames, recs = {}, []
+    for row, score in (("A", good), ("B", poor)):
+        p1 = 1 / (1 + np.exp(-score))
+        frames[row] = S.classifier_frame(0, [f"img{i}" for i in range(n)], y, np.c_[1 - p1, p1])
+        recs.append(_record(row, [100 * roc_auc_score(y, p1)], "auc",
+                            samples={"file": row, "aggregate": "auc", "scale": 100}))
+    counts = np.ones((1, n))
+    assert V._weighted_auc(counts, y, frames["A"][["prob_0", "prob_1"]].to_numpy())[0] == pytest.approx(recs[0].mean)
+    row = _judge(_claim(metric="auc"), *recs, lambda rec: frames[rec.samples["file"]])
+    assert row.test == "bootstrap over 200 units" and row.difference == pytest.approx(recs[0].mean - recs[1].mean)
+    assert row.status == V.HOLDS
+
+
+def test_multiclass_auc_matches_sklearn_ovr_macro():
+    rng = np.random.default_rng(4)
+    y = np.arange(60) % 3
+    probs = rng.dirichlet(np.ones(3), 60)
+    expected = 100 * roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    assert V._weighted_auc(np.ones((1, 60)), y, probs)[0] == pytest.approx(expected)
+
+
+def test_seed_level_pairing_and_one_value_is_inconclusive():
+    lhs, rhs = _record("A", [80, 82, 84]), _record("B", [70, 73, 75])
+    row = _judge(_claim(), lhs, rhs)
+    assert row.test.startswith("paired t over 3 seeds") and row.n == 3 and row.difference == pytest.approx(9.33, abs=0.01)
+    one = _judge(_claim(), _record("A", [90]), _record("B", [10]))
+    assert one.status == "inconclusive (n=1)" and math.isnan(one.ci_low)
+
+
+def test_exact_quantities_are_compared_as_they_are():
+    lhs, rhs = _record("A", [24.0], "flops"), _record("B", [100.0], "flops")
+    assert _judge(_claim("<=", factor=0.25, metric="flops", exact=True), lhs, rhs).status == V.HOLDS
+    assert _judge(_claim("<=", factor=0.2, metric="flops", exact=True), lhs, rhs).status == V.FAILS
+
+
+def test_spread_claims_need_three_seeds_a_side():
+    spread = _claim("<", metric="dev", test="spread")
+    few = _judge(spread, _record("A", [0.1, 0.1], "dev"), _record("B", [3.0, 3.0], "dev"))
+    assert few.status == "inconclusive" and "needs 3 a side" in few.test
+    many = _judge(spread, _record("A", [0.1, 0.2, 0.1, 0.15, 0.12], "dev"),
+                  _record("B", [3.0, 2.5, 3.4, 2.9, 3.1], "dev"))
+    assert many.status == V.HOLDS and many.test.startswith("spread: Levene")
+
+
+def test_not_run_when_a_side_is_missing():
+    table = V.evaluate_claims(_reference(_claim()), [_record("A", [0.9])])
+    assert table.status.tolist() == [V.NOT_RUN] and table.rhs.tolist() == [R.NOT_RUN]
+
+
+def test_benjamini_hochberg_widens_the_intervals_of_a_family():
+    """Of 20 claims, one with p ≈ 0.01 alone is decided; in a family of 19 null claims it is not."""
+    rng = np.random.default_rng(5)
+    p, confidence = V.adjusted_confidence([0.01])
+    assert confidence == pytest.approx(0.95) and p[0] == pytest.approx(0.01)
+    p, confidence = V.adjusted_confidence([0.01, *rng.uniform(0.3, 1, 19)])
+    assert p[0] == pytest.approx(0.2) and confidence == pytest.approx(1 - 0.05 / 20)
+
+
+# --------------------------------------------------------------------------------------------- calibration
+def _band_overlap_rule(claim, lhs, rhs, samples_of):
+    """mdbench's rule before issue 14: holds if the mean ± SD bands of the two rows' seeds do not overlap."""
+    lo, hi = lhs.mean - lhs.std, lhs.mean + lhs.std
+    rlo, rhi = rhs.mean - rhs.std, rhs.mean + rhs.std
+    return V.HOLDS if lo > rhi else (V.FAILS if hi < rlo else V.INCONCLUSIVE)
+
+
+def _new_rule(claim, lhs, rhs, samples_of):
+    return V.evaluate_claims(_reference(claim), [lhs, rhs], samples_of).status.iloc[0]
+
+
+def _holds_rate(rule, effect, n_units, n_seeds=1, trials=300, seed=0):
+    """How often ``rule`` says "A beats B" on simulated paired data: per-unit values with a shared unit effect
+    (SD 1), a row effect ``effect`` (in SD of the paired difference) and noise."""
+    rng = np.random.default_rng(seed)
+    holds = 0
+    for _ in range(trials):
+        unit = rng.normal(0, 1, (n_seeds, n_units))
+        a = unit + effect + rng.normal(0, 1 / math.sqrt(2), unit.shape)
+        b = unit + rng.normal(0, 1 / math.sqrt(2), unit.shape)
+        (lhs, rhs), samples_of = _unit_records(a, b)
+        holds += rule(_claim(metric="dsc"), lhs, rhs, samples_of) == V.HOLDS
+    return holds / trials
+
+
+def _calibrated(rule) -> bool:
+    """The judge's contract: false "holds" under no effect at most 5 % (plus 2 Monte-Carlo SE), power at a 0.5-SD
+    effect that rises with n and reaches 80 % at 40 units."""
+    false_holds = _holds_rate(rule, 0.0, 12)
+    mc_se = math.sqrt(0.05 * 0.95 / 300)
+    power_10, power_40 = _holds_rate(rule, 0.5, 10, seed=1), _holds_rate(rule, 0.5, 40, seed=2)
+    return false_holds <= 0.05 + 2 * mc_se and power_40 >= 0.8 and power_40 > power_10
+
+
+def test_the_judge_is_calibrated():
+    assert _calibrated(_new_rule)
+
+
+def test_the_old_band_overlap_rule_fails_the_calibration():
+    """With one seed its band has zero width: it says "holds" whenever A's mean is above, half the time under no
+    effect. The calibration test can fail."""
+    assert _holds_rate(_band_overlap_rule, 0.0, 12) > 0.3
+    assert not _calibrated(_band_overlap_rule)
+
+
+def test_auc_bootstrap_is_calibrated_under_no_effect():
+    """Two classifiers of equal quality on the same 80 images: the AUC bootstrap says "A beats B" at most ~5 %."""
+    rng = np.random.default_rng(6)
+    y = np.arange(80) % 2
+    trials, holds = 120, 0
+    for _ in range(trials):
+        shared = y + rng.normal(0, 1, 80)
+        frames, recs = {}, []
+        for row in ("A", "B"):
+            p1 = 1 / (1 + np.exp(-(shared + rng.normal(0, 0.7, 80))))
+            frames[row] = S.classifier_frame(0, [f"i{i}" for i in range(80)], y, np.c_[1 - p1, p1])
+            recs.append(_record(row, [100 * roc_auc_score(y, p1)], "auc",
+                                samples={"file": row, "aggregate": "auc", "scale": 100}))
+        holds += _judge(_claim(metric="auc"), *recs, lambda rec, f=frames: f[rec.samples["file"]]).status == V.HOLDS
+    assert holds / trials <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / trials)
+
+
+# ---------------------------------------------------------------------------------------------- judge command
+def test_judge_command_rejudges_stored_records_and_writes_the_summary(tmp_path, capsys):
+    from mdbench.cli import main
+
+    store = R.ResultStore("quickstart", "cpu", root=tmp_path)
+    for row, values in (("trained", [90.0, 91.0, 93.0]), ("untrained", [50.0, 52.0, 49.0])):
+        for metric in ("accuracy", "auc"):
+            store.record("table1", row, metric, values, dataset="d", dataset_checksum="-", config={})
+    assert main(["judge", "--profile", "cpu", "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "== quickstart (cpu)" in out and "[holds] the trained CNN's test accuracy" in out
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary[["paper", "profile", "claim"]].values.tolist() == [
+        ["quickstart", "cpu", "training_helps_accuracy"], ["quickstart", "cpu", "training_helps_auc"]]
+    assert "| quickstart | cpu | 2 | 0 | 0 | 0 |" in (tmp_path / "summary.md").read_text()
+    assert main(["judge", "--profile", "gpu", "--results-dir", str(tmp_path)]) == 2
