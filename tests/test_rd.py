@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mdbench import train
+from mdbench import notebook, results, train
+from mdbench.data.registry import load_dataset
 from mdbench.data.synthetic import SyntheticClassification
-from mdbench.efficiency import count_parameters
+from mdbench.efficiency import count_flops, count_parameters
 from mdbench.losses.kd import kd_loss, linear_cka
 from mdbench.models.reprogramming import (
     FrozenFM,
@@ -218,6 +221,10 @@ def test_load_classification_synthetic_shapes_and_sizes_required():
     data, task = _tiny_task()
     assert data.train.x.shape == (40, 3, 16, 16) and data.test.x.shape == (24, 3, 16, 16)
     assert data.train.features.shape == (40, 8) and data.num_classes == 2 and len(data.checksum) == 64
+    assert np.array_equal(data.test.ids, np.arange(24))  # the synthetic test split's item indices
+    assert np.array_equal(data.test.subset(torch.tensor([3, 5])).ids, [3, 5])
+    with pytest.raises(ValueError, match="one distinct id per image"):
+        rdx.Split(data.test.x[:2], data.test.y[:2], np.array([7, 7]))
     with pytest.raises(ValueError, match="needs max_train and max_test"):
         rdx.load_classification("synthetic", 16)
 
@@ -261,7 +268,8 @@ def test_student_methods_start_from_the_same_weights_and_return_scores():
     before = {k: v.clone() for k, v in initial.state_dict().items()}
     for method in rdx.STUDENT_METHODS:
         result = rdx.run_student_method(method, task, initial, 0, cfg, teacher.train_logits)
-        assert 0 <= result.metrics["accuracy"] <= 100 and 0 <= result.metrics["auc"] <= 100
+        assert 0 <= result.test.metrics["accuracy"] <= 100 and 0 <= result.test.metrics["auc"] <= 100
+        assert result.test.probs.shape == (24, 2) and np.allclose(result.test.probs.sum(1), 1)
         assert result.model(task.test.x[:2]).shape == (2, 2)
         assert ("teacher" in result.extra) == (method == "rd")
     assert all(torch.equal(before[k], v) for k, v in initial.state_dict().items())  # trained on copies
@@ -315,7 +323,8 @@ def test_grid_rows_and_kd_needs_an_fm_teacher(monkeypatch):
 
 def test_deployment_costs_of_a_student_and_the_stem_stand_in():
     costs = rdx.deployment_costs(["resnet18"], 16, 3, 128, ["litemedsam_stem"], latency_repeats=1).set_index("model")
-    assert costs.loc["resnet18", "input_shape"] == "1x3x16x16" and costs.loc["resnet18", "kind"] == "student"
+    assert costs.loc["resnet18", "kind"] == "student"
+    assert set(costs.input_shape) == {"1x3x16x16"}  # the stem takes any size: the run's
     # resnet18 without its 1000-class head: 11.18M, plus projector 512x128 + 128 and classifier 128x3 + 3
     assert costs.loc["resnet18", "params"] == 11_176_512 + 512 * 128 + 128 + 128 * 3 + 3
     assert (costs.flops > 0).all() and (costs.latency_ms > 0).all()
@@ -331,3 +340,63 @@ def test_real_datasets_load_as_small_stratified_tensors(real_data_dir, name, cla
     assert data.train.x.shape == (2 * classes, 3, 16, 16) and data.num_classes == classes
     assert len(data.test) == 6 * classes and set(data.test.y.tolist()) == set(range(classes))  # stratified
     assert 0 <= data.train.x.min() and data.train.x.max() <= 1
+    split = load_dataset(name, split="test", data_dir=real_data_dir, image_size=16, channels=3)
+    last = int(data.test.ids[-1])  # ids index the registry's test split, whatever sample of it is kept
+    assert last < len(split) and torch.equal(split[last][0].float(), data.test.x[-1])
+
+
+def test_deployment_costs_measure_every_model_at_the_fixed_size_fm_native_input(monkeypatch):
+    def tiny_fm(name, input_size):  # an FM that, like LiteMedSAM, takes one input size only (32 here)
+        return PooledEncoder(_tiny_fm().backbone, MeanPool((2, 3)), 8, 32 if name == "fixed" else None, name)
+
+    monkeypatch.setattr(rdx, "build_fm", tiny_fm)
+    costs = rdx.deployment_costs(["resnet18"], 16, 3, 8, ["fixed", "any"], latency_repeats=1).set_index("model")
+    assert set(costs.input_shape) == {"1x3x32x32"}  # the students and the any-size FM too, not the run's 16 px
+    at_32 = count_flops(rdx.DeployedStudent(build_projected_student("resnet18", 8, pretrained=False),
+                                            nn.Linear(8, 3)), torch.rand(1, 3, 32, 32)).flops
+    assert costs.loc["resnet18", "flops"] == at_32
+    assert costs.loc["any", "flops"] == costs.loc["fixed", "flops"]  # the same network, so the same cost
+    monkeypatch.setattr(rdx, "build_fm", lambda name, size: PooledEncoder(nn.Identity(), MeanPool((2, 3)), 3,
+                                                                          int(name), name))
+    with pytest.raises(ValueError, match="different fixed input sizes"):
+        rdx.deployment_costs([], 16, 3, 8, ["32", "64"])
+    lines = rdx.record_costs(costs.reset_index(), 3, rdx.Config(image_size=16))
+    assert lines.notes.str.startswith("input 1x3x32x32 for every model").all()
+    assert all(c["input_shape"] == "1x3x32x32" and c["trained_image_size"] == 16 for c in lines.config)
+
+
+def test_records_keep_per_image_outputs_that_reproduce_them_on_the_test_ids_every_row_shares(monkeypatch, tmp_path):
+    data = rdx.load_classification("synthetic", 16, max_train=32, max_test=40)
+    data.test = data.test.subset(torch.arange(1, 40, 2))  # ids 1, 3, ..., 39: a sample of the split, as real data
+    fm = FrozenFM(_tiny_fm())
+    rdx.cache_features(data, fm)
+
+    def tiny(name, task, seed, cfg):
+        seed_rngs(seed)
+        student = ProjectedStudent(_tiny_student().backbone, 16, 8)
+        student.mdbench_init = "random init"
+        return student
+
+    monkeypatch.setattr(rdx, "initial_student", tiny)
+    cfg = rdx.Config(steps=2, batch_size=8, students=("tiny",), seeds=(0, 1), lr=0.05)
+    methods = ["fm_linear_probe", "student", "kd", "fitnet", "rkd", "rd"]
+    runs = pd.concat([rdx.run(data, fm, f, methods, cfg, progress=False) for f in (1.0, 0.5)], ignore_index=True)
+    session = notebook.Session("rd", "smoke", cfg, results.ResultStore("rd", "smoke", root=tmp_path), True, {})
+    tables = rdx.record(runs, {"synthetic": data}, cfg, "random init")
+    assert tables["spread"].samples is None  # seed-level
+    for table, (frame, samples) in tables.items():
+        session.record_frame(table, frame, samples=samples)  # refuses outputs that do not give back each value
+    records = session.store.records()
+    assert len(records) == 2 * 2 * 7 + 2 * 6 + 2  # table1 (2 labels, 7 rows, 2 metrics), spread, gain
+    ids = {str(i) for i in range(1, 40, 2)}
+    for rec in records:
+        outputs = session.store.samples(rec)
+        assert (outputs is None) == (rec.table == "spread")
+        if outputs is not None:  # one line per test image and seed, named by the image's id in the test split
+            assert all(set(outputs[outputs.seed == s].unit) == ids and (outputs.seed == s).sum() == 20
+                       for s in (0, 1))
+    by_seed = runs.pivot_table(index=["fraction", "seed"], columns="method", values="accuracy")
+    gain = {rec.dataset + rec.row: rec for rec in records if rec.table == "gain"}["syntheticrd_gain_50pct/tiny"]
+    expected = by_seed.loc[0.5, "rd"] - by_seed.loc[0.5, ["kd", "fitnet", "rkd"]].max(axis=1)
+    assert gain.values == pytest.approx(expected.tolist(), abs=1e-9)
+    assert gain.notes.startswith("best KD baseline: seed 0 ")

@@ -7,8 +7,10 @@
   FM at every step.
 - :func:`run_fm_method`, :func:`run_student_method`: train one method for one seed with ``mdbench.train.fit``
   and score it on the test split; :func:`run` runs every method, student and seed of one dataset at one
-  label fraction; :func:`record` turns its runs into Table 1, spread and gain records.
-- :func:`deployment_costs`: Table 2 (deployed parameters, FLOPs and CPU latency of students against the FM).
+  label fraction; :func:`record` turns its runs into Table 1, spread and gain records, with the per-image test
+  outputs behind Table 1 and gain (units: the test images' ids, shared by every row of a dataset).
+- :func:`deployment_costs`: Table 2 (deployed parameters, FLOPs and CPU latency of students against the FM, every
+  model at the same input size).
 
 Training length is a number of optimizer steps (``Config.steps``), the same for the full and the low-data
 setting, so a 10% run is not also a shorter run.
@@ -21,12 +23,13 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy.special import softmax
 from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.optim.swa_utils import update_bn
@@ -34,6 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from mdbench import efficiency, train, tuning
+from mdbench import samples as sample_outputs
 from mdbench.data.base import RealDataset
 from mdbench.data.registry import is_present, load_dataset
 from mdbench.data.synthetic import SyntheticClassification
@@ -62,16 +66,25 @@ RD_METHODS = ("rd_no_cka", "rd_no_reprogramming", "rd")
 # ------------------------------------------------------------------------------------------------- data
 @dataclass
 class Split:
-    """Images (N, 3, H, W) in [0, 1], labels (N,) int64 and, once cached, FM features (N, D_t) of the images."""
+    """Images (N, 3, H, W) in [0, 1], labels (N,) int64, ids (N,) int64 and, once cached, FM features (N, D_t).
+
+    ``ids``: each image's index in its dataset's split (the registry's train or test split, or the synthetic
+    set's), a stable name for it whatever sample of the split is kept; the per-image outputs of every method are
+    keyed by it.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
+    ids: np.ndarray
     features: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim != 4 or self.x.shape[1] != 3 or self.y.ndim != 1 or len(self.x) != len(self.y):
             raise ValueError(f"a split needs images (N, 3, H, W) and labels (N,), got {tuple(self.x.shape)} and "
                              f"{tuple(self.y.shape)}")
+        if self.ids.shape != (len(self.y),) or len(np.unique(self.ids)) != len(self.ids):
+            raise ValueError(f"a split needs one distinct id per image, got ids of shape {self.ids.shape} for "
+                             f"{len(self.y)} images")
         if self.features is not None and len(self.features) != len(self.y):
             raise ValueError(f"{len(self.features)} cached features for {len(self.y)} images")
 
@@ -79,7 +92,8 @@ class Split:
         return len(self.y)
 
     def subset(self, index: torch.Tensor) -> Split:
-        return Split(self.x[index], self.y[index], None if self.features is None else self.features[index])
+        return Split(self.x[index], self.y[index], self.ids[index.numpy()],
+                     None if self.features is None else self.features[index])
 
 
 @dataclass
@@ -106,8 +120,10 @@ def _stratified(y: np.ndarray, n: int | None, seed: int) -> np.ndarray:
 
 
 def _stack(dataset, index: Iterable[int]) -> Split:
-    items = [dataset[int(i)] for i in index]
-    return Split(torch.stack([x for x, _ in items]).float(), torch.tensor([int(y) for _, y in items]))
+    """The items ``index`` of ``dataset`` as a split whose ids are those indices."""
+    ids = np.asarray(list(index), dtype=np.int64)
+    items = [dataset[int(i)] for i in ids]
+    return Split(torch.stack([x for x, _ in items]).float(), torch.tensor([int(y) for _, y in items]), ids)
 
 
 def load_classification(name: str, image_size: int, data_dir: str | None = None, max_train: int | None = None,
@@ -244,14 +260,23 @@ class Config(NotebookConfig):
         return {**super().as_record(), "amp": self.amp}
 
 
+@dataclass(frozen=True)
+class TestScores:
+    """A model's outputs on the test split, in the split's order: class probabilities ``probs`` (N_test, K),
+    float64, and the accuracy and macro AUC (%) computed from exactly those probabilities."""
+
+    probs: np.ndarray
+    metrics: dict[str, float]
+
+
 @dataclass
 class MethodResult:
-    """Test metrics (accuracy and macro AUC, in %) of one trained method, and what other methods reuse."""
+    """The test scores of one trained method, and what other methods reuse."""
 
-    metrics: dict[str, float]
+    test: TestScores
     model: nn.Module
     train_logits: torch.Tensor | None = None      # FM methods: logits on the training images (a KD teacher)
-    extra: dict[str, dict[str, float]] = field(default_factory=dict)  # rd: "teacher", its reprogrammed-FM path
+    extra: dict[str, TestScores] = field(default_factory=dict)  # rd: "teacher", its reprogrammed-FM path
 
 
 def _loader(tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int | None) -> DataLoader:
@@ -275,16 +300,19 @@ def _fit(model: nn.Module, tensors: tuple[torch.Tensor, ...], step_fn, cfg: Conf
                      max_steps=cfg.steps, device=cfg.device, amp=cfg.amp, progress=False, seed=seed)
 
 
-def _scores(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
-    scores = classification_metrics(y, logits.float(), num_classes=num_classes, scores_are="logits")
-    return {"accuracy": 100 * scores["accuracy"], "auc": 100 * scores["auc"]}
+def _scores(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> TestScores:
+    """Softmax probabilities (float64) of ``logits`` (N, K) and their accuracy and macro AUC (%) against ``y``
+    (N,), computed as :func:`mdbench.samples.aggregate` recomputes them from the per-image outputs."""
+    probs = softmax(logits.double().numpy(), axis=1)
+    scores = classification_metrics(y.numpy(), probs, num_classes=num_classes)
+    return TestScores(probs, {"accuracy": scores["accuracy"] * 100, "auc": scores["auc"] * 100})
 
 
 def _evaluate(model: nn.Module, tensors: tuple[torch.Tensor, ...], num_classes: int, cfg: Config,
-              fn: Callable | None = None) -> dict[str, float]:
-    """Accuracy and macro AUC (%) of ``fn(model, batch) -> (logits, y)`` (default ``model(x)``) over ``tensors``."""
+              fn: Callable | None = None) -> TestScores:
+    """Test scores of ``fn(model, batch) -> (logits, y)`` (default ``model(x)``) over ``tensors``, in order."""
     logits, y = train.predict(model, _loader(tensors, 256, None), cfg.device, fn)
-    return _scores(logits, y, num_classes)
+    return _scores(logits.float(), y, num_classes)
 
 
 def _precise_bn(model: nn.Module, images: torch.Tensor, cfg: Config) -> None:
@@ -352,17 +380,17 @@ def run_fm_method(method: str, task: Task, seed: int, cfg: Config, teacher: bool
         assert train_split.features is not None and test_split.features is not None
         head = nn.Linear(task.fm.feature_dim, task.num_classes)
         _fit(head, (train_split.features, train_split.y), _ce_step, cfg, seed, cfg.lr)
-        metrics = _evaluate(head, (test_split.features, test_split.y), task.num_classes, cfg)
+        scores = _evaluate(head, (test_split.features, test_split.y), task.num_classes, cfg)
         train_logits = train.predict(head, _loader((train_split.features,), 256, None), cfg.device)[0] if teacher \
             else None
-        return MethodResult(metrics, FMClassifier(task.fm, task.fm.feature_dim, task.num_classes), train_logits)
+        return MethodResult(scores, FMClassifier(task.fm, task.fm.feature_dim, task.num_classes), train_logits)
     model = _adapted_fm(method, task, cfg)
     _fit(model, (train_split.x, train_split.y), _ce_step, cfg, seed, cfg.fm_lr if method == "fm_full_ft" else cfg.lr)
     if method == "fm_full_ft":  # LoRA and VPT keep the FM's BatchNorms frozen
         _precise_bn(model, train_split.x, cfg)
-    metrics = _evaluate(model, (test_split.x, test_split.y), task.num_classes, cfg)
+    scores = _evaluate(model, (test_split.x, test_split.y), task.num_classes, cfg)
     train_logits = train.predict(model, _loader((train_split.x,), 256, None), cfg.device)[0] if teacher else None
-    return MethodResult(metrics, model, train_logits)
+    return MethodResult(scores, model, train_logits)
 
 
 # ------------------------------------------------------------------------------------------------- student methods
@@ -474,9 +502,10 @@ def run(data: ClassificationData, fm: FrozenFM, fraction: float, methods: Iterab
 
     Returns:
         One row per (method, student, seed): ``dataset`` (the task label), ``name`` (the dataset's), ``fraction``,
-        ``method``, ``student`` ("—" for FM
-        methods), ``seed``, ``accuracy``, ``auc`` (%), ``kd_teacher``, ``init`` (where the weights came from).
-        ``rd`` adds a row for its reprogrammed-FM path, method ``rd_teacher``.
+        ``method``, ``student`` ("—" for FM methods), ``seed``, ``accuracy``, ``auc`` (%), ``probs`` (the
+        (N_test, K) test probabilities they were computed from, in the order of ``data.test``, which every row
+        shares), ``kd_teacher``, ``init`` (where the weights came from). ``rd`` adds a row for its
+        reprogrammed-FM path, method ``rd_teacher``.
     """
     methods = list(methods)
     unknown = sorted(set(methods) - set(FM_METHODS) - set(STUDENT_METHODS))
@@ -502,7 +531,7 @@ def run(data: ClassificationData, fm: FrozenFM, fraction: float, methods: Iterab
             if method == teacher_method:
                 teacher_logits = result.train_logits
             rows.append({**base, "method": method, "student": "—", "init": fm.encoder.mdbench_init,
-                         **result.metrics})
+                         **result.test.metrics, "probs": result.test.probs})
             bar.update()
         for student in students:
             initial = initial_student(student, seed_task, seed, cfg)
@@ -510,29 +539,43 @@ def run(data: ClassificationData, fm: FrozenFM, fraction: float, methods: Iterab
                 bar.set_postfix_str(f"seed {seed} {student} {method}")
                 result = run_student_method(method, seed_task, initial, seed, cfg, teacher_logits)
                 row = {**base, "student": student, "init": initial.mdbench_init}
-                rows.append({**row, "method": method, **result.metrics})
-                for name, metrics in result.extra.items():
-                    rows.append({**row, "method": f"{method}_{name}", **metrics})
+                rows.append({**row, "method": method, **result.test.metrics, "probs": result.test.probs})
+                for name, scores in result.extra.items():
+                    rows.append({**row, "method": f"{method}_{name}", **scores.metrics, "probs": scores.probs})
                 bar.update()
     bar.close()
     return pd.DataFrame(rows)
 
 
+class TableRecords(NamedTuple):
+    """One table's records for :meth:`mdbench.notebook.Session.record_frame`: the long ``frame`` and the
+    per-sample outputs behind it (``samples``, with ``row`` and ``dataset`` columns; None for a seed-level table)."""
+
+    frame: pd.DataFrame
+    samples: pd.DataFrame | None
+
+
 def record(runs: pd.DataFrame, data: dict[str, ClassificationData], cfg: Config, fm_init: str
-           ) -> dict[str, pd.DataFrame]:
-    """The records of :func:`run`'s rows, per table, as frames for :meth:`mdbench.notebook.Session.record_frame`.
+           ) -> dict[str, TableRecords]:
+    """The records of :func:`run`'s rows, per table.
 
     ``table1``: accuracy and AUC of each (dataset label, row), row ``<method>`` for FM methods and
-    ``<method>/<student>`` for student methods. ``spread``: each seed's absolute deviation from the seeds' mean
-    accuracy (student rows, more than one seed). ``gain``: per seed, RD's accuracy minus the best of Hinton KD,
-    FitNet and RKD (when all four ran).
+    ``<method>/<student>`` for student methods, with each seed's test probabilities as classifier outputs
+    (:func:`mdbench.samples.classifier_frame`; unit: the test image's id, shared by every row of a dataset).
+    ``spread``: each seed's absolute deviation from the seeds' mean accuracy (student rows, more than one seed),
+    seed-level only. ``gain``: per seed, RD's accuracy minus that of the best of Hinton KD, FitNet and RKD on that
+    seed (when all four ran), computed as the mean over the test images of ``100 * (RD correct - best correct)``,
+    the per-image values kept as ``accuracy_gain`` lines.
     """
     base_config = {**cfg.as_record(), "fm_init": fm_init}
     lines: dict[str, list[dict[str, Any]]] = {"table1": [], "spread": [], "gain": []}
+    outputs: dict[str, list[pd.DataFrame]] = {"table1": [], "gain": []}
 
-    def add(table: str, row: str, metric: str, values, seeds, dataset: str, name: str, config: dict, unit: str):
+    def add(table: str, row: str, metric: str, values, seeds, dataset: str, name: str, config: dict, unit: str,
+            notes: str = ""):
         lines[table] += [{"row": row, "metric": metric, "value": v, "seed": s, "dataset": dataset, "unit": unit,
-                          "dataset_checksum": data[name].checksum, "config": config} for v, s in zip(values, seeds, strict=True)]
+                          "dataset_checksum": data[name].checksum, "config": config, "notes": notes}
+                         for v, s in zip(values, seeds, strict=True)]
 
     for (label, method, student), group in runs.groupby(["dataset", "method", "student"], sort=False):
         group = group.sort_values("seed")
@@ -540,61 +583,91 @@ def record(runs: pd.DataFrame, data: dict[str, ClassificationData], cfg: Config,
         config = {**base_config, "fraction": float(group.fraction.iloc[0]), "method": method, "student": student,
                   "init": group.init.iloc[0], "kd_teacher": group.kd_teacher.iloc[0]}
         name = group.name.iloc[0]
+        test = data[name].test
         for metric in ("accuracy", "auc"):
             add("table1", row, metric, group[metric], group.seed, label, name, config, "%")
+        outputs["table1"] += [sample_outputs.classifier_frame(seed, test.ids.tolist(), test.y.numpy(), probs)
+                              .assign(row=row, dataset=label)
+                              for seed, probs in zip(group.seed, group.probs, strict=True)]
         if student != "—" and len(group) > 1:
             deviation = (group.accuracy - group.accuracy.mean()).abs()
             add("spread", row, "accuracy_abs_dev", deviation, group.seed, label, name, config, "points")
     if set(KD_BASELINES) <= set(runs.method) and "rd" in set(runs.method):
         for (name, fraction, student), group in runs[runs.student != "—"].groupby(["name", "fraction", "student"]):
-            by_seed = group.pivot_table(index="seed", columns="method", values="accuracy")
-            gain = by_seed["rd"] - by_seed[list(KD_BASELINES)].max(axis=1)
-            tag = "full" if fraction == 1 else f"{round(100 * fraction)}pct"
-            add("gain", f"rd_gain_{tag}/{student}", "accuracy_gain", gain, gain.index, name, name,
-                {**base_config, "fraction": fraction, "student": student}, "points")
-    return {table: pd.DataFrame(rows) for table, rows in lines.items() if rows}
+            row = f"rd_gain_{'full' if fraction == 1 else f'{round(100 * fraction)}pct'}/{student}"
+            gains, best = _per_image_gains(group, data[name].test)
+            outputs["gain"] += [frame.assign(row=row, dataset=name) for frame in gains]
+            means = [float(frame.value.mean()) for frame in gains]
+            add("gain", row, "accuracy_gain", means, [int(f.seed.iloc[0]) for f in gains], name, name,
+                {**base_config, "fraction": fraction, "student": student}, "points",
+                notes="best KD baseline: " + ", ".join(f"seed {s} {m}" for s, m in best.items()))
+    return {table: TableRecords(pd.DataFrame(rows), pd.concat(outputs[table]) if outputs.get(table) else None)
+            for table, rows in lines.items() if rows}
 
 
+def _per_image_gains(group: pd.DataFrame, test: Split) -> tuple[list[pd.DataFrame], dict[int, str]]:
+    """Per seed of one (dataset, fraction, student) of :func:`run`'s rows: lines ``seed, unit, metric, value`` of
+    ``100 * (RD correct - best baseline correct)`` per test image, the best baseline being the one of
+    :data:`KD_BASELINES` with the highest accuracy on that seed (the first of them on a tie); and ``{seed: best}``."""
+    frames, best = [], {}
+    for seed, by_seed in group.groupby("seed"):
+        runs_of = by_seed.set_index("method")
+        best[int(seed)] = baseline = str(runs_of.accuracy[list(KD_BASELINES)].idxmax())
+        rd_correct, baseline_correct = (runs_of.probs[m].argmax(axis=1) == test.y.numpy() for m in ("rd", baseline))
+        frames.append(pd.DataFrame({"seed": int(seed), "unit": test.ids.astype(str), "metric": "accuracy_gain",
+                                    "value": 100.0 * (rd_correct.astype(float) - baseline_correct)}))
+    return frames, best
 # ------------------------------------------------------------------------------------------------- Table 2
 def deployment_costs(students: list[str], image_size: int, num_classes: int, embed_dim: int, fm_names: list[str],
                      latency_repeats: int = 10) -> pd.DataFrame:
-    """Deployed parameters, FLOPs and CPU latency (batch 1) of each student and each FM with a linear head.
+    """Deployed parameters, FLOPs and CPU latency (batch 1) of each FM with a linear head and each student, every
+    model at the same input size.
 
-    Students run at ``image_size`` (the deployment resolution of the run); LiteMedSAM's encoder at its native
-    256x256 and the stem stand-in at ``image_size``. A student deploys ``g(h(F_s(x)))``; an FM deploys itself and
-    a linear head (linear probe, full FT; LoRA and VPT add to it). ``embed_dim``: the students' projector width
-    (the run's FM feature width).
+    Like for like: a model's FLOPs and latency grow with the pixels it reads, so a student timed at the run's
+    16-32 px against the FM at its 256 px would owe most of its advantage to the resolution. Every model is
+    measured at one side: the native side of an FM of ``fm_names`` that takes one size only (LiteMedSAM's encoder,
+    256, to which it resizes any input), else ``image_size`` (the run's resolution). Parameter counts do not depend
+    on it (but for a ViT student's position embedding, built for that side). A student deploys ``g(h(F_s(x)))``;
+    an FM deploys itself and a linear head (linear probe, full FT; LoRA and VPT add to it). ``embed_dim``: the
+    students' projector width (the run's FM feature width).
 
     Returns:
-        One row per model: ``model``, ``kind`` (student / fm), ``params`` (deployed), ``flops``, ``latency_ms``
-        (median), ``latency_p90_ms``, ``threads``, ``input_shape``.
+        One row per model: ``model``, ``kind`` (fm / student), ``params`` (deployed), ``flops``, ``latency_ms``
+        (median), ``latency_p90_ms``, ``threads``, ``input_shape`` (the same for every row).
     """
-    rows = []
-    for name in fm_names:
-        encoder = build_fm(name, None)
-        size = encoder.input_size or image_size
-        rows.append(_costs(name, "fm", FMClassifier(encoder, encoder.feature_dim, num_classes), size, latency_repeats))
+    encoders = {name: build_fm(name, None) for name in fm_names}
+    native = {encoder.input_size for encoder in encoders.values() if encoder.input_size is not None}
+    if len(native) > 1:
+        raise ValueError(f"the FMs {fm_names} take different fixed input sizes {sorted(native)}: Table 2 compares "
+                         "every model at one size")
+    size = native.pop() if native else image_size
+    rows = [_costs(name, "fm", FMClassifier(encoder, encoder.feature_dim, num_classes), size, latency_repeats)
+            for name, encoder in encoders.items()]
     for name in students:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # build_model returns nn.Module: the registry's "projected_student" builds a ProjectedStudent
             student = cast(ProjectedStudent, build_model("projected_student", backbone=name, embed_dim=embed_dim,
-                                                         image_size=image_size, pretrained=False))
+                                                         image_size=size, pretrained=False))
         rows.append(_costs(name, "student", DeployedStudent(student, nn.Linear(student.embed_dim, num_classes)),
-                           image_size, latency_repeats))
+                           size, latency_repeats))
     return pd.DataFrame(rows)
 
 
 def record_costs(costs: pd.DataFrame, num_classes: int, cfg: Config) -> pd.DataFrame:
-    """Table 2's records (``params_m``, ``gflops``, ``latency_ms`` of each model) of :func:`deployment_costs`."""
+    """Table 2's records (``params_m``, ``gflops``, ``latency_ms`` of each model) of :func:`deployment_costs`;
+    config and notes state the input every model was measured at and the resolution the students trained at."""
     lines = []
     for cost in costs.itertuples():
-        config = {"model": cost.model, "input_shape": cost.input_shape, "num_classes": num_classes,
-                  "threads": cost.threads, "latency_repeats": cfg.latency_repeats}
+        config = {"model": cost.model, "input_shape": cost.input_shape, "same_input_for_every_model": True,
+                  "trained_image_size": cfg.image_size, "num_classes": num_classes, "threads": cost.threads,
+                  "latency_repeats": cfg.latency_repeats}
+        notes = (f"input {cost.input_shape} for every model of the table (students trained at {cfg.image_size} px), "
+                 f"CPU, {cost.threads} threads")
         for metric, value, unit in (("params_m", cost.params / 1e6, "M"), ("gflops", cost.flops / 1e9, "GFLOPs"),
                                     ("latency_ms", cost.latency_ms, "ms")):
             lines.append({"row": cost.model, "metric": metric, "value": value, "unit": unit, "config": config,
-                          "notes": f"input {cost.input_shape}, CPU, {cost.threads} threads"})
+                          "notes": notes})
     return pd.DataFrame(lines).assign(dataset="deployment", dataset_checksum="random input")
 
 
@@ -609,8 +682,9 @@ def _costs(name: str, kind: str, model: nn.Module, size: int, repeats: int) -> d
 
 # ------------------------------------------------------------------------------------------------- figures
 def plot_accuracy(runs: pd.DataFrame, costs: pd.DataFrame, fm: str):
-    """Left: mean accuracy over seeds against the deployed model's FLOPs (students at their cost, FM methods and
-    RD's reprogrammed-FM path at the FM's ``fm``). Right: every seed's accuracy per method. Returns the figure."""
+    """Left: mean accuracy over seeds against the deployed model's FLOPs of :func:`deployment_costs`, every model
+    at its one input size (students at their cost, FM methods and RD's reprogrammed-FM path at the FM's ``fm``).
+    Right: every seed's accuracy per method. Returns the figure."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -622,7 +696,7 @@ def plot_accuracy(runs: pd.DataFrame, costs: pd.DataFrame, fm: str):
     fig, (ax_cost, ax_seed) = plt.subplots(1, 2, figsize=(13, 4.5))
     sns.scatterplot(data=means, x="GFLOPs", y="accuracy", hue="method", style="dataset", s=60, ax=ax_cost)
     ax_cost.set_xscale("log")
-    ax_cost.set_title("accuracy vs deployed FLOPs (mean over seeds)")
+    ax_cost.set_title(f"accuracy vs deployed FLOPs at input {costs.input_shape.iloc[0]} (mean over seeds)")
     ax_cost.legend(fontsize=6, ncol=2)
     order = [m for m in FM_METHODS + STUDENT_METHODS + ("rd_teacher",) if m in set(runs.method)]
     sns.stripplot(data=runs, x="method", y="accuracy", hue="dataset", order=order, dodge=True, ax=ax_seed)
