@@ -617,6 +617,8 @@ def _per_image_gains(group: pd.DataFrame, test: Split) -> tuple[list[pd.DataFram
         frames.append(pd.DataFrame({"seed": int(seed), "unit": test.ids.astype(str), "metric": "accuracy_gain",
                                     "value": 100.0 * (rd_correct.astype(float) - baseline_correct)}))
     return frames, best
+
+
 # ------------------------------------------------------------------------------------------------- Table 2
 def deployment_costs(students: list[str], image_size: int, num_classes: int, embed_dim: int, fm_names: list[str],
                      latency_repeats: int = 10) -> pd.DataFrame:
@@ -683,7 +685,7 @@ def _costs(name: str, kind: str, model: nn.Module, size: int, repeats: int) -> d
 # ------------------------------------------------------------------------------------------------- figures
 def plot_accuracy(runs: pd.DataFrame, costs: pd.DataFrame, fm: str):
     """Left: mean accuracy over seeds against the deployed model's FLOPs of :func:`deployment_costs`, every model
-    at its one input size (students at their cost, FM methods and RD's reprogrammed-FM path at the FM's ``fm``).
+    at the same input size (students at their cost, FM methods and RD's reprogrammed-FM path at the FM's ``fm``).
     Right: every seed's accuracy per method. Returns the figure."""
     import matplotlib.pyplot as plt
     import seaborn as sns
