@@ -38,10 +38,10 @@ PET_ROWS = ("head", "lora", "vpt", "adaptformer")
 ABLATION_SWITCHES = {"no_3x3": {"branch3": False}, "no_5x5": {"branch5": False}, "no_fft": {"fft": False},
                      "no_inter_fi": {"inter_fi": False}}
 
-__all__ = ["ABLATION_SWITCHES", "CLASSES", "PET_ROWS", "TABLE1_ROWS", "Config", "RowResult", "Volumes",
-           "ablation_adapters", "build_row_model", "dice_loss", "draw_framework", "evaluate", "load_data",
-           "load_volumes", "plot_dice_vs_params", "plot_slices", "record", "run", "summary_frame",
-           "training_memory_mb", "wide_table"]
+__all__ = ["ABLATION_SWITCHES", "CLASSES", "PER_VOLUME", "PET_ROWS", "TABLE1_ROWS", "Config", "RowResult",
+           "Volumes", "ablation_adapters", "build_row_model", "dice_loss", "draw_framework", "evaluate", "load_data",
+           "load_volumes", "per_volume_lines", "plot_dice_vs_params", "plot_slices", "record", "run",
+           "summary_frame", "training_memory_mb", "volume_means", "wide_table"]
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,10 @@ def training_memory_mb(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor
 
 
 def evaluate(model: nn.Module, volumes: Volumes, device: str, batch_size: int = 2) -> dict[str, Any]:
-    """Scores on ``volumes``: Dice (%) per foreground class and their mean, HD95 (mm) over classes, predictions.
+    """Scores on ``volumes``: Dice (%) per foreground class and over both, HD95 (mm) over both classes, predictions,
+    and the per-volume values each score is the mean of (``per_volume``, :func:`per_volume_lines`). A score over
+    both classes is the mean over every scored (volume, class) pair: the mean of the two classes' scores when every
+    volume scores both (every test volume of MSD Hippocampus has both).
 
     Per-case values follow :mod:`mdbench.metrics` (a class absent from both is skipped). A class the target has and
     the prediction misses gets HD95 = the volume's diagonal in mm (a worst-case distance, as BraTS scores an empty
@@ -241,19 +244,50 @@ def evaluate(model: nn.Module, volumes: Volumes, device: str, batch_size: int = 
         present = torch.tensor([(target[case] == c).any().item() for c in range(1, len(CLASSES))])
         diagonal = float(np.linalg.norm(np.array(target.shape[1:]) * spacing))
         hd.append(torch.where(torch.isnan(h) & present, torch.full_like(h, diagonal), h).numpy())
-    per_class = 100 * np.nanmean(dice, axis=0)
-    return {"dice_anterior": float(per_class[0]), "dice_posterior": float(per_class[1]),
-            "dice_mean": float(per_class.mean()), "hd95": float(np.nanmean(np.array(hd))), "pred": pred}
+    lines = per_volume_lines(volumes.ids, 100 * dice, np.array(hd))
+    return {**volume_means(lines), "pred": pred, "per_volume": lines}
+
+
+PER_VOLUME = ("dice_anterior", "dice_posterior", "dice_mean", "hd95")
+
+
+def per_volume_lines(ids: list[str], dice: np.ndarray, hd: np.ndarray) -> pd.DataFrame:
+    """Each volume's scores as lines ``unit, metric, value, weight`` (:mod:`mdbench.samples`, unit = volume id).
+
+    ``dice`` (%) and ``hd`` (mm): (N, 2) per volume and foreground class, ``nan`` where a class is not scored
+    (:mod:`mdbench.metrics`). ``dice_anterior`` / ``dice_posterior``: the class's value, weight 1; ``dice_mean`` and
+    ``hd95``: the mean over the volume's scored classes, weight = how many were scored, so that the weighted mean
+    over volumes is the mean over every scored (volume, class) pair. A volume with nothing scored has no line.
+    """
+    dice, hd = np.asarray(dice, dtype=np.float64), np.asarray(hd, dtype=np.float64)  # written back exactly
+    per_class = {"dice_anterior": dice[:, :1], "dice_posterior": dice[:, 1:], "dice_mean": dice, "hd95": hd}
+    frames = []
+    for metric, scores in per_class.items():
+        scored = (~np.isnan(scores)).sum(axis=1)
+        keep = scored > 0
+        frames.append(pd.DataFrame({"unit": np.asarray(ids)[keep], "metric": metric,
+                                    "value": np.nanmean(scores[keep], axis=1), "weight": scored[keep]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def volume_means(lines: pd.DataFrame) -> dict[str, float]:
+    """The weighted mean over volumes of each metric of :data:`PER_VOLUME` (``nan`` for one without lines)."""
+    means = {metric: float(np.average(own["value"], weights=own["weight"]))
+             for metric, own in lines.groupby("metric")}
+    return {metric: means.get(metric, math.nan) for metric in PER_VOLUME}
 
 
 @dataclass
 class RowResult:
-    """Per-seed metrics of one row (``values[metric]`` is a list over ``seeds``), one example prediction (seed
-    ``seeds[0]``, the first test volume), where the weights came from and how memory was measured."""
+    """Per-seed metrics of one row (``values[metric]`` is a list over ``seeds``), the per-volume values behind the
+    scores (``per_volume``: lines ``row, seed, unit, metric, value, weight`` of :func:`per_volume_lines`, the
+    ``samples`` of :meth:`mdbench.notebook.Session.record_frame`), one example prediction (seed ``seeds[0]``, the
+    first test volume), where the weights came from and how memory was measured."""
 
     row: str
     seeds: list[int]
     values: dict[str, list[float]]
+    per_volume: pd.DataFrame
     example_pred: torch.Tensor | None  # None only for a row run over no seeds
     init: str
     memory_method: str
@@ -266,18 +300,20 @@ class RowResult:
             raise ValueError(f"row {self.row!r} has no run for seeds {missing} (it has {self.seeds})")
         keep = [self.seeds.index(s) for s in seeds]
         values = {k: [v[i] for i in keep] for k, v in self.values.items()}
-        return RowResult(self.row, seeds, values, self.example_pred, self.init, self.memory_method)
+        per_volume = self.per_volume[self.per_volume["seed"].isin(seeds)]
+        return RowResult(self.row, seeds, values, per_volume, self.example_pred, self.init, self.memory_method)
 
 
 def run(row: str, cfg: Config, train_set: Volumes, test_set: Volumes, seeds: list[int],
             adapter: MedAdapterConfig | None = None, progress: bool = False) -> RowResult:
-    """Train and score one row once per seed: Table 1/2 metrics per seed.
+    """Train and score one row once per seed: Table 1/2 metrics per seed, every seed on all of ``test_set``.
 
-    Metrics: ``dice_anterior``, ``dice_posterior``, ``dice_mean`` (%), ``hd95`` (mm), ``tuned_params_m``
-    (trainable parameters, millions), ``tuned_params_pct`` (% of the row's model), ``train_memory_mb``,
-    ``s_per_epoch`` (wall seconds of one training epoch).
+    Metrics: ``dice_anterior``, ``dice_posterior``, ``dice_mean`` (%), ``hd95`` (mm), each the mean of per-volume
+    values (kept in ``per_volume``), ``tuned_params_m`` (trainable parameters, millions), ``tuned_params_pct`` (% of
+    the row's model), ``train_memory_mb``, ``s_per_epoch`` (wall seconds of one training epoch).
     """
     values: dict[str, list[float]] = {}
+    per_volume: list[pd.DataFrame] = []
     example: torch.Tensor | None = None
     init, memory_method = "", ""
     for seed in seeds:
@@ -296,7 +332,8 @@ def run(row: str, cfg: Config, train_set: Volumes, test_set: Volumes, seeds: lis
         # after scoring: the measured step runs in train mode and would move BatchNorm statistics
         memory, memory_method = training_memory_mb(model, next(iter(loader)), optimizer, cfg.device, cfg.amp)
         report = trainable_report(model)
-        seed_values = {**{k: v for k, v in scores.items() if k != "pred"}, "tuned_params_m": report.trainable / 1e6,
+        per_volume.append(scores["per_volume"].assign(row=row, seed=seed))
+        seed_values = {**{k: scores[k] for k in PER_VOLUME}, "tuned_params_m": report.trainable / 1e6,
                        "tuned_params_pct": report.percent, "train_memory_mb": memory, "s_per_epoch": seconds}
         for key, value in seed_values.items():
             values.setdefault(key, []).append(value)
@@ -304,7 +341,9 @@ def run(row: str, cfg: Config, train_set: Volumes, test_set: Volumes, seeds: lis
             # every model that build_model makes carries its mdbench_init, a str (mdbench.models)
             example, init = scores["pred"][0], cast(str, model.mdbench_init)
         del model, optimizer
-    return RowResult(row, list(seeds), values, example, init, memory_method)
+    empty = pd.DataFrame(columns=["row", "seed", "unit", "metric", "value", "weight"])
+    lines = pd.concat(per_volume, ignore_index=True) if per_volume else empty
+    return RowResult(row, list(seeds), values, lines, example, init, memory_method)
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -316,7 +355,7 @@ TABLE2_METRICS = ("dice_anterior", "dice_posterior", "dice_mean", "hd95", "tuned
 def record(result: RowResult, volumes: Volumes, config: dict[str, Any], names: Iterable[str] = tuple(UNITS)
            ) -> pd.DataFrame:
     """The records of one row (``names``: its metrics) as a frame for :meth:`mdbench.notebook.Session.record_frame`:
-    one line per (metric, seed)."""
+    one line per (metric, seed). Their per-volume outputs are ``result.per_volume`` (its ``samples``)."""
     notes = f"weights: {result.init}; train memory: {result.memory_method}"
     return pd.DataFrame([{"row": result.row, "metric": metric, "seed": seed, "value": value, "unit": UNITS[metric],
                           "notes": notes, "dataset": volumes.dataset, "dataset_checksum": volumes.checksum,
