@@ -4,8 +4,9 @@ Every paper's ``experiment.py`` has this shape, so that its notebook is a sequen
 
 - :class:`Config`: the notebook's parameters (``Config.from_params`` refuses a key it does not know);
 - :func:`load_data`: the splits the run needs;
-- :func:`run`: the method for one seed, its numbers;
-- :func:`record`: those numbers as records (a frame for :meth:`mdbench.notebook.Session.record_frame`);
+- :func:`run`: the method for one seed, its outputs on every test item (per-sample outputs, :mod:`mdbench.samples`);
+- :func:`record`: the numbers computed from those outputs as records (a frame for
+  :meth:`mdbench.notebook.Session.record_frame`, which keeps the outputs beside them as the records' samples);
 - ``plot_*``: the figures.
 """
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from scipy.special import softmax
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mdbench import metrics, train
+from mdbench import metrics, samples, train
 from mdbench.data.synthetic import SyntheticClassification
 from mdbench.params import NotebookConfig
 from mdbench.repro import seed_rngs
@@ -67,28 +69,34 @@ def tiny_cnn(width: int = 8) -> nn.Module:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 2))
 
 
-def run(data: Data, cfg: Config, seed: int) -> dict[str, float]:
-    """Test accuracy (%) of the classifier of ``seed`` before and after training: ``{row: accuracy}``."""
+def run(data: Data, cfg: Config, seed: int) -> pd.DataFrame:
+    """The classifier of ``seed`` on every test image, before and after training: lines ``row, seed, unit, label,
+    prob_0, prob_1`` (:func:`mdbench.samples.classifier_frame`; unit = the image's index in the test split, the
+    same image in both rows)."""
     seed_rngs(seed)
     model = tiny_cnn()
     test = DataLoader(data.test, batch_size=256)
 
-    def accuracy() -> float:
-        logits, labels = train.predict(model, test, device=cfg.device)
-        return 100 * metrics.classification_metrics(labels, logits, scores_are="logits")["accuracy"]
+    def outputs(row: str) -> pd.DataFrame:
+        logits, labels = train.predict(model, test, device=cfg.device)  # (N, 2), (N,)
+        probs = softmax(logits.double().numpy(), axis=1)
+        return samples.classifier_frame(seed, range(len(labels)), labels.numpy(), probs).assign(row=row)
 
-    scores = {"untrained": accuracy()}
+    untrained = outputs("untrained")
     loader = DataLoader(data.train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
     train.fit(model, loader, loss_fn=nn.CrossEntropyLoss(), lr=cfg.lr, epochs=cfg.epochs, device=cfg.device,
               progress=False)
-    scores["trained"] = accuracy()
-    return scores
+    return pd.concat([untrained, outputs("trained")], ignore_index=True)
 
 
-def record(scores: list[dict[str, float]], cfg: Config) -> pd.DataFrame:
-    """Table 1's records: one line per (row, seed) of the accuracies of :func:`run`, one per seed of ``cfg``."""
-    return pd.DataFrame([{"row": row, "metric": "accuracy", "seed": seed, "value": s[row], "unit": "%"}
-                         for row in ROWS for seed, s in zip(cfg.seeds, scores, strict=True)])
+def record(outputs: pd.DataFrame) -> pd.DataFrame:
+    """Table 1's records: the test accuracy (%) of each (row, seed) of the classifier outputs of :func:`run`,
+    computed from those outputs alone, so that they can go with the records as their ``samples``."""
+    lines = []
+    for (row, seed), own in outputs.groupby(["row", "seed"], sort=False):
+        accuracy = metrics.classification_metrics(own["label"], own[samples.prob_columns(own)])["accuracy"]
+        lines.append({"row": row, "metric": "accuracy", "seed": seed, "value": 100 * accuracy, "unit": "%"})
+    return pd.DataFrame(lines)
 
 
 def plot_accuracy(frame: pd.DataFrame):
