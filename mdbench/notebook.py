@@ -97,7 +97,9 @@ class Session:
             own = own[own["dataset"] == dataset]
         if own.empty:
             return lambda metric: None
-        name = self.store.write_samples(table, dataset, row, own.drop(columns=["row", "dataset"], errors="ignore"))
+        # a frame concatenated over datasets of different class counts has prob_k columns that are empty here
+        own = own.drop(columns=["row", "dataset"], errors="ignore").dropna(axis=1, how="all")
+        name = self.store.write_samples(table, dataset, row, own)
         if "value" in own.columns:
             have = set(own["metric"])
             return lambda metric: sample_outputs.SamplesRef(name, sample_outputs.MEAN) if metric in have else None

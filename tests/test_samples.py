@@ -88,3 +88,15 @@ def test_a_corrupt_file_says_how_to_remake_it(tmp_path):
 def test_same_outputs_give_the_same_bytes():
     lines, _ = _classifier(seeds=(0,))
     assert S.to_bytes(lines) == S.to_bytes(lines.copy())
+
+
+def test_one_frame_over_datasets_of_different_class_counts(tmp_path):
+    """Outputs concatenated over a 2-class and a 3-class dataset: each row keeps only its own prob columns."""
+    session = _session(tmp_path)
+    two, two_values = _classifier(seeds=(0,), classes=2)
+    three, three_values = _classifier(seeds=(0,), classes=3, offset=1)
+    samples = pd.concat([two.assign(dataset="binary"), three.assign(dataset="three")])
+    values = pd.concat([two_values.assign(dataset="binary"), three_values.assign(dataset="three")])
+    session.record_frame("t1", values, dataset_checksum="c", config={}, samples=samples)
+    for rec in session.store.records():
+        assert len(S.prob_columns(session.store.samples(rec))) == (2 if rec.dataset == "binary" else 3)
