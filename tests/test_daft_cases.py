@@ -131,6 +131,9 @@ def test_volume_items_random_or_all_slices(tmp_path):
     assert len(PromptSamples([case], slices="random")) == 1
     assert len(PromptSamples([case], slices="all")) == with_object
     assert len(PromptSamples([case], slices="all", max_slices=2)) == min(2, with_object)
-    assert encoder_inputs([case], slices_per_volume=2).shape == (min(2, with_object), 3, 256, 256)
+    inputs, names = encoder_inputs([case], slices_per_volume=2)
+    assert inputs.shape == (min(2, with_object), 3, 256, 256)
+    slices = np.flatnonzero(case["gts"].reshape(8, -1).any(1))  # the first and last slice with an object
+    assert names == [f"{case['name']}@z{z}" for z in sorted({slices[0], slices[-1]})]
     with pytest.raises(ValueError, match="no case"):
         PromptSamples([{**case, "gts": np.zeros_like(case["gts"])}])

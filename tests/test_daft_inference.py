@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from mdbench.papers.daft.cases import read_cases
-from mdbench.papers.daft.evaluation import score_case
-from mdbench.papers.daft.experiment import CaseEvaluator, modality_summary
+from mdbench.papers.daft.evaluation import modality_summary, score_case
+from mdbench.papers.daft.experiment import CaseEvaluator
 from mdbench.papers.daft.inference import segment_case
 
 

@@ -12,8 +12,10 @@ that case to that model (e.g. DAFT sends an unseen modality to the general model
 A case that cannot be segmented or scored is reported in the ``error`` column and the batch goes on (unreadable
 files are skipped before, by :func:`mdbench.papers.daft.cases.read_cases`).
 
-Averages follow the challenge leaderboard (:func:`modality_summary`): the mean over cases per modality, then the
-mean over modalities.
+Averages follow the challenge leaderboard (:func:`~mdbench.papers.daft.evaluation.modality_summary`): the mean over
+cases per modality, then the mean over modalities. Each ``record_*`` function returns the records and the per-sample
+lines behind them (:mod:`mdbench.samples`) for ``Session.record_frame(..., samples=...)``: per test case (Table A's
+DSC / NSD, Table B's seconds, the router's agreement) or per KD input (the embedding MSE).
 """
 from __future__ import annotations
 
@@ -36,18 +38,17 @@ from mdbench.models.litemedsam import LiteMedSAM
 from mdbench.papers.daft import cases as daft_cases
 from mdbench.papers.daft import training as daft_training
 from mdbench.papers.daft.deploy import timing
-from mdbench.papers.daft.evaluation import score_case
+from mdbench.papers.daft.evaluation import case_lines, modality_summary, score_case, summary_metrics
 from mdbench.papers.daft.inference import Predictor, segment_case
 from mdbench.papers.daft.routing import GENERAL, FileNameRouter, LearnedRouter
 from mdbench.params import NotebookConfig
 
-__all__ = ["AVERAGE", "ROWS", "CaseEvaluator", "Cases", "Config", "Lineages", "Routers", "TableA", "Timings",
-           "baseline", "build_student", "deploy", "distill", "expert_finetune", "fit_routers", "general_finetune",
-           "load_data", "modality_summary", "model_costs", "plot_overlays", "plot_scores", "record_table_a",
-           "record_table_b", "run", "summary_metrics", "time_cases", "wide_table_a"]
+__all__ = ["ROWS", "CaseEvaluator", "Cases", "Config", "Lineages", "Routers", "TableA", "Timings", "baseline",
+           "build_student", "deploy", "distill", "expert_finetune", "fit_routers", "general_finetune", "load_data",
+           "model_costs", "plot_overlays", "plot_scores", "record_kd", "record_routers", "record_table_a",
+           "record_table_b", "run", "time_cases", "wide_table_a"]
 
 log = logging.getLogger(__name__)
-AVERAGE = "average"
 COLUMNS = ["case", "modality", "model", "dsc", "nsd", "seconds", "error"]
 
 
@@ -95,28 +96,6 @@ class CaseEvaluator:
                 raise KeyError(f"router chose model {model!r} for {case['name']}; known: {sorted(self.models)}")
             rows.append(self._row(model, case))
         return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def modality_summary(frame: pd.DataFrame, metrics: Sequence[str] = ("dsc", "nsd")) -> pd.DataFrame:
-    """Mean of each metric per modality over the scored cases, plus the :data:`AVERAGE` row (mean over modalities).
-
-    Returns:
-        DataFrame indexed by modality (then ``average``) with the metric columns and ``n`` (scored cases).
-    """
-    scored = frame[frame["error"] == ""]
-    if scored.empty:
-        raise ValueError("no scored case to summarise (every case has an error)")
-    per_modality = scored.groupby("modality")[list(metrics)].mean()
-    per_modality["n"] = scored.groupby("modality").size()
-    average = per_modality[list(metrics)].mean().to_frame(AVERAGE).T
-    average["n"] = int(per_modality["n"].sum())
-    return pd.concat([per_modality, average])
-
-
-def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
-    """Flat ``{"<metric>_<modality>": value}`` of a :func:`modality_summary` (``dsc_Endoscopy``, ``nsd_average``)."""
-    return {f"{metric}_{modality}": float(value)
-            for modality, row in summary.drop(columns="n").iterrows() for metric, value in row.items()}
 
 
 # ------------------------------------------------------------------------------------------------- the notebook
@@ -265,37 +244,51 @@ def baseline(teacher: LiteMedSAM, cases: Cases, cfg: Config, work: Path
 class Lineages:
     """One KD -> general FT -> DAFT lineage per seed: ``models[seed]`` has ``"KD only"``, ``"+ general FT"`` and
     ``"experts"`` (expert name -> model); ``config`` is what decided them so far (recorded with their numbers);
-    ``curves`` the training histories (one frame per run, with ``seed`` and ``stage``)."""
+    ``curves`` the training histories (one frame per run, with ``seed`` and ``stage``); ``kd_mse[row][seed]`` the
+    (N,) embedding MSE of each KD input (``kd_units``, N names) before and after KD."""
 
     models: dict[int, dict[str, Any]]
     config: dict[str, Any]
     curves: list[pd.DataFrame] = field(default_factory=list)
-    kd_mse: dict[str, list[float]] = field(default_factory=dict)
-    kd_inputs: int = 0
+    kd_mse: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    kd_units: list[str] = field(default_factory=list)
     subsets: dict[str, tuple[list[dict], list[dict]]] = field(default_factory=dict)
 
 
 def distill(teacher: LiteMedSAM, teacher_encode: Callable, cases: Cases, cfg: Config, deterministic: bool
             ) -> Lineages:
     """Step 1: per seed, a student whose image encoder is distilled into the teacher's embeddings of the training
-    images (and slices), with its embedding MSE before and after (``kd_mse``)."""
-    inputs = daft_training.encoder_inputs(cases.train, slices_per_volume=cfg.kd_slices_per_volume)
+    images (and slices), with its embedding MSE per input before and after (``kd_mse``)."""
+    inputs, names = daft_training.encoder_inputs(cases.train, slices_per_volume=cfg.kd_slices_per_volume)
     if cfg.kd_images is not None and len(inputs) > cfg.kd_images:
-        inputs = inputs[np.random.default_rng(0).permutation(len(inputs))[:cfg.kd_images]]
+        picks = np.random.default_rng(0).permutation(len(inputs))[:cfg.kd_images]
+        inputs, names = inputs[picks], [names[i] for i in picks]
     targets = daft_training.embed_images(teacher_encode, inputs, device=cfg.device)
     config = {"student": cfg.student, "images": len(inputs), "epochs": cfg.kd_epochs, "lr": cfg.kd_lr,
               "batch": cfg.kd_batch, "teacher_backend": cfg.teacher_backend}
-    lineages = Lineages({}, config, kd_mse={"before KD": [], "after KD": []}, kd_inputs=len(inputs))
+    lineages = Lineages({}, config, kd_mse={"before KD": {}, "after KD": {}}, kd_units=names)
     for seed in cfg.seeds:
         repro.seed_everything(seed, deterministic=deterministic)
         model = build_student(teacher, cfg)
         encoder = model.image_encoder
-        lineages.kd_mse["before KD"].append(daft_training.embedding_mse(encoder, inputs, targets, device=cfg.device))
+        lineages.kd_mse["before KD"][seed] = daft_training.embedding_mse(encoder, inputs, targets, device=cfg.device)
         daft_training.distill_encoder(encoder, inputs, targets, epochs=cfg.kd_epochs, lr=cfg.kd_lr,
                                       batch_size=cfg.kd_batch, device=cfg.device, seed=seed)
-        lineages.kd_mse["after KD"].append(daft_training.embedding_mse(encoder, inputs, targets, device=cfg.device))
+        lineages.kd_mse["after KD"][seed] = daft_training.embedding_mse(encoder, inputs, targets, device=cfg.device)
         lineages.models[seed] = {"KD only": model}
     return lineages
+
+
+def record_kd(lineages: Lineages) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per row (before / after KD) and seed, the embedding MSE over the KD inputs as records, and the MSE of each
+    input (unit: its name) that it is the mean of."""
+    records = pd.DataFrame([{"row": row, "seed": seed, "metric": "embedding_mse", "value": float(np.mean(errors))}
+                            for row, by_seed in lineages.kd_mse.items() for seed, errors in by_seed.items()])
+    samples = pd.concat([pd.DataFrame({"row": row, "seed": seed, "unit": lineages.kd_units, "metric": "embedding_mse",
+                                       "value": errors})
+                         for row, by_seed in lineages.kd_mse.items() for seed, errors in by_seed.items()],
+                        ignore_index=True)
+    return records.assign(config=[lineages.config] * len(records)), samples
 
 
 def general_finetune(lineages: Lineages, teacher: LiteMedSAM, cases: Cases, cfg: Config) -> None:
@@ -330,41 +323,56 @@ def expert_finetune(lineages: Lineages, cases: Cases, cfg: Config) -> None:
         lineages.curves += [h.to_frame().assign(seed=seed, stage=f"DAFT {name}") for name, (_, h) in tuned.items()]
 
 
+ROUTER_SCORES = ("accuracy", "accuracy_seen", "fallback_unseen")
+
+
 @dataclass
 class Routers:
-    """The file-name router, the learned one (trained on ``train_cases`` cases), both routes of every test case,
-    and the learned router's scores (fractions) against the file names."""
+    """The file-name router, the learned one (trained on ``train_cases`` cases) and both routes of every test case;
+    ``outcomes``: per test case (``unit``) and score (``metric``), 100 where the learned router did right, else 0:
+    ``accuracy`` (it agrees with the file name), ``accuracy_seen`` (the same, on the expert modalities),
+    ``fallback_unseen`` (another modality sent to the general model)."""
 
     file_name: FileNameRouter
     learned: LearnedRouter
     oracle: dict[str, str]
     routes: dict[str, str]
-    scores: dict[str, float]
+    outcomes: pd.DataFrame
     train_cases: int
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Each score (%) over its cases, nan for a score without cases."""
+        means = self.outcomes.groupby("metric")["value"].mean()
+        return {metric: float(means.get(metric, np.nan)) for metric in ROUTER_SCORES}
 
 
 def fit_routers(cases: Cases, cfg: Config) -> Routers:
     """Fit the learned router on the train and validation images of the expert modalities and route the test
-    cases with both routers. Scores: ``accuracy`` (agreement with the file names), ``accuracy_seen`` (on expert
-    modalities), ``fallback_unseen`` (other modalities sent to the general model)."""
+    cases with both routers; score the learned routes against the file names (:class:`Routers`)."""
     file_router = FileNameRouter(list(cfg.experts))
     known = [c for c in cases.train + cases.val if file_router.route(c["name"]) != GENERAL]
     learned_router = LearnedRouter().fit([c["imgs"] for c in known], [file_router.route(c["name"]) for c in known])
     oracle = {c["name"]: file_router.route(c["name"]) for c in cases.test}
     learned = dict(zip(oracle, learned_router.route_many([c["imgs"] for c in cases.test]), strict=True))
-    seen = [name for name, expert in oracle.items() if expert != GENERAL]
-    unseen = [name for name, expert in oracle.items() if expert == GENERAL]
-    scores = {"accuracy": np.mean([learned[n] == oracle[n] for n in oracle]),
-              "accuracy_seen": np.mean([learned[n] == oracle[n] for n in seen]) if seen else np.nan,
-              "fallback_unseen": np.mean([learned[n] == GENERAL for n in unseen]) if unseen else np.nan}
-    return Routers(file_router, learned_router, oracle, learned, scores, len(known))
+    outcomes = []
+    for name, expert in oracle.items():
+        agrees = 100.0 * (learned[name] == expert)
+        outcomes.append({"unit": name, "metric": "accuracy", "value": agrees})
+        if expert != GENERAL:
+            outcomes.append({"unit": name, "metric": "accuracy_seen", "value": agrees})
+        else:
+            outcomes.append({"unit": name, "metric": "fallback_unseen", "value": 100.0 * (learned[name] == GENERAL)})
+    return Routers(file_router, learned_router, oracle, learned, pd.DataFrame(outcomes), len(known))
 
 
-def record_routers(routers: Routers, cfg: Config) -> pd.DataFrame:
-    """The learned router's scores (%) as records; a score without cases (NaN) is not recorded."""
+def record_routers(routers: Routers, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The learned router's scores (%) as records (a score without cases is not recorded), and the per-case
+    outcomes they are the means of."""
     config = {"experts": list(cfg.experts), "train_cases": routers.train_cases}
-    return pd.DataFrame([{"row": "learned router", "metric": metric, "value": 100 * value, "config": config}
-                         for metric, value in routers.scores.items() if not np.isnan(value)])
+    records = pd.DataFrame([{"row": "learned router", "metric": metric, "value": value, "config": config}
+                            for metric, value in routers.scores.items() if not np.isnan(value)])
+    return records, routers.outcomes.assign(row="learned router", seed=0)
 
 
 @dataclass
@@ -392,16 +400,20 @@ def run(baseline_model: Predictor, lineages: Lineages, routers: Routers, cases: 
     return TableA(pd.concat(frames, ignore_index=True), evaluators)
 
 
-def record_table_a(table: TableA, lineages: Lineages, cases: Cases) -> pd.DataFrame:
-    """Per row and seed, DSC and NSD per modality and their average (:func:`summary_metrics`), as records."""
+def record_table_a(table: TableA, lineages: Lineages, cases: Cases) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per row and seed, DSC and NSD per modality and their average (:func:`~.evaluation.summary_metrics`), as
+    records, and the per-case lines they are weighted means of (:func:`~.evaluation.case_lines`, with ``row`` and
+    ``seed``). A metric without any score (every case nan) has no record for that seed."""
     config = {**lineages.config, "test_cases": len(cases.test)}
-    lines = []
+    lines, samples = [], []
     for (row, seed), frame in table.per_case.groupby(["row", "seed"], sort=False):
         lines += [{"row": row, "seed": seed, "metric": metric, "value": value}
-                  for metric, value in summary_metrics(modality_summary(frame)).items()]
+                  for metric, value in summary_metrics(modality_summary(frame)).items() if not np.isnan(value)]
+        samples.append(case_lines(frame).assign(row=row, seed=seed))
     order = {row: i for i, row in enumerate(ROWS)}
-    return pd.DataFrame(lines).sort_values(["row", "seed"], key=lambda c: c.map(order) if c.name == "row" else c,
-                                           kind="stable").assign(config=[config] * len(lines), unit="%")
+    records = pd.DataFrame(lines).sort_values(["row", "seed"], kind="stable",
+                                              key=lambda c: c.map(order) if c.name == "row" else c)
+    return records.assign(config=[config] * len(lines), unit="%"), pd.concat(samples, ignore_index=True)
 
 
 def wide_table_a(table: TableA) -> pd.DataFrame:
@@ -461,15 +473,20 @@ def time_cases(timed: Sequence[dict], cases: Cases, cfg: Config, work: Path) -> 
 
 
 def record_table_b(timings: Timings, table: TableA, routers: Routers, timed: Sequence[dict], cfg: Config,
-                   cpu: str) -> tuple[pd.DataFrame, float]:
-    """Table B's records (seconds per case overall and per 2D / 3D, speedup over the baseline, per stage) and the
-    agreement (%) of the last stage's deployed masks with Table A's in-process masks of the same expert."""
+                   cpu: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Table B's records (seconds per case overall and per 2D / 3D, speedup over the baseline, per stage; the
+    agreement (%) of the last stage's deployed masks with Table A's in-process masks of the same expert) and the
+    per-case lines they are means of (unit: the case name; the speedup, a ratio of means, has none)."""
     in_process = table.evaluators[cfg.seeds[0]].predictions
     last = timing.table_b_stages()[-1]
     outputs = timings.frame[timings.frame.stage == last.name].set_index("case").output
-    agreement = 100 * float(np.mean([
-        float((np.load(outputs[c["name"]])["segs"] == in_process[(routers.file_name.route(c["name"]), c["name"])])
-              .mean()) for c in timed]))
+    agreement = [{"row": last.name, "unit": c["name"], "metric": "mask_agreement",
+                  "value": 100 * float((np.load(outputs[c["name"]])["segs"]
+                                        == in_process[(routers.file_name.route(c["name"]), c["name"])]).mean())}
+                 for c in timed]
+    per_case = [{"row": r.stage, "unit": r.case, "metric": metric, "value": r.seconds}
+                for r in timings.frame.itertuples() for metric in ("seconds_per_case", f"seconds_{r.dims}d")]
+    samples = pd.DataFrame(per_case + agreement).assign(seed=0)
     base = timings.per_stage.iloc[0]
     lines = []
     for stage, seconds in timings.per_stage.items():
@@ -478,9 +495,10 @@ def record_table_b(timings: Timings, table: TableA, routers: Routers, timed: Seq
         values.update({f"seconds_{d}d": s for d, s in by_dims.items()})
         lines += [{"row": stage, "metric": metric, "value": value, "unit": "x" if metric == "speedup" else "s"}
                   for metric, value in values.items()]
-    lines.append({"row": last.name, "metric": "mask_agreement", "value": agreement, "unit": "%"})
+    lines.append({"row": last.name, "metric": "mask_agreement", "unit": "%",
+                  "value": float(np.mean([line["value"] for line in agreement]))})
     config = {"threads": timings.threads, "cases": [c["name"] for c in timed], "cpu": cpu}
-    return pd.DataFrame(lines).assign(config=[config] * len(lines)), agreement
+    return pd.DataFrame(lines).assign(config=[config] * len(lines)), samples
 
 
 # ---------------------------------------------------------------------------------------------------- figures

@@ -142,20 +142,27 @@ class _Loading(TypedDict):
     persistent_workers: bool
 
 
-def encoder_inputs(cases: Sequence[dict], slices_per_volume: int = 4) -> torch.Tensor:
+def encoder_inputs(cases: Sequence[dict], slices_per_volume: int = 4) -> tuple[torch.Tensor, list[str]]:
     """Preprocessed encoder inputs for KD: every 2D image, and up to ``slices_per_volume`` evenly spaced slices with
-    an object from every volume. Returns (N, 3, 256, 256) float."""
+    an object from every volume.
+
+    Returns:
+        (N, 3, 256, 256) float inputs and their N names: the case's name, ``<name>@z<slice>`` for a slice.
+    """
     images: list[torch.Tensor] = []
+    names: list[str] = []
     for case in cases:
         present = _slices(case)
         if case["dims"] == 3 and present:
             picks = np.unique(np.linspace(0, len(present) - 1, min(slices_per_volume, len(present))).round().astype(int))
             images.extend(preprocess_image(case["imgs"][present[i]])[0] for i in picks)
+            names.extend(f"{case['name']}@z{present[i]}" for i in picks)
         elif case["dims"] == 2:
             images.append(preprocess_image(case["imgs"])[0])
+            names.append(case["name"])
     if not images:
         raise ValueError("encoder_inputs got no image")
-    return torch.stack(images)
+    return torch.stack(images), names
 
 
 @torch.no_grad()
@@ -178,10 +185,12 @@ def embed_images(encoder: nn.Module | Callable[[np.ndarray], np.ndarray], images
 
 @torch.no_grad()
 def embedding_mse(encoder: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 4,
-                  device: str | torch.device = "cpu") -> float:
-    """Mean squared error between ``encoder(images)`` and the teacher's ``targets`` (the KD loss, in eval mode)."""
+                  device: str | torch.device = "cpu") -> np.ndarray:
+    """Mean squared error between ``encoder(images)`` and the teacher's ``targets`` (the KD loss, in eval mode) of
+    each image: (N, 3, 256, 256) images and (N, 256, 64, 64) targets -> (N,) float64 (their mean is the KD loss
+    over the whole set, every image having as many embedding elements)."""
     predictions = embed_images(encoder, images, batch_size, device).float()
-    return float(F.mse_loss(predictions, targets.float()))
+    return (predictions - targets.float()).square().flatten(1).mean(1).double().numpy()
 
 
 def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
