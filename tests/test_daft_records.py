@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mdbench import notebook, results
+from mdbench import notebook, results, verdicts
 from mdbench import samples as S
 from mdbench.papers.daft import experiment as daft
 from mdbench.papers.daft.deploy import timing
@@ -117,6 +117,9 @@ def test_table_a_per_case_lines_give_back_every_record_per_seed(run, tmp_path):
         units = {row: set(group.unit) for row, group in lines[lines.seed == seed].groupby("row")}
         assert units["KD only"] == units["+ general FT"] == names
         assert units["+ DAFT (file-name router)"] == names - volumes
+    # the claims judge pairs two fully scored rows case by case, not seed by seed
+    claims = verdicts.evaluate_claims(results.load_reference("daft"), session.store.records(), session.store.samples)
+    assert claims.set_index("claim").loc["general_beats_kd", "test"].endswith(f" over {len(names)} units")
 
 
 def test_record_table_a_refuses_nothing_it_did_not_compute(run, tmp_path):
