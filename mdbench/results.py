@@ -224,14 +224,15 @@ class ResultStore:
     def records(self) -> list[Record]:
         return load_records(self.records_dir)
 
-    def save_table(self, df: pd.DataFrame, name: str) -> tuple[Path, Path]:
+    def save_table(self, df: pd.DataFrame, name: str, markdown: pd.DataFrame | None = None) -> tuple[Path, Path]:
         """Write a table as ``<name>.csv`` and ``<name>.md``; multi-level column names are joined with spaces.
-        The Markdown view leaves out the numeric twins (``mean``, ``std``, ``ci_low``, ``ci_high``) of a
-        formatted column, which the CSV keeps for sorting and plotting."""
+        The Markdown view is ``markdown`` where given, else ``df`` without the numeric twins (``mean``, ``std``,
+        ``ci_low``, ``ci_high``) of a formatted column, which the CSV keeps for sorting and plotting."""
         df = flatten_columns(df)
         csv = atomic_write_text(self.dir / f"{name}.csv", df.to_csv(index=False))
-        readable = df.drop(columns=[c for c in NUMERIC_TWINS if c in df.columns]) if "reproduced" in df else df
-        md = atomic_write_text(self.dir / f"{name}.md", to_markdown(readable) + "\n")
+        if markdown is None:
+            markdown = df.drop(columns=[c for c in NUMERIC_TWINS if c in df.columns]) if "reproduced" in df else df
+        md = atomic_write_text(self.dir / f"{name}.md", to_markdown(flatten_columns(markdown)) + "\n")
         return csv, md
 
     def save_figure(self, fig, name: str) -> Path:

@@ -9,6 +9,8 @@ rows share, with an interval from SciPy, adjusted over the paper's claims:
 - **bootstrap over units** (:func:`scipy.stats.bootstrap`, percentile): both rows keep outputs whose aggregate is
   not a plain mean (AUC of classifier outputs; a macro average over modalities, i.e. a weighted mean). Units are
   resampled (with their lines of every seed) and the statistic recomputed; n = units.
+- with two seeds or more, either interval is widened by the variance of the per-seed differences
+  (:func:`_with_seed_variance`), so that a verdict covers the training seeds as well as the test cases.
 - **paired t over seeds**: no per-unit outputs on one side; ``d`` per shared seed; n = seeds. One seed gives no
   interval: inconclusive (n=1).
 - **spread** (claims marked ``test: spread``, about absolute deviations across seeds): Levene's test, i.e. a
@@ -66,6 +68,8 @@ class Evidence:
     p: float = math.nan
     interval: Callable[[float], tuple[float, float]] = field(default=lambda confidence: (math.nan, math.nan))
     exact: bool = False
+    se: float = math.nan  # standard error of diff, and its degrees of freedom (for adding seed variance)
+    df: float = math.nan
 
 
 # ----------------------------------------------------------------------------------------------------- tests
@@ -83,7 +87,8 @@ def _t_evidence(d: np.ndarray, test: str) -> Evidence:
         ci = result.confidence_interval(confidence)
         return float(ci.low), float(ci.high)
 
-    return Evidence(test, n, mean, float(result.pvalue), interval)
+    return Evidence(test, n, mean, float(result.pvalue), interval, se=float(np.std(d, ddof=1) / math.sqrt(n)),
+                    df=n - 1)
 
 
 def _bootstrap_evidence(statistic: Callable[[np.ndarray], np.ndarray], n_units: int, test: str) -> Evidence:
@@ -101,7 +106,34 @@ def _bootstrap_evidence(statistic: Callable[[np.ndarray], np.ndarray], n_units: 
         low, high = np.quantile(dist, [(1 - confidence) / 2, (1 + confidence) / 2])
         return float(low), float(high)
 
-    return Evidence(test, n_units, diff, p, interval)
+    return Evidence(test, n_units, diff, p, interval, se=float(np.std(dist, ddof=1)), df=n_units - 1)
+
+
+def _with_seed_variance(ev: Evidence, seed_diffs: np.ndarray) -> Evidence:
+    """``ev`` (paired over test units, seeds averaged) widened by the training-seed variance.
+
+    The units' interval covers which test cases were drawn, not which seeds trained the models: a seed whose
+    training went astray shifts every case. With S ≥ 2 seeds, the variance of the per-seed differences over S
+    is added to the units' squared standard error (Welch–Satterthwaite degrees of freedom), and the interval and
+    p-value come from Student's t (:data:`scipy.stats.t`). Written here: no maintained package gives a crossed
+    (case × seed) interval for records like these without a mixed-model fit.
+    """
+    n_seeds = len(seed_diffs)
+    if n_seeds < 2 or math.isnan(ev.se):
+        return ev
+    unit_var, seed_var = ev.se ** 2, float(np.var(seed_diffs, ddof=1)) / n_seeds
+    se = math.sqrt(unit_var + seed_var)
+    if se == 0:
+        return ev
+    df = (unit_var + seed_var) ** 2 / (unit_var ** 2 / ev.df + seed_var ** 2 / (n_seeds - 1))
+    dist = stats.t(df, loc=ev.diff, scale=se)
+
+    def interval(confidence: float) -> tuple[float, float]:
+        low, high = dist.interval(confidence)
+        return float(low), float(high)
+
+    p = float(2 * stats.t.sf(abs(ev.diff) / se, df))
+    return Evidence(f"{ev.test} and {n_seeds} seeds", ev.n, ev.diff, p, interval, se=se, df=df)
 
 
 def _unit_counts(idx: np.ndarray, n_units: int) -> np.ndarray:
@@ -227,12 +259,12 @@ def evidence(claim: Claim, lhs: Record, rhs: Record, samples_of: SamplesOf = lam
             return float(ci.low), float(ci.high)
 
         return Evidence(test, min(lhs.n, rhs.n), diff, float(result.pvalue), interval)
-    paired = _paired_samples(claim, lhs, rhs, samples_of)
-    if paired is not None:
-        return paired
     rhs_by_seed = dict(zip(rhs.seeds, rhs.values, strict=True))
     d = np.array([v - (claim.factor * rhs_by_seed[s] + claim.offset)
                   for s, v in zip(lhs.seeds, lhs.values, strict=True) if s in rhs_by_seed])
+    paired = _paired_samples(claim, lhs, rhs, samples_of)
+    if paired is not None:
+        return _with_seed_variance(paired, d)
     if d.size == 0:  # no shared seed: compare the means, undecided
         return Evidence("no shared seed", 0, lhs.mean - (claim.factor * rhs.mean + claim.offset))
     return _t_evidence(d, f"paired t over {len(d)} seed{'s' if len(d) != 1 else ''} (no per-unit outputs)")
@@ -306,6 +338,20 @@ def evaluate_claims(reference: PaperReference, records: Iterable[Record], sample
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def readable(claims: pd.DataFrame) -> pd.DataFrame:
+    """The claims table for reading: the difference and its interval to 2 decimals, the level in percent, the
+    p-values to 2 significant digits (the CSV keeps full precision)."""
+    def fixed(v: float) -> str:
+        return "—" if math.isnan(v) else f"{v:+.2f}"
+
+    def sig(v: float) -> str:
+        return "—" if math.isnan(v) else f"{v:.2g}"
+
+    return claims.assign(difference=claims["difference"].map(fixed), ci_low=claims["ci_low"].map(fixed),
+                         ci_high=claims["ci_high"].map(fixed), p=claims["p"].map(sig), p_adj=claims["p_adj"].map(sig),
+                         confidence=claims["confidence"].map(lambda v: "—" if math.isnan(v) else f"{100 * v:.1f} %"))
+
+
 def describe(row) -> str:
     """``d [low, high] at C %, n=N, test`` of one claims-table row, for a printed line."""
     if row.status == NOT_RUN:
@@ -339,7 +385,7 @@ def judge_store(store: ResultStore) -> tuple[pd.DataFrame, list[str]]:
     reference = results.load_reference(store.paper)
     records = store.records()
     claims = evaluate_claims(reference, records, store.samples)
-    store.save_table(claims, "claims")
+    store.save_table(claims, "claims", markdown=readable(claims))
     return claims, claim_lines(claims, wall_clock_claims(reference, records))
 
 

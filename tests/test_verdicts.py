@@ -67,6 +67,22 @@ def test_paired_t_over_units_uses_scipy_and_pairs_within_seeds():
                   ).status == "inconclusive (n=1)"
 
 
+def test_training_seed_variance_widens_a_paired_interval():
+    """A's training went astray on one seed (every case 10 points down), up on another: averaged over seeds, every
+    case favours A by about 1 point with tiny case noise, but three seeds say nothing about the method."""
+    rng = np.random.default_rng(7)
+    base = rng.normal(70, 10, (1, 40))
+    shifts = np.array([[+7.0], [-9.0], [+5.0]])
+    a = base + 1 + shifts + rng.normal(0, 0.3, (3, 40))
+    b = base + rng.normal(0, 0.3, (3, 40))
+    (lhs, rhs), samples_of = _unit_records(a, b)
+    row = _judge(_claim(metric="dsc"), lhs, rhs, samples_of)
+    assert row.test == "paired t over 40 units and 3 seeds" and row.status == V.INCONCLUSIVE
+    assert row.ci_high - row.ci_low > 10
+    (lhs, rhs), samples_of = _unit_records(a[:1] - shifts[0], b[:1])
+    assert _judge(_claim(metric="dsc"), lhs, rhs, samples_of).status == V.HOLDS  # the same cases, one seed: the case-level interval alone decides
+
+
 def test_the_claimed_side_decides_and_the_offset_and_factor_apply():
     rng = np.random.default_rng(1)
     a = rng.normal(80, 1, (2, 40))
