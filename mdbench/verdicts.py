@@ -174,28 +174,35 @@ def _per_unit(frame: pd.DataFrame, rec: Record) -> pd.DataFrame:
 
 
 def _paired_mean(claim: Claim, lhs: pd.DataFrame, rhs: pd.DataFrame) -> Evidence | None:
-    both = lhs.merge(rhs, on=["seed", "unit"], suffixes=("_l", "_r"))
-    if both.empty:
+    """Two rows' (weighted) per-unit means paired on (seed, unit): a t-test over units where both rows score the
+    same units with equal weights, else a bootstrap over units in which each row keeps its own units and weights
+    (a case one row failed to score, a modality one row lacks)."""
+    both = lhs.merge(rhs, on=["seed", "unit"], how="outer", suffixes=("_l", "_r"))
+    if both.empty or both["value_l"].isna().all() or both["value_r"].isna().all():
         return None
-    both["d"] = both["value_l"] - (claim.factor * both["value_r"] + claim.offset)
-    if not np.allclose(both["weight_l"], both["weight_r"]):
-        return None  # the rows weigh the same units differently: no per-unit pairing
     units = pd.Index(both["unit"].unique())
-    if both["weight_l"].nunique() == 1:
-        d = both.groupby("unit", sort=False)["d"].mean().to_numpy()
-        return _t_evidence(d, f"paired t over {len(units)} units")
+    complete = both[["value_l", "value_r"]].notna().all().all()
+    if complete and both[["weight_l", "weight_r"]].stack().nunique() == 1:
+        both["d"] = both["value_l"] - (claim.factor * both["value_r"] + claim.offset)
+        return _t_evidence(both.groupby("unit", sort=False)["d"].mean().to_numpy(), f"paired t over {len(units)} units")
     seeds = sorted(both["seed"].unique())
-    # (seeds, units) weight and weighted difference; a unit absent from a seed weighs 0 there
-    w = np.zeros((len(seeds), len(units)))
-    wd = np.zeros_like(w)
-    rows, cols = both["seed"].map({s: i for i, s in enumerate(seeds)}), units.get_indexer(both["unit"])
-    w[rows, cols] = both["weight_l"]
-    wd[rows, cols] = both["weight_l"] * both["d"]
+    rows, cols = both["seed"].map({s: i for i, s in enumerate(seeds)}).to_numpy(), units.get_indexer(both["unit"])
+    # (seeds, units) weights and weighted values of each row; a unit a row did not score weighs 0 there
+    sides = []
+    for side in ("l", "r"):
+        w, wv = np.zeros((len(seeds), len(units))), np.zeros((len(seeds), len(units)))
+        scored = both[f"value_{side}"].notna().to_numpy()
+        w[rows[scored], cols[scored]] = both[f"weight_{side}"][scored]
+        wv[rows[scored], cols[scored]] = (both[f"weight_{side}"] * both[f"value_{side}"])[scored]
+        sides.append((w, wv))
 
     def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
         counts = _unit_counts(idx, len(units))
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.nanmean((counts @ wd.T) / (counts @ w.T), axis=1)
+            (wl, vl), (wr, vr) = sides
+            per_seed = (counts @ vl.T) / (counts @ wl.T) - (claim.factor * (counts @ vr.T) / (counts @ wr.T)
+                                                           + claim.offset)
+            return np.nanmean(per_seed, axis=1)
 
     return _bootstrap_evidence(statistic, len(units), f"bootstrap over {len(units)} units")
 

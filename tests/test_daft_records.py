@@ -119,7 +119,7 @@ def test_table_a_per_case_lines_give_back_every_record_per_seed(run, tmp_path):
         assert units["+ DAFT (file-name router)"] == names - volumes
     # the claims judge pairs two fully scored rows case by case, not seed by seed
     claims = verdicts.evaluate_claims(results.load_reference("daft"), session.store.records(), session.store.samples)
-    assert claims.set_index("claim").loc["general_beats_kd", "test"].endswith(f" over {len(names)} units")
+    assert claims.set_index("claim").loc["general_beats_kd", "test"].startswith(f"paired t over {len(names)} units")
 
 
 def test_record_table_a_refuses_nothing_it_did_not_compute(run, tmp_path):

@@ -106,6 +106,20 @@ def test_a_macro_average_is_bootstrapped_with_its_weights():
     assert row.ci_low < row.difference < row.ci_high
 
 
+def test_rows_with_their_own_units_and_weights_still_pair():
+    """B failed to score one case of the small modality, so its weights differ from A's: the bootstrap keeps each
+    row's own units and weights, and its point estimate is the difference of the two records."""
+    lines = {"A": pd.DataFrame({"seed": 0, "unit": ["m1", "m2", "u1", "u2", "u3", "u4"], "metric": "dsc",
+                                "value": [90.0, 80.0, 70.0, 72.0, 74.0, 76.0],
+                                "weight": [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]}),
+             "B": pd.DataFrame({"seed": 0, "unit": ["m1", "u1", "u2", "u3", "u4"], "metric": "dsc",
+                                "value": [60.0, 69.0, 71.0, 73.0, 75.0], "weight": [0.5, 0.125, 0.125, 0.125, 0.125]})}
+    recs = [_record(row, [float(np.average(f.value, weights=f.weight))], "dsc", samples={"file": row, "aggregate": S.MEAN})
+            for row, f in lines.items()]
+    row = _judge(_claim(metric="dsc"), *recs, lambda rec: lines[rec.samples["file"]])
+    assert row.test == "bootstrap over 6 units" and row.difference == pytest.approx(recs[0].mean - recs[1].mean)
+
+
 def test_auc_difference_is_bootstrapped_over_units_and_matches_sklearn():
     rng = np.random.default_rng(3)
     n = 200
