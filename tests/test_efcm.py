@@ -173,15 +173,19 @@ def test_run_split_gives_every_row_of_table_1():
     teacher = patches.flatten(2).std(dim=2).repeat(1, 2)  # a cheap fixed teacher: (N, 6) texture contrast
     cfg = efcm.Config(head_hidden=(16, 8), head_epochs=2, head_lr=1e-3, distill_epochs=1, distill_batch=32,
                       etc_epochs=1, student_out_index=1, k_sample=2)
-    index = efcm.monte_carlo_index(bags, seed=0)
+    index = efcm.fold_index([b[1] for b in bags], k=4, seed=0)[1]
     result = efcm.run_split(bags, efcm.split_features(teacher, bags), index, cfg, seed=0)
     expected = {"teacher_clam", "no_distill_etc", "kd_retrain"} | {
         f"{v}_{s}" for v in ("fpd", "fpd_ts") for s in ("reuse", "retrain", "etc")}
-    assert set(result.rows) == expected and set(result.heads) == {"clam_sb", "clam_mb", "abmil", "mil"}
-    assert all(0 <= m["accuracy"] <= 100 and 0 <= m["auc"] <= 100 for m in result.rows.values())
-    assert result.test_index == index["test"].tolist()
-    assert [len(s) for s in result.instance_scores["fpd_ts_etc"]] == [len(bags[i][0]) for i in result.test_index]
-    assert result.rows["teacher_clam"] == result.heads["clam_sb"]
+    assert set(result.probs["table1"]) == expected
+    assert set(result.probs["mil_heads"]) == {"clam_sb", "clam_mb", "abmil", "mil"}
+    n_test = len(index["test"])
+    for probs in (*result.probs["table1"].values(), *result.probs["mil_heads"].values()):
+        assert probs.shape == (n_test, 2) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert result.test_index.tolist() == index["test"].tolist()
+    assert [len(s) for s in result.instance_scores["fpd_ts_etc"]] == [len(bags[i][0]) for i in index["test"]]
+    assert np.array_equal(result.probs["table1"]["teacher_clam"], result.probs["mil_heads"]["clam_sb"])
+    assert set(result.distill_loss) == {"kd", "fpd", "fpd_ts"}
 
 
 def test_mosaic_reassembles_an_image_cut_into_tiles():
@@ -201,7 +205,7 @@ def test_mosaic_reassembles_an_image_cut_into_tiles():
 def test_costs_add_up_per_patch_and_per_bag():
     encoder = efcm.PatchEncoder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8)))
     head = clam_sb(8, hidden=(4, 2))
-    rows = efcm.measure_costs({"toy": encoder}, head, patch_size=4, bag_size=10, repeats=2)["toy"]
+    rows = efcm.measure_costs({"toy": encoder}, head, input_size=4, bag_size=10, repeats=2)["toy"]
     head_flops = count_flops(head, (torch.randn(10, 8),)).flops
     assert rows["gflops_patch"] == pytest.approx(2 * 48 * 8 / 1e9)  # one 48 -> 8 matmul: 2 x MACs
     assert rows["gflops_bag"] == pytest.approx(10 * rows["gflops_patch"] + head_flops / 1e9)
@@ -212,12 +216,14 @@ def test_costs_add_up_per_patch_and_per_bag():
 
 def test_load_bags_on_real_data(real_data_dir):
     isic = efcm.load_bags("isic2017", n_bags=6, patch_size=16, isic_grid=2, data_dir=real_data_dir)
-    assert len(isic.bags) == 6 and sum(b[1] for b in isic.bags) == 3 and isic.fixed_index is None
+    assert len(isic.bags) == 6 and sum(b[1] for b in isic.bags) == 3 and isic.groups is None
+    assert all(i.startswith("ISIC_") for i in isic.ids)  # the images' own names
     assert isic.bags[0][0].shape == (4, 3, 16, 16) and isic.bags[0][2].shape == (4,)
     pbc = efcm.load_bags("pbc", n_bags=10, bag_size=(2, 3), patch_size=16, data_dir=real_data_dir)
-    assert {k: len(v) for k, v in pbc.fixed_index.items()} == {"train": 6, "val": 2, "test": 2}
+    assert len(pbc.bags) == len(pbc.groups) == 10 and sum(b[1] for b in pbc.bags) == 5
     assert all(int(b[2].max()) == b[1] for b in pbc.bags)  # positive iff it holds an erythroblast
     ucsb = efcm.load_bags("ucsb_breast", n_bags=0, data_dir=real_data_dir)
     assert ucsb.kind == "features" and len(ucsb.bags) == 58 and ucsb.bags[0][0].shape[1] == 708
+    assert len(set(ucsb.ids)) == 58
     with pytest.raises(ValueError, match="unknown EFCM dataset"):
         efcm.load_bags("camelyon16", n_bags=4)

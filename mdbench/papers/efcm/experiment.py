@@ -1,18 +1,20 @@
 """EFCM experiment glue: bags and splits, MIL training, the cached teacher features, stage-1 distillation and the
-stage-2 strategies (Reuse / Retrain / End-to-end CLAM), Table 2's costs and the figures, so that
+stage-2 strategies (Reuse / Retrain / End-to-end CLAM), Table 2's costs (teacher and students on inputs of one
+size) and the figures, so that
 ``notebooks/efcm.ipynb`` stays a sequence of calls: :class:`Config`, :func:`load_data`, :func:`encode`, :func:`run`,
 :func:`record`, :func:`measure_costs` / :func:`record_costs`, :func:`plot_pareto`, :func:`plot_attention`.
 
 A **bag** is a tuple ``(instances, label, instance_labels)``: instances are patches (N, 3, h, w) in [0, 1] or
 features (N, D); ``label`` an int; ``instance_labels`` an (N,) tensor or None where unknown. One protocol seed is
-one Monte-Carlo split of the bags into train / val / test (stratified, as CLAM's ``create_splits_seq.py``), or a
-fixed split where re-splitting would leak (PBC cell sets), with the seed then varying training only; tables
-report mean ± std over seeds.
+one repeat of a stratified k-fold cross-validation over all bags of a dataset (CLAM's protocol, shuffled by the
+seed, bags that share instances kept in one fold); each fold trains everything on its training bags and predicts
+its test bags, and the out-of-fold predictions of all bags give one accuracy and AUC per row and seed. Tables
+report mean ± std over seeds; the records keep every bag's outputs.
 
 Stages (Li & Diao, arXiv 2409.11817, as ``shared/papers/efcm.md`` reads them):
 
-1. **Distil** the frozen teacher's (standardised) patch features into a student, without labels, on the
-   training split's patches: FPD (``L = MSE + (1 - cos)`` after a projection head) or plain feature KD (MSE).
+1. **Distil** the frozen teacher's (standardised) patch features into a student, without labels, on each fold's
+   training patches: FPD (``L = MSE + (1 - cos)`` after a projection head) or plain feature KD (MSE).
 2. **Slide/bag level**: *Reuse* runs the CLAM trained on teacher features on the student's projected features;
    *Retrain* trains a new CLAM on frozen student features; *ETC* trains student and CLAM end to end with bag
    labels, starting from the stage-1 student and the Reuse CLAM, with a sub-sample of patches per step carrying
@@ -38,7 +40,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
 
 from mdbench import efficiency, metrics, train
-from mdbench.data.splits import split_indices
+from mdbench import samples as sample_outputs
+from mdbench.data.splits import kfold_splits
 from mdbench.losses.projection import fpd_loss
 from mdbench.models import build_model, freeze
 from mdbench.models.clam import MILOutput, mil_loss
@@ -52,12 +55,11 @@ _REPO_ROOT = Path(__file__).resolve().parents[3]
 CACHE_ENV = "MDBENCH_CACHE_DIR"
 
 __all__ = [
-    "Bag", "BagData", "Config", "DatasetRun", "EndToEndMIL", "FeatureScaler", "PatchEncoder", "SeedResult",
-    "bag_metrics", "cache_dir", "distill", "encode", "fit_heads", "instance_auc", "load_bags", "load_data",
-    "map_instances", "measure_costs", "monte_carlo_index", "monte_carlo_split", "mosaic", "table2_costs",
-    "plot_attention", "plot_pareto", "predict_bags", "record", "record_costs", "run", "run_split",
-    "split_features", "students", "teacher_features", "teacher_model", "texture_teacher", "throughput",
-    "train_mil",
+    "Bag", "BagData", "Config", "DatasetRun", "EndToEndMIL", "FeatureScaler", "FoldResult", "PatchEncoder",
+    "SeedResult", "cache_dir", "cost_input_size", "distill", "encode", "fit_heads", "fold_index", "instance_auc",
+    "load_bags", "load_data", "map_instances", "measure_costs", "mosaic", "plot_attention", "plot_pareto",
+    "predict_bags", "record", "record_costs", "run", "run_split", "shared_instance_groups", "split_features",
+    "students", "table2_costs", "teacher_features", "teacher_model", "texture_teacher", "throughput", "train_mil",
 ]
 
 
@@ -93,17 +95,38 @@ def _labels(bags: Sequence[Bag]) -> np.ndarray:
     return np.asarray([int(b[1]) for b in bags])
 
 
-def monte_carlo_index(bags: Sequence[Bag], seed: int, fractions: Sequence[float] = (0.6, 0.2, 0.2)
-                      ) -> dict[str, np.ndarray]:
-    """One seeded, label-stratified train/val/test split of the bags (CLAM's Monte-Carlo cross-validation):
-    ``{"train", "val", "test"}`` positions into ``bags``."""
-    return split_indices(len(bags), _labels(bags), fractions, seed)
+def fold_index(labels: Sequence[int] | np.ndarray, k: int, seed: int,
+               groups: Sequence[int] | np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+    """One repeat (``seed``) of stratified k-fold cross-validation over all bags, CLAM's protocol (10 folds).
+
+    The ``"test"`` parts of the k folds partition the bags (:func:`mdbench.data.splits.kfold_splits`, shuffled by
+    ``seed``). Each fold's other bags are cut by the same stratified k-fold into ``max(2, k - 1)`` parts: one is
+    ``"val"`` (the epoch of lowest validation loss), the rest ``"train"``; 80/10/10 at k = 10 (CLAM's splits),
+    60/20/20 at k = 5. ``groups`` (B,): bags of one group share instances and stay in one part.
+
+    Returns:
+        one ``{"train", "val", "test"}`` dict of sorted positions into the bags per fold.
+    """
+    labels = np.asarray(labels)
+    folds = []
+    for rest, test in kfold_splits(labels, k, seed, groups):
+        inner_groups = None if groups is None else np.asarray(groups)[rest]
+        train, val = kfold_splits(labels[rest], max(2, k - 1), seed, inner_groups)[0]
+        folds.append({"train": rest[train], "val": rest[val], "test": test})
+    return folds
 
 
-def monte_carlo_split(bags: Sequence[Bag], seed: int, fractions: Sequence[float] = (0.6, 0.2, 0.2)
-                      ) -> dict[str, list[Bag]]:
-    """The bags of :func:`monte_carlo_index`: ``{"train", "val", "test"}`` lists of bags."""
-    return {name: [bags[i] for i in index] for name, index in monte_carlo_index(bags, seed, fractions).items()}
+def shared_instance_groups(members: Sequence[np.ndarray]) -> np.ndarray:
+    """(B,) group of each bag: bags that share an instance, directly or through other bags, form one group (the
+    connected components of the bag-instance graph). ``members[b]``: the instance ids (e.g. image indices) of bag
+    ``b``."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    bag = np.repeat(np.arange(len(members)), [len(m) for m in members])
+    _, instance = np.unique(np.concatenate(members), return_inverse=True)
+    incidence = csr_matrix((np.ones(len(bag)), (bag, instance)), shape=(len(members), instance.max() + 1))
+    return connected_components(incidence @ incidence.T, directed=False)[1]
 
 
 @dataclass
@@ -111,28 +134,40 @@ class BagData:
     """One dataset's bags for the notebook.
 
     ``bags``: patch bags (``kind="patches"``) or feature bags (``kind="features"``, e.g. UCSB's published
-    features: MIL heads only). ``fixed_index``: a fixed train/val/test split (positions into ``bags``) where
-    Monte-Carlo splitting would leak (bags of one PBC split share cells), else None. ``checksum`` names the data.
+    features: MIL heads only). ``ids``: a stable name per bag (an ISIC image id, a UCSB bag id, a cell set's
+    number), the unit of the per-bag outputs behind the records. ``groups``: (B,) groups of bags that share
+    instances (:func:`shared_instance_groups`; PBC cell sets share cells), kept in one fold, or None where no
+    two bags do. ``checksum`` names the data.
     """
 
     name: str
     bags: list[Bag]
     checksum: str
+    ids: list[str]
     kind: str = "patches"
-    fixed_index: dict[str, np.ndarray] | None = None
+    groups: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.bags) or len(set(self.ids)) != len(self.ids):
+            raise ValueError(f"{self.name}: {len(self.bags)} bags need as many distinct ids, got {len(self.ids)} "
+                             f"({len(set(self.ids))} distinct)")
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(B,) bag labels."""
+        return _labels(self.bags)
 
 
 def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), patch_size: int = 32,
-              isic_grid: int = 2, fractions: Sequence[float] = (0.6, 0.2, 0.2), data_dir: str | None = None
-              ) -> BagData:
+              isic_grid: int = 2, data_dir: str | None = None) -> BagData:
     """The bags of one dataset at the notebook's scale.
 
     - ``synthetic``: :class:`~mdbench.data.synthetic.SyntheticMILBags` of ``patch_size`` texture images.
     - ``isic2017``: ISIC 2017 images as bags of ``isic_grid``² tiles of ``patch_size`` pixels, positive =
       melanoma (:func:`mdbench.data.tasks.isic_image_bags`); a seeded subset of ``n_bags`` images, half of them
       melanoma (as many as there are).
-    - ``pbc``: PBC cell sets, positive = holds an erythroblast (:func:`mdbench.data.tasks.pbc_cell_set_bags`);
-      ``n_bags`` drawn across the loader's own train/val/test splits by ``fractions``, kept as a fixed split.
+    - ``pbc``: ``n_bags`` PBC cell sets drawn from all images, positive = holds an erythroblast
+      (:func:`mdbench.data.tasks.pbc_cell_set_bags`); sets that share a cell form one group.
     - ``ucsb_breast``: the 58 UCSB bags of published 708-d features (``kind="features"``).
     """
     from mdbench.data.registry import load_dataset
@@ -142,8 +177,8 @@ def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), pat
 
     if name == "synthetic":
         synthetic = SyntheticMILBags(n_bags, bag_size=(*bag_size,), instances="images", image_size=patch_size, seed=0)
-        synthetic_bags: list[Bag] = [synthetic[i] for i in range(len(synthetic))]
-        return BagData(name, synthetic_bags, synthetic.checksum)
+        return BagData(name, [synthetic[i] for i in range(len(synthetic))], synthetic.checksum,
+                       [f"bag{i:04d}" for i in range(len(synthetic))])
     if name == "isic2017":
         isic = isic_image_bags("all", grid=isic_grid, tile=patch_size, data_dir=data_dir)
         rng = np.random.default_rng(0)
@@ -152,19 +187,16 @@ def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), pat
         chosen = np.sort(np.r_[rng.choice(positives, n_pos, replace=False),
                                rng.choice(negatives, n_bags - n_pos, replace=False)])
         checksum = hashlib.sha256(f"{isic.checksum}|{chosen.tolist()}".encode()).hexdigest()
-        return BagData(name, [isic[int(i)] for i in chosen], checksum)
+        # the ISIC loader behind the bags names its images (ids) and keeps its cases' positions (indices)
+        images = cast(Any, isic.segmentation)
+        return BagData(name, [isic[int(i)] for i in chosen], checksum,
+                       [str(images.ids[int(images.indices[i])]) for i in chosen])
     if name == "pbc":
-        counts = np.maximum(2, np.round(np.asarray(fractions) * n_bags).astype(int))
-        bags: list[Bag] = []
-        index: dict[str, np.ndarray] = {}
-        checksums: list[str] = []
-        for split, count in zip(("train", "val", "test"), counts, strict=False):
-            cells = pbc_cell_set_bags(split, n_bags=int(count), bag_size=(*bag_size,), image_size=patch_size,
-                                      data_dir=data_dir)
-            index[split] = np.arange(len(bags), len(bags) + len(cells))
-            bags += [cells[i] for i in range(len(cells))]
-            checksums.append(cells.checksum)
-        return BagData(name, bags, hashlib.sha256("|".join(checksums).encode()).hexdigest(), fixed_index=index)
+        cells = pbc_cell_set_bags("all", n_bags=n_bags, bag_size=(*bag_size,), image_size=patch_size,
+                                  data_dir=data_dir)
+        return BagData(name, [cells[i] for i in range(len(cells))], cells.checksum,
+                       [f"cellset{i:04d}" for i in range(len(cells))],
+                       groups=shared_instance_groups([items for items, _ in cells.bags]))
     if name == "ucsb_breast":
         # the registry types its result as Dataset; ucsb_breast's loader is a UCSBBreastDataset
         ucsb = cast(UCSBBreastDataset, load_dataset("ucsb_breast", split="all", data_dir=data_dir))
@@ -172,7 +204,7 @@ def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), pat
         for i in range(len(ucsb)):  # indexed (its __getitem__), as iterating it would
             x, y = ucsb[i]
             features.append((x, y, None))
-        return BagData(name, features, ucsb.checksum, kind="features")
+        return BagData(name, features, ucsb.checksum, [str(b) for b in ucsb.bag_ids], kind="features")
     raise ValueError(f"unknown EFCM dataset {name!r}; choose synthetic, isic2017, pbc or ucsb_breast")
 
 
@@ -233,13 +265,6 @@ def predict_bags(model: nn.Module, bags: Sequence[Bag], device: str = "cpu"
         probs.append(out.logits.softmax(dim=1)[0].float().cpu().numpy())
         scores.append(out.instance_scores.float().cpu().numpy())
     return np.stack(probs), _labels(bags), scores
-
-
-def bag_metrics(model: nn.Module, bags: Sequence[Bag], device: str = "cpu") -> dict[str, float]:
-    """Bag-level accuracy and AUC in percent (macro one-vs-rest AUC for more than two classes)."""
-    probs, labels, _ = predict_bags(model, bags, device)
-    m = metrics.classification_metrics(labels, probs, num_classes=probs.shape[1])
-    return {"accuracy": 100 * m["accuracy"], "auc": 100 * m["auc"]}
 
 
 # ---------------------------------------------------------------------------------------------------- features
@@ -424,7 +449,8 @@ class Config(NotebookConfig):
 
     datasets: tuple[str, ...] = ("isic2017", "pbc", "ucsb_breast")
     data_dir: str | None = None
-    seeds: tuple[int, ...] = (0, 1, 2)   # one Monte-Carlo split (and training run) per seed
+    seeds: tuple[int, ...] = (0, 1, 2)   # one repeat of the k-fold cross-validation per seed
+    folds: int = 10                      # k of the stratified k-fold over all bags (CLAM: 10)
     teacher: str = "litemedsam"          # litemedsam | texture (the smoke stand-in, trained in the notebook)
     patch_size: int = 32
     n_bags: int = 40
@@ -453,16 +479,52 @@ class Config(NotebookConfig):
 
 
 @dataclass
-class SeedResult:
-    """One protocol seed: ``rows[row] = {"accuracy", "auc"}`` (Table 1), ``heads[head]`` (MIL heads on the
-    frozen features), the test bags' indices into the bag list and ``instance_scores[row]`` per test bag,
-    and the stage-1 ``distill_loss`` (last epoch) per student variant."""
+class FoldResult:
+    """One fold's outputs on its test bags: ``test_index`` (n,) positions into the dataset's bags;
+    ``probs[table][row]`` (n, C) class probabilities (``table1``: Table 1's rows, ``mil_heads``: the MIL heads on
+    the frozen features); ``instance_scores[row]`` the (N_i,) attention of each test bag, for the rows kept for
+    heatmaps; ``distill_loss[variant]`` stage 1's last-epoch loss."""
 
-    rows: dict[str, dict[str, float]] = field(default_factory=dict)
-    heads: dict[str, dict[str, float]] = field(default_factory=dict)
-    test_index: list[int] = field(default_factory=list)
+    test_index: np.ndarray
+    probs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     instance_scores: dict[str, list[np.ndarray]] = field(default_factory=dict)
     distill_loss: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SeedResult:
+    """One repeat (seed) of the k-fold cross-validation: every bag's out-of-fold outputs, each from the one fold
+    that tested it, pooled into one AUC and accuracy per row (:meth:`scores`).
+
+    ``labels`` (B,) and ``fold`` (B,) the fold that tested each bag; ``probs[table][row]`` (B, C);
+    ``instance_scores[row]`` one (N_i,) array per bag; ``distill_loss[variant]`` one value per fold.
+    """
+
+    labels: np.ndarray
+    fold: np.ndarray
+    probs: dict[str, dict[str, np.ndarray]]
+    instance_scores: dict[str, list[np.ndarray]]
+    distill_loss: dict[str, list[float]]
+
+    @classmethod
+    def pool(cls, folds: Sequence[FoldResult], labels: Sequence[int] | np.ndarray) -> SeedResult:
+        """The folds' test outputs in bag order; refuses folds whose test bags do not partition the bags."""
+        tested = np.concatenate([f.test_index for f in folds])
+        if not np.array_equal(np.sort(tested), np.arange(len(labels))):
+            raise ValueError(f"the folds' test bags do not partition the {len(labels)} bags")
+        order = np.argsort(tested)  # bag b's outputs sit at order[b] of the folds' concatenation
+        fold = np.repeat(np.arange(len(folds)), [len(f.test_index) for f in folds])[order]
+        probs = {table: {row: np.concatenate([f.probs[table][row] for f in folds])[order] for row in rows}
+                 for table, rows in folds[0].probs.items()}
+        scores = {row: [s for f in folds for s in f.instance_scores[row]] for row in folds[0].instance_scores}
+        return cls(np.asarray(labels), fold, probs, {row: [s[i] for i in order] for row, s in scores.items()},
+                   {v: [f.distill_loss[v] for f in folds] for v in folds[0].distill_loss})
+
+    def scores(self, table: str, row: str) -> dict[str, float]:
+        """Accuracy and AUC (%) of ``row``'s out-of-fold outputs over all bags (macro one-vs-rest AUC for more
+        than two classes)."""
+        m = metrics.classification_metrics(self.labels, self.probs[table][row])
+        return {"accuracy": 100 * m["accuracy"], "auc": 100 * m["auc"]}
 
 
 # head name in the tables (Config.heads) -> registered MIL head; the tables call max-instance MIL "mil"
@@ -491,11 +553,11 @@ def _fit_head(cfg: Config, name: str, train_bags, val_bags, n_classes: int, seed
 
 
 def fit_heads(parts: Mapping[str, Sequence[Bag]], cfg: Config, n_classes: int, seed: int
-              ) -> tuple[dict[str, nn.Module], dict[str, dict[str, float]]]:
-    """Train every head of ``cfg.heads`` on ``parts["train"]`` (best epoch by ``parts["val"]`` loss) and score
-    it on ``parts["test"]``: (trained heads, ``{head: {"accuracy", "auc"}}``)."""
+              ) -> tuple[dict[str, nn.Module], dict[str, np.ndarray]]:
+    """Train every head of ``cfg.heads`` on ``parts["train"]`` (best epoch by ``parts["val"]`` loss) and run it
+    on ``parts["test"]``: (trained heads, ``{head: (n_test, C) class probabilities}``)."""
     heads = {name: _fit_head(cfg, name, parts["train"], parts["val"], n_classes, seed) for name in cfg.heads}
-    return heads, {name: bag_metrics(head, parts["test"], cfg.device) for name, head in heads.items()}
+    return heads, {name: predict_bags(head, parts["test"], cfg.device)[0] for name, head in heads.items()}
 
 
 def _fit_etc(cfg: Config, student: nn.Module, head: nn.Module, parts: dict, n_classes: int, seed: int
@@ -509,45 +571,47 @@ def _fit_etc(cfg: Config, student: nn.Module, head: nn.Module, parts: dict, n_cl
 
 
 def run_split(bags: Sequence[Bag], feature_bags: Sequence[Bag], index: Mapping[str, Sequence[int] | np.ndarray],
-              cfg: Config,
-             seed: int, n_classes: int = 2, keep_scores: Sequence[str] = ("teacher_clam", "fpd_ts_etc")
-             ) -> SeedResult:
-    """The whole EFCM protocol on one split of patch bags.
+              cfg: Config, seed: int, n_classes: int = 2,
+              keep_scores: Sequence[str] = ("teacher_clam", "fpd_ts_etc")) -> FoldResult:
+    """The whole EFCM protocol on one fold of patch bags: everything is trained on the fold's training bags.
 
     Args:
         bags: patch bags ``(patches (N, 3, h, w), label, instance_labels)``.
         feature_bags: the same bags with the teacher's (N, D) features as instances (:func:`split_features` of
             :func:`teacher_features`).
-        index: ``{"train", "val", "test"}`` positions into ``bags`` (:func:`monte_carlo_index`, or a fixed split).
+        index: ``{"train", "val", "test"}`` positions into ``bags`` (one fold of :func:`fold_index`).
         cfg: hyper-parameters; ``seed``: seeds initialisation, sampling and dropout of every model trained here.
         n_classes: bag classes (more than 2 turns on CLAM's subtyping).
         keep_scores: rows whose test-bag instance scores (attention) are kept for heatmaps.
 
-    Rows: ``teacher_clam`` (CLAM-SB on teacher features: the large-model baseline), ``no_distill_etc`` (the
-    EFCM student from random init trained end to end, no teacher), ``kd_retrain``, and ``{fpd, fpd_ts}_{reuse,
-    retrain, etc}``. ``heads``: CLAM-SB, CLAM-MB, ABMIL, max-MIL on the teacher features. Stage 1 sees the
-    training split's patches only.
+    Rows (``probs["table1"]``): ``teacher_clam`` (CLAM-SB on teacher features: the large-model baseline),
+    ``no_distill_etc`` (the EFCM student from random init trained end to end, no teacher), ``kd_retrain``, and
+    ``{fpd, fpd_ts}_{reuse, retrain, etc}``; ``probs["mil_heads"]``: CLAM-SB, CLAM-MB, ABMIL, max-MIL on the
+    teacher features.
+
+    Stage 1 (distillation) is redone in every fold on that fold's training patches. It uses no labels, but
+    distilling on all tiles would let the student see the test bags' patches (and their teacher features)
+    before the fold tests it, which EFCM's deployment never does: per-fold distillation is the leak-free choice,
+    and it costs k distillations per seed.
     """
     if len(bags) != len(feature_bags):
         raise ValueError(f"{len(bags)} patch bags but {len(feature_bags)} feature bags")
-    result = SeedResult(test_index=[int(i) for i in index["test"]])
+    result = FoldResult(np.asarray(index["test"]), {"table1": {}})
     parts = {name: [bags[i] for i in index[name]] for name in ("train", "val", "test")}
     scaler = FeatureScaler.fit([feature_bags[i] for i in index["train"]])
     teacher = {name: scaler([feature_bags[i] for i in index[name]]) for name in parts}
     dim = feature_bags[0][0].shape[1]
 
     def score(row: str, model: nn.Module, test_bags: Sequence[Bag]) -> None:
-        probs, labels, inst = predict_bags(model, test_bags, cfg.device)
-        m = metrics.classification_metrics(labels, probs, num_classes=n_classes)
-        result.rows[row] = {"accuracy": 100 * m["accuracy"], "auc": 100 * m["auc"]}
+        result.probs["table1"][row], _, inst = predict_bags(model, test_bags, cfg.device)
         if row in keep_scores:
             result.instance_scores[row] = inst
 
     # MIL heads on the frozen teacher features; CLAM-SB is the large-model baseline and the Reuse head
-    heads, result.heads = fit_heads(teacher, cfg, n_classes, seed)
+    heads, result.probs["mil_heads"] = fit_heads(teacher, cfg, n_classes, seed)
     score("teacher_clam", heads["clam_sb"], teacher["test"])
 
-    # stage 1 on the training split's patches, targets = standardised teacher features
+    # stage 1 on the training bags' patches, targets = standardised teacher features
     train_patches = torch.cat([b[0] for b in parts["train"]])
     targets = torch.cat([b[0] for b in teacher["train"]])
     for variant in ("kd", "fpd", "fpd_ts"):
@@ -583,45 +647,59 @@ def students(cfg: Config, teacher_dim: int) -> dict[str, TransScanStudent]:
 
 @dataclass
 class DatasetRun:
-    """Every seed of one dataset: ``splits`` (one :class:`SeedResult` per seed; empty for feature bags, which
-    train MIL heads only) and ``heads`` (``{head: {"accuracy", "auc"}}`` per seed)."""
+    """Every seed of one dataset: one :class:`SeedResult` per seed, each a repeat of the ``folds``-fold
+    cross-validation over all its bags (Table 1 rows for patch bags; MIL heads only for feature bags)."""
 
     name: str
-    splits: list[SeedResult]
-    heads: list[dict[str, dict[str, float]]]
+    folds: int
+    seeds: list[SeedResult]
+
+
+def _feature_fold(bags: Sequence[Bag], index: Mapping[str, np.ndarray], cfg: Config, seed: int) -> FoldResult:
+    """The MIL heads of one fold of feature bags, on features z-scored with the fold's training bags."""
+    parts = {name: [bags[i] for i in index[name]] for name in ("train", "val", "test")}
+    scaler = FeatureScaler.fit(parts["train"])
+    _, probs = fit_heads({name: scaler(part) for name, part in parts.items()}, cfg, 2, seed)
+    return FoldResult(np.asarray(index["test"]), {"mil_heads": probs})
 
 
 def run(data: BagData, feature_bags: Sequence[Bag] | None, cfg: Config, progress: Callable | None = None
         ) -> DatasetRun:
-    """The EFCM protocol (:func:`run_split`) for every seed of ``cfg`` on one dataset: a Monte-Carlo split per
-    seed, or its fixed split. Feature bags (``data.kind == "features"``, ``feature_bags`` None) train the MIL
-    heads on z-scored features only. ``progress`` optionally wraps the seed iterator (e.g. ``tqdm``)."""
-    splits, heads = [], []
-    for seed in progress(cfg.seeds) if progress else cfg.seeds:
+    """The EFCM protocol on one dataset: per seed, a stratified ``cfg.folds``-fold cross-validation over all its
+    bags (:func:`fold_index`), :func:`run_split` on every fold, the folds' test outputs pooled. Feature bags
+    (``data.kind == "features"``, ``feature_bags`` None) train the MIL heads only. ``progress`` optionally wraps
+    the iterator over (seed, fold) pairs (e.g. ``tqdm``)."""
+    folds = {seed: fold_index(data.labels, cfg.folds, seed, data.groups) for seed in cfg.seeds}
+    steps = [(seed, k) for seed in cfg.seeds for k in range(cfg.folds)]
+    results: dict[int, list[FoldResult]] = {seed: [] for seed in cfg.seeds}
+    for seed, k in progress(steps) if progress else steps:
         if data.kind == "features":
-            parts = monte_carlo_split(data.bags, seed)
-            scaler = FeatureScaler.fit(parts["train"])
-            heads.append(fit_heads({k: scaler(v) for k, v in parts.items()}, cfg, 2, seed)[1])
-            continue
-        index = data.fixed_index or monte_carlo_index(data.bags, seed)
-        assert feature_bags is not None  # patch bags (kind != "features") always come with their teacher features
-        result = run_split(data.bags, feature_bags, index, cfg, seed)
-        splits.append(result)
-        heads.append(result.heads)
-    return DatasetRun(data.name, splits, heads)
+            results[seed].append(_feature_fold(data.bags, folds[seed][k], cfg, seed))
+        else:
+            assert feature_bags is not None  # patch bags always come with their teacher features
+            results[seed].append(run_split(data.bags, feature_bags, folds[seed][k], cfg, seed))
+    return DatasetRun(data.name, cfg.folds, [SeedResult.pool(results[seed], data.labels) for seed in cfg.seeds])
 
 
-def record(data: BagData, result: DatasetRun, cfg: Config) -> dict[str, pd.DataFrame]:
-    """The ``table1`` (one line per row, metric and seed) and ``mil_heads`` records of one dataset's run, as
-    frames for :meth:`mdbench.notebook.Session.record_frame`."""
-    scores = {"table1": {row: [r.rows[row] for r in result.splits] for row in
-                         (result.splits[0].rows if result.splits else [])},
-              "mil_heads": {head: [h[head] for h in result.heads] for head in cfg.heads}}
-    common = {"dataset": data.name, "dataset_checksum": data.checksum, "config": cfg.as_record(), "unit": "%"}
-    return {table: pd.DataFrame([{"row": row, "metric": metric, "seed": seed, "value": s[metric], **common}
-                                 for row, per_seed in rows.items() for metric in ("accuracy", "auc")
-                                 for seed, s in zip(cfg.seeds, per_seed, strict=True)])
-            for table, rows in scores.items() if rows}
+def record(data: BagData, result: DatasetRun, cfg: Config) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """Per table (``table1``, ``mil_heads``) of one dataset's run: the long frame of its records (one line per
+    row, metric and seed: accuracy and AUC in percent of the out-of-fold outputs of all bags) and the per-bag
+    classifier outputs they are computed from (unit = the bag's id), for
+    ``Session.record_frame(table, frame, samples=...)``."""
+    n_bags = len(data.bags)
+    common = {"dataset": data.name, "dataset_checksum": data.checksum, "config": cfg.as_record(), "unit": "%",
+              "notes": f"stratified {result.folds}-fold cross-validation over all {n_bags} bags; out-of-fold "
+                       "outputs of the folds pooled per seed"}
+    out = {}
+    for table in result.seeds[0].probs:
+        values, samples = [], []
+        for seed, pooled in zip(cfg.seeds, result.seeds, strict=True):
+            for row, probs in pooled.probs[table].items():
+                samples.append(sample_outputs.classifier_frame(seed, data.ids, pooled.labels, probs).assign(row=row))
+                values += [{"row": row, "metric": metric, "seed": seed, "value": value, **common}
+                           for metric, value in pooled.scores(table, row).items()]
+        out[table] = (pd.DataFrame(values), pd.concat(samples, ignore_index=True))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ smoke-profile teacher
@@ -672,19 +750,25 @@ def encode(teacher: PatchEncoder, data: dict[str, BagData], cfg: Config, progres
 
 
 # ------------------------------------------------------------------------------------------------- efficiency
-def measure_costs(encoders: dict[str, nn.Module], head: nn.Module, patch_size: int, bag_size: int, *,
+def measure_costs(encoders: dict[str, nn.Module], head: nn.Module, input_size: int, bag_size: int, *,
                   repeats: int = 20, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """Table 2: what extracting features and classifying one bag costs, per encoder.
+    """Table 2: what extracting features and classifying one bag costs, per encoder, every encoder on inputs of
+    one size.
 
-    Per patch (batch of one (1, 3, patch_size, patch_size) patch; for a :class:`PatchEncoder` teacher the
-    resize to its input is included): deployed parameters in millions (``params_m``, encoder + head),
-    ``gflops_patch`` (FlopCounterMode, 2 x MACs) and ``ms_patch`` (median latency on ``device``). Per bag of
-    ``bag_size`` patches: ``gflops_bag`` = bag_size x gflops_patch + the head's FLOPs on (bag_size, D), and
-    ``s_bag`` = bag_size x ms_patch + the head's latency, in seconds.
+    Per input (batch of one (1, 3, input_size, input_size) image): deployed parameters in millions
+    (``params_m``, encoder + head), ``gflops_patch`` (FlopCounterMode, 2 x MACs) and ``ms_patch`` (median
+    latency on ``device``). Per bag of ``bag_size`` inputs: ``gflops_bag`` = bag_size x gflops_patch + the head's
+    FLOPs on (bag_size, D), and ``s_bag`` = bag_size x ms_patch + the head's latency, in seconds. An encoder that
+    would resize the input first (a :class:`PatchEncoder` of another ``input_size``) is refused: its cost would
+    be another size's, not comparable.
     """
     from mdbench.efficiency import count_flops, count_parameters, measure_latency
 
-    patch = torch.rand(1, 3, patch_size, patch_size)
+    resizing = [name for name, e in encoders.items() if getattr(e, "input_size", None) not in (None, input_size)]
+    if resizing:
+        raise ValueError(f"{resizing} resize every input to another size than {input_size}: their costs would not "
+                         "be comparable; measure at their input size")
+    patch = torch.rand(1, 3, input_size, input_size)
     in_dim = cast(int, head.in_dim)  # every MIL head keeps its input width as the int ``in_dim``
     bag = torch.randn(bag_size, in_dim)
     head_flops = count_flops(head, (bag,)).flops
@@ -701,31 +785,38 @@ def measure_costs(encoders: dict[str, nn.Module], head: nn.Module, patch_size: i
     return rows
 
 
+def cost_input_size(teacher: PatchEncoder, patch_size: int) -> int:
+    """The one input side at which Table 2 counts and times the teacher and every student: the teacher's native
+    input where it has one (LiteMedSAM: 256, to which each tile is upsampled; the students are convolutional and
+    run at any size, the teacher cannot run natively at the students' tile size), else ``patch_size``."""
+    return teacher.input_size or patch_size
+
+
 TABLE2_UNITS = {"params_m": "M", "gflops_patch": "GFLOPs", "gflops_bag": "GFLOPs", "ms_patch": "ms", "s_bag": "s",
                 "ms_patch_gpu": "ms", "s_bag_gpu": "s", "parity_max_abs_diff": "", "patches_per_s": "patches/s",
                 "tflops_achieved": "TFLOP/s"}
 
 
 def table2_costs(teacher: PatchEncoder, teacher_dim: int, cfg: Config) -> dict[str, dict[str, float]]:
-    """Table 2: :func:`measure_costs` of the teacher and each student (with a CLAM-SB head) on the CPU; the
-    FPD + TransScan student exported to every backend of :data:`mdbench.efficiency.BACKENDS` (``ms_patch`` and
-    its ``parity_max_abs_diff`` against PyTorch); the teacher's feature throughput on ``cfg.device`` and the
-    compute rate it implies (patches/s x counted FLOPs); on CUDA, the GPU latency of teacher and student."""
+    """Table 2 at :func:`cost_input_size`, teacher and students alike: :func:`measure_costs` of the teacher and
+    each student (with a CLAM-SB head) on the CPU; the FPD + TransScan student exported to every backend of
+    :data:`mdbench.efficiency.BACKENDS` (``ms_patch`` and its ``parity_max_abs_diff`` against PyTorch); the
+    teacher's feature throughput on ``cfg.device`` and the compute rate it implies (inputs/s x counted FLOPs); on
+    CUDA, the GPU latency of teacher and student."""
     from mdbench.models.clam import clam_sb
 
+    size = cost_input_size(teacher, cfg.patch_size)
     head = clam_sb(teacher_dim, hidden=tuple(cfg.head_hidden))
     encoders = {"teacher": teacher, **{f"student_{v}": s.eval() for v, s in students(cfg, teacher_dim).items()}}
-    costs = measure_costs(encoders, head, cfg.patch_size, cfg.cost_bag_size, repeats=cfg.latency_repeats,
-                          device="cpu")
-    patch = torch.rand(2, 3, cfg.patch_size, cfg.patch_size)
+    costs = measure_costs(encoders, head, size, cfg.cost_bag_size, repeats=cfg.latency_repeats, device="cpu")
+    patch = torch.rand(2, 3, size, size)
     workdir = tempfile.mkdtemp()
     for backend in efficiency.BACKENDS:
         exported, parity = efficiency.export_with_parity(encoders["student_fpd_ts"], (patch,), backend=backend,
                                                          workdir=workdir, atol=1e-4, name=f"student_{backend}")
         latency = efficiency.measure_latency(exported, (patch[:1].numpy(),), repeats=cfg.latency_repeats)
         costs[f"student_fpd_ts_{backend}"] = {"ms_patch": latency.median_ms, "parity_max_abs_diff": parity.max_abs_diff}
-    rate = throughput(teacher, cfg.patch_size, cfg.teacher_batch, amp=cfg.amp, repeats=cfg.latency_repeats,
-                      device=cfg.device)
+    rate = throughput(teacher, size, cfg.teacher_batch, amp=cfg.amp, repeats=cfg.latency_repeats, device=cfg.device)
     costs["teacher"].update(patches_per_s=rate, tflops_achieved=rate * costs["teacher"]["gflops_patch"] / 1e3)
     if cfg.device == "cuda":
         for name in ("teacher", "student_fpd_ts"):
@@ -735,17 +826,19 @@ def table2_costs(teacher: PatchEncoder, teacher_dim: int, cfg: Config) -> dict[s
     return costs
 
 
-def record_costs(costs: dict[str, dict[str, float]], cfg: Config) -> pd.DataFrame:
-    """Table 2's records (one measurement each) of :func:`table2_costs`, with their units and how each was timed."""
-    notes = {"ms_patch": "CPU, median of single-patch calls", "s_bag": "CPU", "ms_patch_gpu": "CUDA, synchronised",
+def record_costs(costs: dict[str, dict[str, float]], cfg: Config, input_size: int) -> pd.DataFrame:
+    """Table 2's records (one measurement each) of :func:`table2_costs` at ``input_size`` (its
+    :func:`cost_input_size`), with their units and how each was timed."""
+    notes = {"ms_patch": "CPU, median of single-input calls", "s_bag": "CPU", "ms_patch_gpu": "CUDA, synchronised",
              "patches_per_s": f"{cfg.device}, batches of {cfg.teacher_batch}, amp={cfg.amp}",
-             "tflops_achieved": f"{cfg.device}: patches/s x counted FLOPs per patch"}
-    config = {"patch_size": cfg.patch_size, "bag_size": cfg.cost_bag_size, "teacher": cfg.teacher,
-              "threads": torch.get_num_threads(), "device": cfg.device}
+             "tflops_achieved": f"{cfg.device}: inputs/s x counted FLOPs per input"}
+    config = {"input_size": input_size, "patch_size": cfg.patch_size, "bag_size": cfg.cost_bag_size,
+              "teacher": cfg.teacher, "threads": torch.get_num_threads(), "device": cfg.device}
+    same_size = f"teacher and students alike on {input_size}x{input_size} inputs"
     return pd.DataFrame([{"row": row, "metric": metric, "value": value, "unit": TABLE2_UNITS[metric],
-                          "notes": notes.get(metric, ""), "config": config}
+                          "notes": "; ".join(filter(None, (same_size, notes.get(metric)))), "config": config}
                          for row, values in costs.items() for metric, value in values.items()]
-                        ).assign(dataset=f"{cfg.patch_size}px patches, bags of {cfg.cost_bag_size}",
+                        ).assign(dataset=f"{input_size}px inputs, bags of {cfg.cost_bag_size}",
                                  dataset_checksum="not applicable")
 
 
@@ -778,10 +871,10 @@ def mosaic(instances: torch.Tensor, values: Sequence[float] | np.ndarray, cols: 
     return image, grid
 
 
-def throughput(encoder: nn.Module, patch_size: int, batch_size: int, *, amp: bool = False, repeats: int = 5,
+def throughput(encoder: nn.Module, input_size: int, batch_size: int, *, amp: bool = False, repeats: int = 5,
                device: str = "cpu") -> float:
-    """Patches per second of ``encoder`` on batches of ``batch_size`` random patches, under the same autocast as
-    :func:`teacher_features` (median batch time after one warm-up; CUDA synchronised)."""
+    """Inputs per second of ``encoder`` on batches of ``batch_size`` random (input_size x input_size) images, under
+    the same autocast as :func:`teacher_features` (median batch time after one warm-up; CUDA synchronised)."""
     from mdbench.efficiency import measure_latency
 
     dev = torch.device(device)
@@ -791,7 +884,7 @@ def throughput(encoder: nn.Module, patch_size: int, batch_size: int, *, amp: boo
         with _autocast(dev, amp):
             return encoder(x)
 
-    batch = torch.rand(batch_size, 3, patch_size, patch_size, device=dev)
+    batch = torch.rand(batch_size, 3, input_size, input_size, device=dev)
     return batch_size / (measure_latency(run, (batch,), warmup=1, repeats=repeats, device=dev).median_ms / 1e3)
 
 
@@ -802,63 +895,64 @@ ROW_ENCODER = {"teacher_clam": "teacher", "kd_retrain": "student_kd", "no_distil
 
 
 def plot_pareto(runs: dict[str, DatasetRun], costs: dict[str, dict[str, float]], cfg: Config):
-    """Each Table 1 row of each patch dataset: mean bag AUC over seeds (bars: ± std) against the GFLOPs its
-    feature extractor and head need for one bag of ``cfg.cost_bag_size`` patches (log scale). Returns the figure."""
+    """Each Table 1 row of each patch dataset: its out-of-fold bag AUC, mean over seeds (bars: ± std over seeds),
+    against the GFLOPs its feature extractor and head need for one bag of ``cfg.cost_bag_size`` inputs of Table
+    2's size (log scale). Returns the figure."""
     import matplotlib.pyplot as plt
 
-    image_sets = [name for name, r in runs.items() if r.splits]
+    image_sets = [name for name, r in runs.items() if "table1" in r.seeds[0].probs]
     fig, axes = plt.subplots(1, len(image_sets), figsize=(5.5 * len(image_sets), 4), squeeze=False)
     for ax, name in zip(axes[0], image_sets, strict=False):
         for k, (row, encoder) in enumerate(ROW_ENCODER.items()):
-            aucs = [r.rows[row]["auc"] for r in runs[name].splits]
+            aucs = [r.scores("table1", row)["auc"] for r in runs[name].seeds]
             gflops = costs[encoder]["gflops_bag"]
             ax.errorbar(gflops, np.mean(aucs), yerr=np.std(aucs, ddof=1) if len(aucs) > 1 else 0, fmt="o",
                         color="tab:red" if row == "teacher_clam" else "tab:blue", capsize=3)
             ax.annotate(row, (gflops, np.mean(aucs)), fontsize=7, xytext=(4, -8 + 6 * (k % 4)),
                         textcoords="offset points")  # staggered so that rows of equal cost stay legible
         ax.set_xscale("log")
-        ax.set_xlabel(f"GFLOPs per bag of {cfg.cost_bag_size} patches")
-        ax.set_ylabel("bag AUC (%)")
-        ax.set_title(name)
+        ax.set_xlabel(f"GFLOPs per bag of {cfg.cost_bag_size} inputs (Table 2)")
+        ax.set_ylabel("bag AUC (%), out of fold")
+        ax.set_title(f"{name}: {len(runs[name].seeds[0].labels)} bags, {runs[name].folds}-fold")
     fig.tight_layout()
     return fig
 
 
 def instance_auc(result: SeedResult, row: str, bags: Sequence[Bag]) -> float:
-    """AUC (%) of ``row``'s attention against the key instances over the positive test bags of one seed (NaN
-    when those bags hold only key or only other instances)."""
+    """AUC (%) of ``row``'s out-of-fold attention against the key instances over all positive bags of one seed
+    (NaN when those bags hold only key or only other instances)."""
     from sklearn.metrics import roc_auc_score
 
     # the bags here are patch bags, which carry their key-instance labels (never None)
-    pairs = [(s, cast(torch.Tensor, bags[i][2]).numpy()) for s, i in zip(result.instance_scores[row], result.test_index, strict=False)
-             if bags[i][1] == 1]
+    pairs = [(s, cast(torch.Tensor, bag[2]).numpy()) for s, bag in zip(result.instance_scores[row], bags, strict=True)
+             if bag[1] == 1]
     labels = np.concatenate([p[1] for p in pairs])
     return 100 * roc_auc_score(labels, np.concatenate([p[0] for p in pairs])) if 0 < labels.mean() < 1 else np.nan
 
 
 def plot_attention(result: SeedResult, data: BagData, cfg: Config, rows: Sequence[str] = ("teacher_clam", "fpd_ts_etc"),
                    n_bags: int = 3):
-    """The first ``n_bags`` test bags of one seed (positive ones first): the bag as a grid (an ISIC image re-forms
-    from its tiles), its key instances (grey: no instance) and each row's attention, titled with the row's
-    :func:`instance_auc`. Returns the figure."""
+    """The first ``n_bags`` bags of one seed (positive ones first), each with the attention of the fold that
+    tested it: the bag as a grid (an ISIC image re-forms from its tiles), its key instances (grey: no instance)
+    and each row's attention, titled with the row's :func:`instance_auc`. Returns the figure."""
     import matplotlib.pyplot as plt
 
     bags = data.bags
-    order = sorted(range(len(result.test_index)), key=lambda j: -bags[result.test_index[j]][1])[:n_bags]
+    order = sorted(range(len(bags)), key=lambda i: -bags[i][1])[:n_bags]
     cols = cfg.isic_grid if data.name == "isic2017" else None
     cmap = plt.get_cmap("magma").copy()
     cmap.set_bad("lightgrey")  # grid cells without an instance
     fig, axes = plt.subplots(len(order), 2 + len(rows), figsize=(10, 2.6 * len(order)), squeeze=False)
-    for line, j in zip(axes, order, strict=False):
-        instances, label, key = bags[result.test_index[j]]
+    for line, i in zip(axes, order, strict=False):
+        instances, label, key = bags[i]
         assert key is not None  # patch bags carry their key-instance labels
         picture, truth = mosaic(instances, key.numpy(), cols)
         line[0].imshow(picture)
-        line[0].set_title(f"bag {result.test_index[j]} (label {label})", fontsize=8)
+        line[0].set_title(f"{data.ids[i]} (label {label}, fold {result.fold[i]})", fontsize=8)
         line[1].imshow(truth, cmap=cmap, vmin=0, vmax=1)
         line[1].set_title("key instances", fontsize=8)
         for ax, row in zip(line[2:], rows, strict=False):
-            ax.imshow(mosaic(instances, result.instance_scores[row][j], cols)[1], cmap=cmap)
+            ax.imshow(mosaic(instances, result.instance_scores[row][i], cols)[1], cmap=cmap)
             ax.set_title(f"{row} attention (inst. AUC {instance_auc(result, row, bags):.0f})", fontsize=8)
         for ax in line:
             ax.axis("off")
