@@ -238,6 +238,24 @@ def test_cell_set_bags_on_fake_split():
         CellSetBags(split, 4, bag_size=(3, 50), key_class="key", negative_classes=("a",))
 
 
+def test_disjoint_cell_sets_share_no_image_and_stop_when_the_images_run_out():
+    labels = [0, 1, 2, 3] * 10  # 10 key images ("key" = 1) and 20 negatives ("a", "b")
+    split = _FakeClassification(labels, indices=list(range(40)))
+    kwargs = {"bag_size": (3, 5), "n_key": (1, 2), "key_class": "key", "negative_classes": ("a", "b")}
+    few = CellSetBags(split, 4, seed=0, disjoint=True, **kwargs)
+    cases = [int(c) for items, _ in few.bags for c in items]
+    assert len(few) == 4 and len(set(cases)) == len(cases)  # no image in two bags
+    assert [int(y) for y in few.bag_labels] == [int(t.max()) for _, _, t in few]
+    many = CellSetBags(split, 40, seed=0, disjoint=True, **kwargs)
+    cases = [int(c) for items, _ in many.bags for c in items]
+    assert len(many) < 40 and len(many.bag_labels) == len(many) and len(set(cases)) == len(cases)
+    keys = sum(labels[c] == 1 for c in cases)
+    assert keys > 10 - 2 or len(cases) - keys > 20 - 5  # it stopped at a bag the unused images could not fill
+    shared = CellSetBags(split, 4, seed=0, **kwargs)
+    assert shared.checksum != few.checksum
+    assert shared.checksum == CellSetBags(split, 4, seed=0, disjoint=False, **kwargs).checksum
+
+
 class _FakeSegmentation(torch.utils.data.Dataset):
     classes = ("melanoma", "seborrheic_keratosis", "nevus")
     checksum, split = "fake", "test"

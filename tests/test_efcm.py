@@ -216,11 +216,13 @@ def test_costs_add_up_per_patch_and_per_bag():
 
 def test_load_bags_on_real_data(real_data_dir):
     isic = efcm.load_bags("isic2017", n_bags=6, patch_size=16, isic_grid=2, data_dir=real_data_dir)
-    assert len(isic.bags) == 6 and sum(b[1] for b in isic.bags) == 3 and isic.groups is None
+    assert len(isic.bags) == 6 and sum(b[1] for b in isic.bags) == 3
     assert all(i.startswith("ISIC_") for i in isic.ids)  # the images' own names
     assert isic.bags[0][0].shape == (4, 3, 16, 16) and isic.bags[0][2].shape == (4,)
     pbc = efcm.load_bags("pbc", n_bags=10, bag_size=(2, 3), patch_size=16, data_dir=real_data_dir)
-    assert len(pbc.bags) == len(pbc.groups) == 10 and sum(b[1] for b in pbc.bags) == 5
+    assert len(pbc.bags) == 10 and sum(b[1] for b in pbc.bags) == 5
+    cells = [bytes(cell.numpy()) for b in pbc.bags for cell in b[0]]
+    assert len(set(cells)) == len(cells)  # no cell in two sets: a k-fold split of the sets keeps cells apart
     assert all(int(b[2].max()) == b[1] for b in pbc.bags)  # positive iff it holds an erythroblast
     ucsb = efcm.load_bags("ucsb_breast", n_bags=0, data_dir=real_data_dir)
     assert ucsb.kind == "features" and len(ucsb.bags) == 58 and ucsb.bags[0][0].shape[1] == 708

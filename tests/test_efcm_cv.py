@@ -53,20 +53,6 @@ def test_folds_are_deterministic_per_seed_and_differ_between_seeds():
     assert {tuple(t) for t in tests(0)} != {tuple(t) for t in tests(1)}  # other folds, not only another order
 
 
-def test_bags_sharing_instances_form_one_group_and_stay_in_one_part():
-    # bags 0-2-4 are linked through instances 1 and 3 (a chain); bags 1 and 3 stand alone
-    members = [np.array([0, 1]), np.array([2]), np.array([1, 3]), np.array([4, 5]), np.array([3, 6])]
-    groups = efcm.shared_instance_groups(members)
-    assert groups[0] == groups[2] == groups[4] and len({groups[0], groups[1], groups[3]}) == 3
-    # 24 bags in pairs that share a cell: each pair in one test fold, and in one part of the other folds
-    labels = np.repeat(_labels(6, 6), 2)
-    pairs = np.arange(24) // 2
-    for seed in (0, 1):
-        for f in efcm.fold_index(labels, 3, seed, groups=pairs):
-            for part in f.values():  # both bags of every pair that the part holds
-                assert np.all(np.bincount(pairs[part])[pairs[part]] == 2)
-
-
 def test_pooling_puts_each_fold_output_back_at_its_bag_and_refuses_overlapping_folds():
     labels = np.array([0, 1, 0, 1, 1])
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3], [0.1, 0.9]])

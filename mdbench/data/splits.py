@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -41,18 +41,11 @@ def split_indices(
 
 
 def kfold_splits(
-    labels: Sequence[int] | np.ndarray, k: int = 5, seed: int = DEFAULT_SEED,
-    groups: Sequence[int] | np.ndarray | None = None,
+    labels: Sequence[int] | np.ndarray, k: int = 5, seed: int = DEFAULT_SEED
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Seeded stratified k-fold over cases with ``labels``: ``[(train_idx, test_idx), ...]``, one per fold.
-
-    ``groups``: cases of one group (e.g. bags that share an image) go to one fold together
-    (``StratifiedGroupKFold``); None: every case is its own group (``StratifiedKFold``).
-    """
+    """Seeded stratified k-fold over cases with ``labels``: ``[(train_idx, test_idx), ...]``, one per fold."""
     y = np.asarray(labels)
-    splitter = (StratifiedKFold(n_splits=k, shuffle=True, random_state=seed) if groups is None
-                else StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed))
-    folds = splitter.split(np.zeros(len(y)), y, groups)
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
     return [(np.sort(tr), np.sort(te)) for tr, te in folds]
 
 

@@ -3,7 +3,8 @@
 - :func:`isic_image_bags`: every ISIC 2017 image is a bag of grid tiles; positive = melanoma.
 - :func:`pbc_cell_set_bags`: bags are sets of PBC blood-cell images; positive = holds an erythroblast.
 
-Every builder draws from one split of the underlying loader, so train and test never share an image.
+Every builder draws from one split of the underlying loader, so train and test never share an image; PBC cell
+sets drawn with ``disjoint=True`` share no image at all, so that any split of the bags keeps images apart.
 Data card: ``data_cards/synthetic_mil.md`` (bag definitions). The real datasets become box-prompt cases in
 :func:`mdbench.papers.daft.cases.write_real_cases`.
 """
@@ -139,9 +140,13 @@ class CellSetBags(Dataset):
         negative_classes: classes the other instances come from.
         positive_fraction: share of positive bags.
         seed: seed of the bag draw.
+        disjoint: no image in two bags. The bags are then independent cases that any split of the bags
+            (e.g. k-fold cross-validation) keeps apart, and there are at most as many as the images fill:
+            the draw stops at the first bag the unused images cannot fill (``len(bags)`` may fall short of
+            ``n_bags``; the shared PBC subset's 120 erythroblasts fill about 60 positive bags).
 
-    No image appears twice in a bag; different bags of one split may share images (a split of PBC
-    is too small to give every bag its own), bags of different splits never do.
+    No image appears twice in a bag. Without ``disjoint``, different bags of one split may share images
+    (a split of PBC is too small to give every bag its own); bags of different splits never do.
 
     Items: ``(instances FloatTensor (n, C, h, w), bag_label int, instance_labels LongTensor (n,))``.
     """
@@ -158,6 +163,7 @@ class CellSetBags(Dataset):
         negative_classes: Sequence[str] = NORMAL_PBC_CLASSES,
         positive_fraction: float = 0.5,
         seed: int = 0,
+        disjoint: bool = False,
     ) -> None:
         unknown = sorted({key_class, *negative_classes} - set(images.classes))
         if unknown or key_class in negative_classes:
@@ -177,16 +183,24 @@ class CellSetBags(Dataset):
         rng = np.random.default_rng(seed)
         self.bag_labels = balanced_bag_labels(rng, n_bags, positive_fraction)
         self.bags: list[tuple[np.ndarray, np.ndarray]] = []  # (item indices, instance labels) per bag
+        unused = {1: rng.permutation(key_pool), 0: rng.permutation(negative_pool)} if disjoint else {}
         for bag_label in self.bag_labels:
             instance_labels = draw_instance_labels(rng, int(bag_label), bag_size, n_key)
-            n_pos = int(instance_labels.sum())
+            counts = {label: int((instance_labels == label).sum()) for label in (1, 0)}
+            if disjoint and any(counts[label] > len(unused[label]) for label in counts):
+                break  # the unused images cannot fill this bag
             items = np.empty(len(instance_labels), dtype=np.int64)
-            items[instance_labels == 1] = rng.choice(key_pool, n_pos, replace=False)
-            items[instance_labels == 0] = rng.choice(negative_pool, len(instance_labels) - n_pos, replace=False)
+            for label, pool in ((1, key_pool), (0, negative_pool)):
+                if disjoint:
+                    items[instance_labels == label] = unused[label][: counts[label]]
+                    unused[label] = unused[label][counts[label]:]
+                else:
+                    items[instance_labels == label] = rng.choice(pool, counts[label], replace=False)
             self.bags.append((items, instance_labels))
+        self.bag_labels = self.bag_labels[: len(self.bags)]
         params = {"data": images.checksum, "split": self.split, "n_bags": n_bags, "bag_size": list(bag_size)}
         params.update(n_key=list(n_key), key_class=key_class, negative_classes=list(negative_classes))
-        params.update(positive_fraction=positive_fraction)
+        params.update(positive_fraction=positive_fraction, **({"disjoint": True} if disjoint else {}))
         self.checksum = params_checksum("CellSetBags", params, seed)
 
     def __len__(self) -> int:
@@ -210,9 +224,11 @@ def pbc_cell_set_bags(
     channels: int = 3,
     seed: int = 0,
     data_dir: str | os.PathLike | None = None,
+    disjoint: bool = False,
 ) -> CellSetBags:
     """Bags of PBC cell images from ``split`` (resized to ``image_size``); see :class:`CellSetBags`."""
     # load_dataset is typed for any loader; the PBC one has labels, indices, classes, split and checksum
     images = cast(LabelledSplit, load_dataset("pbc", split=split, data_dir=data_dir, image_size=image_size,
                                               channels=channels))
-    return CellSetBags(images, n_bags, bag_size, n_key, key_class, negative_classes, positive_fraction, seed)
+    return CellSetBags(images, n_bags, bag_size, n_key, key_class, negative_classes, positive_fraction, seed,
+                       disjoint)

@@ -7,7 +7,7 @@ size) and the figures, so that
 A **bag** is a tuple ``(instances, label, instance_labels)``: instances are patches (N, 3, h, w) in [0, 1] or
 features (N, D); ``label`` an int; ``instance_labels`` an (N,) tensor or None where unknown. One protocol seed is
 one repeat of a stratified k-fold cross-validation over all bags of a dataset (CLAM's protocol, shuffled by the
-seed, bags that share instances kept in one fold); each fold trains everything on its training bags and predicts
+seed; no two bags share an instance); each fold trains everything on its training bags and predicts
 its test bags, and the out-of-fold predictions of all bags give one accuracy and AUC per row and seed. Tables
 report mean ± std over seeds; the records keep every bag's outputs.
 
@@ -58,7 +58,7 @@ __all__ = [
     "Bag", "BagData", "Config", "DatasetRun", "EndToEndMIL", "FeatureScaler", "FoldResult", "PatchEncoder",
     "SeedResult", "cache_dir", "cost_input_size", "distill", "encode", "fit_heads", "fold_index", "instance_auc",
     "load_bags", "load_data", "map_instances", "measure_costs", "mosaic", "plot_attention", "plot_pareto",
-    "predict_bags", "record", "record_costs", "run", "run_split", "shared_instance_groups", "split_features",
+    "predict_bags", "record", "record_costs", "run", "run_split", "split_features",
     "students", "table2_costs", "teacher_features", "teacher_model", "texture_teacher", "throughput", "train_mil",
 ]
 
@@ -95,38 +95,23 @@ def _labels(bags: Sequence[Bag]) -> np.ndarray:
     return np.asarray([int(b[1]) for b in bags])
 
 
-def fold_index(labels: Sequence[int] | np.ndarray, k: int, seed: int,
-               groups: Sequence[int] | np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+def fold_index(labels: Sequence[int] | np.ndarray, k: int, seed: int) -> list[dict[str, np.ndarray]]:
     """One repeat (``seed``) of stratified k-fold cross-validation over all bags, CLAM's protocol (10 folds).
 
     The ``"test"`` parts of the k folds partition the bags (:func:`mdbench.data.splits.kfold_splits`, shuffled by
     ``seed``). Each fold's other bags are cut by the same stratified k-fold into ``max(2, k - 1)`` parts: one is
     ``"val"`` (the epoch of lowest validation loss), the rest ``"train"``; 80/10/10 at k = 10 (CLAM's splits),
-    60/20/20 at k = 5. ``groups`` (B,): bags of one group share instances and stay in one part.
+    60/20/20 at k = 5.
 
     Returns:
         one ``{"train", "val", "test"}`` dict of sorted positions into the bags per fold.
     """
     labels = np.asarray(labels)
     folds = []
-    for rest, test in kfold_splits(labels, k, seed, groups):
-        inner_groups = None if groups is None else np.asarray(groups)[rest]
-        train, val = kfold_splits(labels[rest], max(2, k - 1), seed, inner_groups)[0]
+    for rest, test in kfold_splits(labels, k, seed):
+        train, val = kfold_splits(labels[rest], max(2, k - 1), seed)[0]
         folds.append({"train": rest[train], "val": rest[val], "test": test})
     return folds
-
-
-def shared_instance_groups(members: Sequence[np.ndarray]) -> np.ndarray:
-    """(B,) group of each bag: bags that share an instance, directly or through other bags, form one group (the
-    connected components of the bag-instance graph). ``members[b]``: the instance ids (e.g. image indices) of bag
-    ``b``."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    bag = np.repeat(np.arange(len(members)), [len(m) for m in members])
-    _, instance = np.unique(np.concatenate(members), return_inverse=True)
-    incidence = csr_matrix((np.ones(len(bag)), (bag, instance)), shape=(len(members), instance.max() + 1))
-    return connected_components(incidence @ incidence.T, directed=False)[1]
 
 
 @dataclass
@@ -135,9 +120,8 @@ class BagData:
 
     ``bags``: patch bags (``kind="patches"``) or feature bags (``kind="features"``, e.g. UCSB's published
     features: MIL heads only). ``ids``: a stable name per bag (an ISIC image id, a UCSB bag id, a cell set's
-    number), the unit of the per-bag outputs behind the records. ``groups``: (B,) groups of bags that share
-    instances (:func:`shared_instance_groups`; PBC cell sets share cells), kept in one fold, or None where no
-    two bags do. ``checksum`` names the data.
+    number), the unit of the per-bag outputs behind the records. No two bags share an instance, so that a
+    k-fold split of the bags keeps the test instances out of training. ``checksum`` names the data.
     """
 
     name: str
@@ -145,7 +129,6 @@ class BagData:
     checksum: str
     ids: list[str]
     kind: str = "patches"
-    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.bags) or len(set(self.ids)) != len(self.ids):
@@ -166,8 +149,9 @@ def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), pat
     - ``isic2017``: ISIC 2017 images as bags of ``isic_grid``² tiles of ``patch_size`` pixels, positive =
       melanoma (:func:`mdbench.data.tasks.isic_image_bags`); a seeded subset of ``n_bags`` images, half of them
       melanoma (as many as there are).
-    - ``pbc``: ``n_bags`` PBC cell sets drawn from all images, positive = holds an erythroblast
-      (:func:`mdbench.data.tasks.pbc_cell_set_bags`); sets that share a cell form one group.
+    - ``pbc``: PBC cell sets drawn from all images, no image in two sets, positive = holds an erythroblast
+      (:func:`mdbench.data.tasks.pbc_cell_set_bags` with ``disjoint``): ``n_bags``, or as many as the images
+      fill (the shared subset's 120 erythroblasts fill about 60 positive sets).
     - ``ucsb_breast``: the 58 UCSB bags of published 708-d features (``kind="features"``).
     """
     from mdbench.data.registry import load_dataset
@@ -193,10 +177,9 @@ def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), pat
                        [str(images.ids[int(images.indices[i])]) for i in chosen])
     if name == "pbc":
         cells = pbc_cell_set_bags("all", n_bags=n_bags, bag_size=(*bag_size,), image_size=patch_size,
-                                  data_dir=data_dir)
+                                  data_dir=data_dir, disjoint=True)
         return BagData(name, [cells[i] for i in range(len(cells))], cells.checksum,
-                       [f"cellset{i:04d}" for i in range(len(cells))],
-                       groups=shared_instance_groups([items for items, _ in cells.bags]))
+                       [f"cellset{i:04d}" for i in range(len(cells))])
     if name == "ucsb_breast":
         # the registry types its result as Dataset; ucsb_breast's loader is a UCSBBreastDataset
         ucsb = cast(UCSBBreastDataset, load_dataset("ucsb_breast", split="all", data_dir=data_dir))
@@ -669,7 +652,7 @@ def run(data: BagData, feature_bags: Sequence[Bag] | None, cfg: Config, progress
     bags (:func:`fold_index`), :func:`run_split` on every fold, the folds' test outputs pooled. Feature bags
     (``data.kind == "features"``, ``feature_bags`` None) train the MIL heads only. ``progress`` optionally wraps
     the iterator over (seed, fold) pairs (e.g. ``tqdm``)."""
-    folds = {seed: fold_index(data.labels, cfg.folds, seed, data.groups) for seed in cfg.seeds}
+    folds = {seed: fold_index(data.labels, cfg.folds, seed) for seed in cfg.seeds}
     steps = [(seed, k) for seed in cfg.seeds for k in range(cfg.folds)]
     results: dict[int, list[FoldResult]] = {seed: [] for seed in cfg.seeds}
     for seed, k in progress(steps) if progress else steps:
