@@ -14,6 +14,7 @@ from mdbench.efficiency import count_flops, export_with_parity
 from mdbench.losses.projection import FPDLoss, fpd_loss
 from mdbench.models.clam import clam_sb
 from mdbench.models.transscan import TransScan, TransScanStudent, build_transscan_student
+from mdbench.papers.efcm import costs as efcm_costs
 from mdbench.papers.efcm import experiment as efcm
 
 warnings.filterwarnings("ignore", message="no local pretrained weights")
@@ -205,13 +206,13 @@ def test_mosaic_reassembles_an_image_cut_into_tiles():
 def test_costs_add_up_per_patch_and_per_bag():
     encoder = efcm.PatchEncoder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8)))
     head = clam_sb(8, hidden=(4, 2))
-    rows = efcm.measure_costs({"toy": encoder}, head, input_size=4, bag_size=10, repeats=2)["toy"]
+    rows = efcm_costs.measure_costs({"toy": encoder}, head, input_size=4, bag_size=10, repeats=2)["toy"]
     head_flops = count_flops(head, (torch.randn(10, 8),)).flops
     assert rows["gflops_patch"] == pytest.approx(2 * 48 * 8 / 1e9)  # one 48 -> 8 matmul: 2 x MACs
     assert rows["gflops_bag"] == pytest.approx(10 * rows["gflops_patch"] + head_flops / 1e9)
     assert rows["params_m"] == pytest.approx((48 * 8 + 8 + sum(p.numel() for p in head.parameters())) / 1e6)
     assert rows["s_bag"] > 10 * rows["ms_patch"] / 1e3 > 0
-    assert efcm.throughput(encoder, 4, batch_size=16, repeats=2) > 0
+    assert efcm_costs.throughput(encoder, 4, batch_size=16, repeats=2) > 0
 
 
 def test_load_bags_on_real_data(real_data_dir):

@@ -14,6 +14,7 @@ from mdbench import samples as S
 from mdbench.data.synthetic import SyntheticMILBags
 from mdbench.efficiency import count_flops
 from mdbench.models.clam import clam_sb
+from mdbench.papers.efcm import costs as efcm_costs
 from mdbench.papers.efcm import experiment as efcm
 
 warnings.filterwarnings("ignore", message="no local pretrained weights")
@@ -145,16 +146,16 @@ def test_teacher_and_students_are_costed_on_inputs_of_the_teacher_size(monkeypat
     teacher = efcm.PatchEncoder(_FixedInput())
     cfg = efcm.Config(patch_size=4, head_hidden=(8, 4), student_out_index=1, cost_bag_size=10, latency_repeats=1,
                       teacher_batch=2)
-    size = efcm.cost_input_size(teacher, cfg.patch_size)
-    assert size == 8 and efcm.cost_input_size(efcm.PatchEncoder(nn.Identity()), 4) == 4  # any size: the patch's
-    costs = efcm.table2_costs(teacher, 6, cfg)
+    size = efcm_costs.cost_input_size(teacher, cfg.patch_size)
+    assert size == 8 and efcm_costs.cost_input_size(efcm.PatchEncoder(nn.Identity()), 4) == 4  # any size: the patch's
+    costs = efcm_costs.table2_costs(teacher, 6, cfg)
     for name, student in efcm.students(cfg, 6).items():  # the students at the teacher's 8x8, not at 4x4 tiles
         at_size = count_flops(student.eval(), (torch.rand(1, 3, 8, 8),)).flops / 1e9
         assert costs[f"student_{name}"]["gflops_patch"] == pytest.approx(at_size)
         assert at_size > count_flops(student, (torch.rand(1, 3, 4, 4),)).flops / 1e9
     conv = 2 * 3 * 9 * 6 * 8 * 8 / 1e9  # no resize is counted: the teacher sees 8x8 as given
     assert costs["teacher"]["gflops_patch"] == pytest.approx(conv, rel=0.05)
-    frame = efcm.record_costs(costs, cfg, size)
+    frame = efcm_costs.record_costs(costs, cfg, size)
     assert set(frame["dataset"]) == {"8px inputs, bags of 10"}
     assert frame["notes"].str.contains("teacher and students alike on 8x8 inputs").all()
     assert all(c["input_size"] == 8 for c in frame["config"])
@@ -163,4 +164,4 @@ def test_teacher_and_students_are_costed_on_inputs_of_the_teacher_size(monkeypat
 def test_costs_at_a_size_the_teacher_would_resize_are_refused():
     teacher = efcm.PatchEncoder(_FixedInput())
     with pytest.raises(ValueError, match="not be comparable"):
-        efcm.measure_costs({"teacher": teacher}, clam_sb(6, hidden=(4, 2)), input_size=4, bag_size=2, repeats=1)
+        efcm_costs.measure_costs({"teacher": teacher}, clam_sb(6, hidden=(4, 2)), input_size=4, bag_size=2, repeats=1)

@@ -1,8 +1,7 @@
 """EFCM experiment glue: bags and splits, MIL training, the cached teacher features, stage-1 distillation and the
-stage-2 strategies (Reuse / Retrain / End-to-end CLAM), Table 2's costs (teacher and students on inputs of one
-size) and the figures, so that
-``notebooks/efcm.ipynb`` stays a sequence of calls: :class:`Config`, :func:`load_data`, :func:`encode`, :func:`run`,
-:func:`record`, :func:`measure_costs` / :func:`record_costs`, :func:`plot_pareto`, :func:`plot_attention`.
+stage-2 strategies (Reuse / Retrain / End-to-end CLAM) and the figures, so that ``notebooks/efcm.ipynb`` stays a
+sequence of calls: :class:`Config`, :func:`load_data`, :func:`encode`, :func:`run`, :func:`record`,
+:func:`plot_pareto`, :func:`plot_attention`; Table 2's costs are in :mod:`mdbench.papers.efcm.costs`.
 
 A **bag** is a tuple ``(instances, label, instance_labels)``: instances are patches (N, 3, h, w) in [0, 1] or
 features (N, D); ``label`` an int; ``instance_labels`` an (N,) tensor or None where unknown. One protocol seed is
@@ -25,7 +24,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
 
-from mdbench import efficiency, metrics, train
+from mdbench import metrics, train
 from mdbench import samples as sample_outputs
 from mdbench.data.splits import kfold_splits
 from mdbench.losses.projection import fpd_loss
@@ -56,10 +54,10 @@ CACHE_ENV = "MDBENCH_CACHE_DIR"
 
 __all__ = [
     "Bag", "BagData", "Config", "DatasetRun", "EndToEndMIL", "FeatureScaler", "FoldResult", "PatchEncoder",
-    "SeedResult", "cache_dir", "cost_input_size", "distill", "encode", "fit_heads", "fold_index", "instance_auc",
-    "load_bags", "load_data", "map_instances", "measure_costs", "mosaic", "plot_attention", "plot_pareto",
-    "predict_bags", "record", "record_costs", "run", "run_split", "split_features",
-    "students", "table2_costs", "teacher_features", "teacher_model", "texture_teacher", "throughput", "train_mil",
+    "SeedResult", "autocast", "cache_dir", "distill", "encode", "fit_heads", "fold_index", "instance_auc",
+    "load_bags", "load_data", "map_instances", "mosaic", "plot_attention", "plot_pareto", "predict_bags", "record",
+    "run", "run_split", "split_features", "students", "teacher_features", "teacher_model", "texture_teacher",
+    "train_mil",
 ]
 
 
@@ -301,7 +299,9 @@ def _fingerprint(teacher: PatchEncoder, patches: torch.Tensor, amp: bool) -> str
     return digest.hexdigest()[:20]
 
 
-def _autocast(device: torch.device, amp: bool):
+def autocast(device: torch.device, amp: bool):
+    """The autocast the teacher's features are computed under: bf16 on CPU, bf16 (or fp16 without bf16) on CUDA
+    where ``amp``, else none."""
     if not amp:
         return torch.autocast(device.type, enabled=False)
     dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
@@ -357,7 +357,7 @@ def teacher_features(teacher: PatchEncoder, patches: torch.Tensor, *, name: str,
     batches = unique.view(-1, *patches.shape[1:]).split(batch_size)
     out = []
     for chunk in progress(batches) if progress else batches:
-        with _autocast(dev, amp):
+        with autocast(dev, amp):
             out.append(teacher(chunk.to(dev)).float().cpu())
     features = torch.cat(out)[inverse]
     if cache:
@@ -732,99 +732,6 @@ def encode(teacher: PatchEncoder, data: dict[str, BagData], cfg: Config, progres
     return features, seconds
 
 
-# ------------------------------------------------------------------------------------------------- efficiency
-def measure_costs(encoders: dict[str, nn.Module], head: nn.Module, input_size: int, bag_size: int, *,
-                  repeats: int = 20, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """Table 2: what extracting features and classifying one bag costs, per encoder, every encoder on inputs of
-    one size.
-
-    Per input (batch of one (1, 3, input_size, input_size) image): deployed parameters in millions
-    (``params_m``, encoder + head), ``gflops_patch`` (FlopCounterMode, 2 x MACs) and ``ms_patch`` (median
-    latency on ``device``). Per bag of ``bag_size`` inputs: ``gflops_bag`` = bag_size x gflops_patch + the head's
-    FLOPs on (bag_size, D), and ``s_bag`` = bag_size x ms_patch + the head's latency, in seconds. An encoder that
-    would resize the input first (a :class:`PatchEncoder` of another ``input_size``) is refused: its cost would
-    be another size's, not comparable.
-    """
-    from mdbench.efficiency import count_flops, count_parameters, measure_latency
-
-    resizing = [name for name, e in encoders.items() if getattr(e, "input_size", None) not in (None, input_size)]
-    if resizing:
-        raise ValueError(f"{resizing} resize every input to another size than {input_size}: their costs would not "
-                         "be comparable; measure at their input size")
-    patch = torch.rand(1, 3, input_size, input_size)
-    in_dim = cast(int, head.in_dim)  # every MIL head keeps its input width as the int ``in_dim``
-    bag = torch.randn(bag_size, in_dim)
-    head_flops = count_flops(head, (bag,)).flops
-    head_ms = measure_latency(head, (bag,), warmup=2, repeats=repeats, device=device).median_ms
-    head_params = count_parameters(head).total
-    rows = {}
-    for name, encoder in encoders.items():
-        encoder.to(device)
-        flops = count_flops(encoder, (patch,)).flops / 1e9
-        ms = measure_latency(encoder, (patch,), warmup=min(2, repeats), repeats=repeats, device=device).median_ms
-        rows[name] = {"params_m": (count_parameters(encoder).total + head_params) / 1e6, "gflops_patch": flops,
-                      "ms_patch": ms, "gflops_bag": bag_size * flops + head_flops / 1e9,
-                      "s_bag": (bag_size * ms + head_ms) / 1e3}
-    return rows
-
-
-def cost_input_size(teacher: PatchEncoder, patch_size: int) -> int:
-    """The one input side at which Table 2 counts and times the teacher and every student: the teacher's native
-    input where it has one (LiteMedSAM: 256, to which each tile is upsampled; the students are convolutional and
-    run at any size, the teacher cannot run natively at the students' tile size), else ``patch_size``."""
-    return teacher.input_size or patch_size
-
-
-TABLE2_UNITS = {"params_m": "M", "gflops_patch": "GFLOPs", "gflops_bag": "GFLOPs", "ms_patch": "ms", "s_bag": "s",
-                "ms_patch_gpu": "ms", "s_bag_gpu": "s", "parity_max_abs_diff": "", "patches_per_s": "patches/s",
-                "tflops_achieved": "TFLOP/s"}
-
-
-def table2_costs(teacher: PatchEncoder, teacher_dim: int, cfg: Config) -> dict[str, dict[str, float]]:
-    """Table 2 at :func:`cost_input_size`, teacher and students alike: :func:`measure_costs` of the teacher and
-    each student (with a CLAM-SB head) on the CPU; the FPD + TransScan student exported to every backend of
-    :data:`mdbench.efficiency.BACKENDS` (``ms_patch`` and its ``parity_max_abs_diff`` against PyTorch); the
-    teacher's feature throughput on ``cfg.device`` and the compute rate it implies (inputs/s x counted FLOPs); on
-    CUDA, the GPU latency of teacher and student."""
-    from mdbench.models.clam import clam_sb
-
-    size = cost_input_size(teacher, cfg.patch_size)
-    head = clam_sb(teacher_dim, hidden=tuple(cfg.head_hidden))
-    encoders = {"teacher": teacher, **{f"student_{v}": s.eval() for v, s in students(cfg, teacher_dim).items()}}
-    costs = measure_costs(encoders, head, size, cfg.cost_bag_size, repeats=cfg.latency_repeats, device="cpu")
-    patch = torch.rand(2, 3, size, size)
-    workdir = tempfile.mkdtemp()
-    for backend in efficiency.BACKENDS:
-        exported, parity = efficiency.export_with_parity(encoders["student_fpd_ts"], (patch,), backend=backend,
-                                                         workdir=workdir, atol=1e-4, name=f"student_{backend}")
-        latency = efficiency.measure_latency(exported, (patch[:1].numpy(),), repeats=cfg.latency_repeats)
-        costs[f"student_fpd_ts_{backend}"] = {"ms_patch": latency.median_ms, "parity_max_abs_diff": parity.max_abs_diff}
-    rate = throughput(teacher, size, cfg.teacher_batch, amp=cfg.amp, repeats=cfg.latency_repeats, device=cfg.device)
-    costs["teacher"].update(patches_per_s=rate, tflops_achieved=rate * costs["teacher"]["gflops_patch"] / 1e3)
-    if cfg.device == "cuda":
-        for name in ("teacher", "student_fpd_ts"):
-            gpu = efficiency.measure_latency(encoders[name].to("cuda"), (patch[:1],), repeats=cfg.latency_repeats)
-            costs[name]["ms_patch_gpu"] = gpu.median_ms
-            costs[name]["s_bag_gpu"] = cfg.cost_bag_size * gpu.median_ms / 1e3
-    return costs
-
-
-def record_costs(costs: dict[str, dict[str, float]], cfg: Config, input_size: int) -> pd.DataFrame:
-    """Table 2's records (one measurement each) of :func:`table2_costs` at ``input_size`` (its
-    :func:`cost_input_size`), with their units and how each was timed."""
-    notes = {"ms_patch": "CPU, median of single-input calls", "s_bag": "CPU", "ms_patch_gpu": "CUDA, synchronised",
-             "patches_per_s": f"{cfg.device}, batches of {cfg.teacher_batch}, amp={cfg.amp}",
-             "tflops_achieved": f"{cfg.device}: inputs/s x counted FLOPs per input"}
-    config = {"input_size": input_size, "patch_size": cfg.patch_size, "bag_size": cfg.cost_bag_size,
-              "teacher": cfg.teacher, "threads": torch.get_num_threads(), "device": cfg.device}
-    same_size = f"teacher and students alike on {input_size}x{input_size} inputs"
-    return pd.DataFrame([{"row": row, "metric": metric, "value": value, "unit": TABLE2_UNITS[metric],
-                          "notes": "; ".join(filter(None, (same_size, notes.get(metric)))), "config": config}
-                         for row, values in costs.items() for metric, value in values.items()]
-                        ).assign(dataset=f"{input_size}px inputs, bags of {cfg.cost_bag_size}",
-                                 dataset_checksum="not applicable")
-
-
 # ---------------------------------------------------------------------------------------------------- figures
 def mosaic(instances: torch.Tensor, values: Sequence[float] | np.ndarray, cols: int | None = None
            ) -> tuple[np.ndarray, np.ndarray]:
@@ -852,23 +759,6 @@ def mosaic(instances: torch.Tensor, values: Sequence[float] | np.ndarray, cols: 
         image[r * h:(r + 1) * h, c * w:(c + 1) * w] = instances[i].permute(1, 2, 0).clamp(0, 1).numpy()
         grid[r, c] = values[i]
     return image, grid
-
-
-def throughput(encoder: nn.Module, input_size: int, batch_size: int, *, amp: bool = False, repeats: int = 5,
-               device: str = "cpu") -> float:
-    """Inputs per second of ``encoder`` on batches of ``batch_size`` random (input_size x input_size) images, under
-    the same autocast as :func:`teacher_features` (median batch time after one warm-up; CUDA synchronised)."""
-    from mdbench.efficiency import measure_latency
-
-    dev = torch.device(device)
-    encoder.to(dev).eval()
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with _autocast(dev, amp):
-            return encoder(x)
-
-    batch = torch.rand(batch_size, 3, input_size, input_size, device=dev)
-    return batch_size / (measure_latency(run, (batch,), warmup=1, repeats=repeats, device=dev).median_ms / 1e3)
 
 
 # which encoder each Table 1 row runs at deployment, for the accuracy-versus-cost figure
