@@ -41,12 +41,12 @@ from scipy import stats
 
 from mdbench import results
 from mdbench import samples as sample_outputs
-from mdbench.results import Claim, PaperReference, Record, ResultStore, format_value
+from mdbench.results import NOT_RUN, Claim, PaperReference, Record, ResultStore, format_value
 
 ALPHA = 0.05
 N_RESAMPLES = 4999
 MIN_SPREAD_SEEDS = 3
-HOLDS, FAILS, INCONCLUSIVE, NOT_RUN = "holds", "does not hold", "inconclusive", "not run"
+HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 COLUMNS = ["claim", "text", "dataset", "lhs", "rhs", "test", "n", "difference", "ci_low", "ci_high", "confidence", "p",
            "p_adj", "status"]
 
@@ -73,6 +73,15 @@ class Evidence:
 
 
 # ----------------------------------------------------------------------------------------------------- tests
+def _interval_of(result) -> Callable[[float], tuple[float, float]]:
+    """The interval at any confidence of a SciPy t-test result (``ttest_1samp``, ``ttest_ind``)."""
+    def interval(confidence: float) -> tuple[float, float]:
+        ci = result.confidence_interval(confidence)
+        return float(ci.low), float(ci.high)
+
+    return interval
+
+
 def _t_evidence(d: np.ndarray, test: str) -> Evidence:
     """Paired t on differences ``d`` (one per unit or seed)."""
     n = len(d)
@@ -82,12 +91,7 @@ def _t_evidence(d: np.ndarray, test: str) -> Evidence:
     if np.ptp(d) == 0:  # no spread: the interval is the point itself, and it is decided unless it is zero
         return Evidence(test, n, mean, 1.0 if mean == 0 else 0.0, lambda confidence: (mean, mean))
     result = stats.ttest_1samp(d, 0.0)
-
-    def interval(confidence: float) -> tuple[float, float]:
-        ci = result.confidence_interval(confidence)
-        return float(ci.low), float(ci.high)
-
-    return Evidence(test, n, mean, float(result.pvalue), interval, se=float(np.std(d, ddof=1) / math.sqrt(n)),
+    return Evidence(test, n, mean, float(result.pvalue), _interval_of(result), se=float(np.std(d, ddof=1) / math.sqrt(n)),
                     df=n - 1)
 
 
@@ -260,12 +264,7 @@ def evidence(claim: Claim, lhs: Record, rhs: Record, samples_of: SamplesOf = lam
         if min(lhs.n, rhs.n) < MIN_SPREAD_SEEDS:
             return Evidence(test + f" (needs {MIN_SPREAD_SEEDS} a side)", min(lhs.n, rhs.n), diff)
         result = stats.ttest_ind(lhs.values, claim.factor * np.asarray(rhs.values) + claim.offset)
-
-        def interval(confidence: float) -> tuple[float, float]:
-            ci = result.confidence_interval(confidence)
-            return float(ci.low), float(ci.high)
-
-        return Evidence(test, min(lhs.n, rhs.n), diff, float(result.pvalue), interval)
+        return Evidence(test, min(lhs.n, rhs.n), diff, float(result.pvalue), _interval_of(result))
     rhs_by_seed = dict(zip(rhs.seeds, rhs.values, strict=True))
     d = np.array([v - (claim.factor * rhs_by_seed[s] + claim.offset)
                   for s, v in zip(lhs.seeds, lhs.values, strict=True) if s in rhs_by_seed])
