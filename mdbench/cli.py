@@ -1,4 +1,5 @@
-"""The ``mdbench`` command: ``reproduce``, ``judge``, ``doctor``, ``execute-notebooks`` and ``data list|check``."""
+"""The ``mdbench`` command: ``reproduce``, ``judge``, ``report``, ``doctor``, ``execute-notebooks`` and
+``data list|check``."""
 from __future__ import annotations
 
 import argparse
@@ -122,6 +123,21 @@ def _judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    """Build the static HTML site of the results (every claim tally, table, figure and executed notebook)."""
+    from mdbench.report.site import REPORT_DIR, ReportError, build_site
+    from mdbench.results import results_root
+
+    root, out = args.results_dir or results_root(), args.out or REPORT_DIR
+    try:
+        runs = build_site(root, out)
+    except ReportError as err:
+        print(f"mdbench: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(runs)} runs of {len({r.paper for r in runs})} papers from {root}; open {out.resolve() / 'index.html'}")
+    return 0
+
+
 def _execute_notebooks(args: argparse.Namespace) -> int:
     from mdbench.runner import NOTEBOOKS_DIR, execute_in_place
 
@@ -171,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     jud.add_argument("--profile", default="cpu", choices=available_profiles(), help="default: cpu")
     jud.add_argument("--results-dir", type=Path, default=None, help="default: results/ or MDBENCH_RESULTS_DIR")
     jud.set_defaults(func=_judge)
+
+    rpt = sub.add_parser("report", help="build a static HTML site of the results for reviewers: claim tallies, tables, "
+                         "figures and the executed notebooks; it works offline")
+    rpt.add_argument("--results-dir", type=Path, default=None, help="default: results/ or MDBENCH_RESULTS_DIR")
+    rpt.add_argument("--out", type=Path, default=None,
+                     help="folder of the site (default: build/report/ in the repository); a previous site there is "
+                          "replaced")
+    rpt.set_defaults(func=_report)
 
     data = sub.add_parser("data", help="the dataset registry")
     data_sub = data.add_subparsers(dest="data_command", required=True)
