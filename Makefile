@@ -16,7 +16,7 @@ PROFILE  ?= $(if $(MDBENCH_DATA_DIR),cpu,smoke)
 PAPER    ?=
 JOBS     ?= 1
 
-.PHONY: reproduce test unit test-gpu nbval lint doctor clean-venv execute-notebooks
+.PHONY: reproduce test unit test-gpu nbval lint doctor clean-venv execute-notebooks report browser
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,20 @@ reproduce: $(STAMP)
 
 test: $(STAMP) lint unit nbval
 
-unit: $(STAMP)
+unit: $(STAMP) browser
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+# Debian's chromium and its driver, for the report's browser test (tests/test_report_browser.py): a no-op where they
+# are installed; where apt-get cannot install them (not Debian, not root) a note, and that test skips saying why.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "note: no /usr/bin/chromium or /usr/bin/chromedriver, and apt-get cannot install them here"; fi
+
+# The static results site for reviewers (claim tallies, tables, figures, executed notebooks), offline: build/report/.
+report: $(STAMP)
+	$(BIN)/mdbench report
 
 # ruff (pyflakes, isort, bugbear, pyupgrade, public docstrings) and mypy, as configured in pyproject.toml.
 lint: $(STAMP)
