@@ -3,14 +3,15 @@
 Every page of a site built from a small results folder loads with no console error and no request outside the
 site, every image decodes, every table and formula is laid out; the index shows every run's claim tally, and its
 screenshot is saved under pytest's tmp folder (its path printed). One smoke check builds the site of the committed
-results/ and loads each of its pages. Chromium never reaches the network here: every host name resolves to nothing, so a page that asks for
-one fails, and its request is still logged, which is what the checks read.
+results/ and loads each of its pages. Chromium never reaches the network here: every host name resolves to nothing,
+so a page that asks for one fails, and its request is still logged, which is what the checks read.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -27,7 +28,8 @@ WINDOW = (1400, 1000)
 LAYOUT_PROBLEMS = """
 const problems = [];
 for (const img of document.images)
-  if (!img.complete || img.naturalWidth === 0) problems.push('image not rendered: ' + img.getAttribute('src').slice(0, 60));
+  if (!img.complete || img.naturalWidth === 0)
+    problems.push('image not rendered: ' + img.getAttribute('src').slice(0, 60));
 for (const t of document.querySelectorAll('table'))
   if (t.rows.length === 0 || t.getBoundingClientRect().height === 0) problems.push('table not rendered: ' + t.id);
 for (const m of document.querySelectorAll('math'))
@@ -77,6 +79,16 @@ def page_problems(driver, page: Path, site_dir: Path) -> list[str]:
     return problems + driver.execute_script(LAYOUT_PROBLEMS)
 
 
+def broken_links(driver, site_dir: Path) -> list[str]:
+    """The links of the loaded page that leave ``site_dir`` on disk or name a file it lacks (``http(s)`` links,
+    such as a citation's, are not requests and are left alone)."""
+    inside = site_dir.resolve().as_uri() + "/"
+    hrefs = driver.execute_script("return Array.from(document.querySelectorAll('a[href]')).map(a => a.href)")
+    local = [h.split("#")[0] for h in hrefs if h.startswith("file:")]
+    return [h for h in local if not h.startswith(inside)
+            or not (site_dir / unquote(h.removeprefix(inside))).is_file()]
+
+
 def tallies_shown(driver) -> dict[tuple[str, str], list[int]]:
     """(paper, profile) -> the four counts of the index's row, as the browser shows them."""
     rows = driver.execute_script("""return Array.from(document.querySelectorAll('#papers tbody tr')).map(r =>
@@ -106,6 +118,7 @@ def test_every_page_loads_offline_with_no_error_and_renders_its_images_tables_an
         "index.html", "quickstart/cpu/00_quickstart.html", "quickstart/cpu/index.html", "quickstart/smoke/index.html"]
     for page in pages:
         assert page_problems(browser, page, out) == [], page
+        assert broken_links(browser, out) == [], page
     browser.get((out / "quickstart" / "cpu" / "00_quickstart.html").as_uri())
     assert browser.execute_script("return document.querySelectorAll('math').length") == 2
 
@@ -121,14 +134,20 @@ def test_the_index_shows_every_runs_tally_and_its_screenshot_is_saved(browser, s
         print(f"\nscreenshot of the report's index: {screenshot}")
 
 
-def test_the_checks_catch_an_outside_request_a_console_error_and_a_broken_image(browser, tmp_path):
+def test_the_checks_catch_an_outside_request_a_console_error_a_broken_image_and_a_broken_link(browser, tmp_path):
     page = tmp_path / "bad.html"
-    page.write_text('<html><body><img src="https://cdn.example.org/x.png"><img src="missing.png">'
-                    '<script>console.error("boom")</script><table id="empty"></table></body></html>')
+    page.write_text('<html><head><link rel="stylesheet" href="../outside.css"></head>'
+                    '<body><img src="https://cdn.example.org/x.png"><img src="missing.png">'
+                    '<script>console.error("boom")</script><table id="empty"></table>'
+                    '<a href="gone.html">gone</a><a href="../outside.html">out</a><a href="bad.html#top">me</a>'
+                    '<a href="https://doi.org/10.1/x">cited</a></body></html>')
     problems = "\n".join(page_problems(browser, page, tmp_path))
     assert "request outside the site: https://cdn.example.org/x.png" in problems
+    assert f"request outside the site: {(tmp_path.parent / 'outside.css').as_uri()}" in problems
     assert "boom" in problems and "image not rendered: missing.png" in problems
     assert "table not rendered: empty" in problems
+    assert broken_links(browser, tmp_path) == [(tmp_path / "gone.html").as_uri(),
+                                               (tmp_path.parent / "outside.html").as_uri()]
 
 
 def test_the_committed_results_make_a_site_whose_index_shows_every_papers_tally(browser, tmp_path):
@@ -138,6 +157,8 @@ def test_the_committed_results_make_a_site_whose_index_shows_every_papers_tally(
     runs = site.build_site(REPO_RESULTS, out)
     for page in sorted(out.rglob("*.html")):
         assert page_problems(browser, page, out) == [], page
+        if page.name == "index.html":  # the site's own pages; a notebook's links are its author's
+            assert broken_links(browser, out) == [], page
     browser.get((out / "index.html").as_uri())
     assert tallies_shown(browser) == tallies_expected(runs, REPO_RESULTS)
     assert {r.paper for r in runs} == {p.parent.parent.name for p in REPO_RESULTS.glob("*/*/records")}
