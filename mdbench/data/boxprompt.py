@@ -1,7 +1,7 @@
 """The MedSAM-on-Laptop (CVPR 2024) box-prompt case convention: file names, boxes, ``.npz`` read and write.
 
 A case is one ``.npz`` whose name carries the dimensionality and the modality, e.g.
-``2DBox_Endoscopy_<id>.npz`` or ``3DBox_MR_<id>.npz`` (see ``/work/shared/papers/daft.md`` §3.1):
+``2DBox_Endoscopy_<id>.npz`` or ``3DBox_MR_<id>.npz``, as in the challenge DAFT was built for (``docs/papers/daft.md``):
 
 - 2D: ``imgs`` (H,W,3) uint8, ``gts`` (H,W) integer instance labels (0 background, 1..K objects;
   uint8, or uint16 when K >= 256), ``boxes`` (K,4) ``[x_min, y_min, x_max, y_max]``.

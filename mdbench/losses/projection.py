@@ -5,8 +5,8 @@ student's pooled features go through a projection head P into the teacher's feat
 
     L_FPD = w_mse * mean_d (P(S(x))_d - T(x)_d)^2  +  w_cos * (1 - cos(P(S(x)), T(x)))
 
-averaged over the batch. The paper's text gives only "feature projection"; MSE plus a cosine term is the reading
-of our spec (``shared/papers/efcm.md`` 2.2). No labels enter: any unlabeled patch is training data.
+averaged over the batch. The paper's text gives only "feature projection"; MSE plus a cosine term is our reading
+(``docs/papers/efcm.md``). No labels enter: any unlabeled patch is training data.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ seed; no two bags share an instance); each fold trains everything on its trainin
 its test bags, and the out-of-fold predictions of all bags give one accuracy and AUC per row and seed. Tables
 report mean ± std over seeds; the records keep every bag's outputs.
 
-Stages (Li & Diao, arXiv 2409.11817, as ``shared/papers/efcm.md`` reads them):
+Stages (Li & Diao, arXiv 2409.11817, as we read them: ``docs/papers/efcm.md``):
 
 1. **Distil** the frozen teacher's (standardised) patch features into a student, without labels, on each fold's
    training patches: FPD (``L = MSE + (1 - cos)`` after a projection head) or plain feature KD (MSE).
