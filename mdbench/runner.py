@@ -688,9 +688,10 @@ def outputs_text(results: list[RunResult], results_dir: Path) -> str:
     hold every claim check and their tally."""
     lines = ["outputs:"]
     for r in results:
-        if r.output is not None:
-            log = f"  (log: {r.log})" if r.log is not None and r.log != r.output else ""
-            lines.append(f"  {r.paper:<12} {r.output}{log}")
+        shown = r.output or r.log  # a stopped notebook left only its log
+        if shown is not None:
+            log = f"  (log: {r.log})" if r.log not in (None, shown) else ""
+            lines.append(f"  {r.paper:<12} {shown}{log}")
     lines.append(f"  {'claims':<12} {results_dir / 'summary.csv'} (tally: {results_dir / 'summary.md'})")
     return "\n".join(lines)
 

@@ -433,6 +433,7 @@ def test_a_signal_stops_the_run_at_once_with_a_summary_and_no_leftovers(tmp_path
         assert parent.returncode == 128 + sig
         assert "Traceback" not in err and f"interrupted by {sig.name}" in err
         assert "sleeper.ipynb" in out and "interrupted" in out
+        assert f"  toy          {results / 'toy' / 'smoke' / 'sleeper.log'}" in out  # where it got to
         _wait_for(lambda: _all_gone(tree), 5, "papermill and the kernel to end")
         folder = results / "toy" / "smoke"
         # the stopped notebook's live log stays, to say how far it got; nothing else of it does
