@@ -17,6 +17,8 @@ from nbconvert.exporters import HTMLExporter
 from nbconvert.filters.markdown_mistune import IPythonRenderer, MarkdownWithMath
 from traitlets.config import Config
 
+from mdbench import runner
+
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "notebook"  # templates/notebook/: the lab template without its CDN scripts, and a way back to the paper
 INTERACTIVE = ("application/vnd.jupyter.widget-view+json", "application/javascript")
@@ -68,7 +70,7 @@ def render_notebook(path: Path, title: str, back: str) -> str:
     """The executed notebook at ``path`` as one HTML page titled ``title``, with a link ``back`` to its paper's
     page (relative)."""
     nb = nbformat.read(path, as_version=4)
-    nb.metadata.pop("widgets", None)  # saved widget state: of no use without the manager the template leaves out
+    runner.without_widgets(nb)  # a static page shows a saved progress bar stalled at 0 %
     nb.metadata["title"] = title
     body, _ = exporter().from_notebook_node(nb, resources={"metadata": {"name": path.stem, "path": str(path.parent)},
                                                              "back": back})
