@@ -437,6 +437,26 @@ def test_tiny_msd_hippocampus(tmp_path):
     assert np.allclose(mm, (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-6)
 
 
+def test_tiny_msd_hippocampus_padded_at_its_own_resolution(tmp_path):
+    folder = _msd(tmp_path)
+    own = MSDHippocampusDataset(folder, "all", normalize="minmax")[1]
+    padded = MSDHippocampusDataset(folder, "all", normalize="minmax", spatial_size=(8, 8, 9), resize="pad")[1]
+    assert padded["image"].shape == (1, 8, 8, 9) and padded["label"].shape == (8, 8, 9)
+    assert padded["extent"] == own["extent"] == (6, 7, 8) and padded["spacing"] == own["spacing"] == (1.0, 1.0, 2.0)
+    # the volume sits in the corner, voxel for voxel; zeros after the end of each axis
+    assert torch.equal(padded["image"][:, :6, :7, :8], own["image"])
+    assert torch.equal(padded["label"][:6, :7, :8], own["label"])
+    outside = torch.ones(8, 8, 9, dtype=torch.bool)
+    outside[:6, :7, :8] = False
+    assert not padded["image"][0][outside].any() and not padded["label"][outside].any()
+    resampled = MSDHippocampusDataset(folder, "all", spatial_size=(8, 8, 9))[1]
+    assert resampled["extent"] == (8, 8, 9) and resampled["spacing"] == pytest.approx((0.75, 7 / 8, 16 / 9))
+    with pytest.raises(ValueError, match=r"hippocampus_001.nii.gz has shape \(6, 7, 8\), larger than"):
+        MSDHippocampusDataset(folder, "all", spatial_size=(8, 6, 9), resize="pad")[1]
+    with pytest.raises(ValueError, match="resize must be"):
+        MSDHippocampusDataset(folder, "all", spatial_size=(8, 8, 9), resize="crop")
+
+
 def test_tiny_msd_hippocampus_bad_input(tmp_path):
     folder = _msd(tmp_path)
     task = folder / "Task04_Hippocampus"

@@ -137,3 +137,25 @@ def test_bad_input_is_refused():
         MedAdapter(4, T, 6)
     with pytest.raises(ValueError, match="prev_stride"):
         MedAdapter(C, T, R, inter_stage=True, prev_stride=4)
+
+
+def test_initialised_as_the_official_code():
+    """The official ``MedAdapter`` keeps PyTorch's default initialisation for every layer (no zero-init, no init
+    function over the model) and sets W_f = B_f = 1. Built under one seed in the official order (down-projection,
+    the 3x3 and 5x5 branches, the 1x1x1 conv, up-projection), plain torch layers give our adapter's weights."""
+    torch.manual_seed(3)
+    ours = MedAdapter(C, T, R)
+    torch.manual_seed(3)
+    h = int(C / R)
+    official = [torch.nn.Linear(C, h),
+                torch.nn.Conv3d(h, h, (1, 3, 3), padding=(0, 1, 1), groups=h),
+                torch.nn.Conv3d(h, h, (3, 1, 1), padding=(1, 0, 0), groups=h), torch.nn.BatchNorm3d(h),
+                torch.nn.Conv3d(h, h, (1, 5, 5), padding=(0, 2, 2), groups=h),
+                torch.nn.Conv3d(h, h, (5, 1, 1), padding=(2, 0, 0), groups=h), torch.nn.BatchNorm3d(h),
+                torch.nn.Conv3d(h, h, 1), torch.nn.Linear(h, C)]
+    mine = [ours.down, *list(ours.branch3)[:3], *list(ours.branch5)[:3], ours.fuse, ours.up]
+    for theirs, layer in zip(official, mine, strict=True):
+        for (name, a), (_, b) in zip(theirs.named_parameters(), layer.named_parameters(), strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"{type(layer).__name__}.{name}")
+    assert torch.equal(ours.fft.weight, torch.ones(1, 1, T, 1, 1)) and torch.equal(ours.fft.bias, torch.ones(1, 1, T, 1, 1))
+    assert ours.up.weight.abs().min() > 0  # not zero-initialised: the adapter moves the frozen network from step 0

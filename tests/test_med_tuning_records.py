@@ -37,19 +37,19 @@ def tiny_run():
     cfg = mt.Config(backbone="timm:vit_tiny_patch16_224", pretrained=False, image_size=16, num_slices=8,
                     backbone_kwargs={"patch_size": 4, "depth": 4, "embed_dim": 16, "num_heads": 2},
                     decoder_channels=8, unet_channels=(4, 8), epochs=1, batch_size=1)
-    train_set = mt.load_volumes("synthetic", "train", 2, cfg)
-    test_set = mt.load_volumes("synthetic", "test", 3, cfg)
-    rows = {row: mt.run(row, cfg, train_set, test_set, [0, 1]) for row in ("scratch_unet3d", "med_tuning")}
-    return test_set, rows
+    volumes = mt.Volumes.concat([mt.load_volumes("synthetic", "train", 2, cfg),
+                                 mt.load_volumes("synthetic", "test", 3, cfg)])
+    rows = {row: mt.run(row, cfg, volumes, [0, 1]) for row in ("scratch_unet3d", "med_tuning")}
+    return volumes, rows
 
 
 def test_per_volume_outputs_give_back_every_record_on_shared_volumes(tiny_run, tmp_path):
-    test_set, rows = tiny_run
+    volumes, rows = tiny_run
     session = notebook.Session("med_tuning", "smoke", None, results.ResultStore("med_tuning", "smoke", root=tmp_path),
                                True, {})
     for result in rows.values():
-        session.record_frame("table1", mt.record(result, test_set, {"row": result.row}), samples=result.per_volume)
-    session.record_frame("table2", mt.record(rows["med_tuning"].subset([1]), test_set, {}, mt.TABLE2_METRICS),
+        session.record_frame("table1", mt.record(result, volumes, {"row": result.row}), samples=result.per_volume)
+    session.record_frame("table2", mt.record(rows["med_tuning"].subset([1]), volumes, {}, mt.TABLE2_METRICS),
                          samples=rows["med_tuning"].subset([1]).per_volume)
     records = session.store.records()
     assert len(records) == 2 * len(mt.UNITS) + len(mt.TABLE2_METRICS)
@@ -65,17 +65,18 @@ def test_per_volume_outputs_give_back_every_record_on_shared_volumes(tiny_run, t
             assert S.aggregate(own, rec.samples_ref, rec.metric) == pytest.approx(value, rel=1e-12)
             units.setdefault(seed, set()).add(tuple(own.loc[own["metric"] == rec.metric, "unit"]))
     assert {rec.seeds[0] for rec in records if rec.table == "table2"} == {1}
-    # every row and metric of a seed scored the same volumes, named by their ids
-    assert units == {0: {tuple(test_set.ids)}, 1: {tuple(test_set.ids)}}
+    # every row and metric of a seed scored the same volumes, the test ones, named by their ids
+    tested = tuple(volumes.parts()["test"].ids)
+    assert units == {0: {tested}, 1: {tested}}
 
 
 def test_a_record_that_its_volumes_do_not_give_back_is_refused(tiny_run, tmp_path):
-    test_set, rows = tiny_run
+    volumes, rows = tiny_run
     result = rows["med_tuning"]
     session = notebook.Session("med_tuning", "smoke", None, results.ResultStore("med_tuning", "smoke", root=tmp_path),
                                True, {})
     lines = result.per_volume.copy()
     lines.loc[(lines["seed"] == 0) & (lines["metric"] == "hd95"), "value"] += 1.0
     with pytest.raises(S.SamplesError, match="hd95, seed 0"):
-        session.record_frame("table1", mt.record(result, test_set, {}), samples=lines)
+        session.record_frame("table1", mt.record(result, volumes, {}), samples=lines)
 

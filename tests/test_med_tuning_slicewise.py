@@ -125,7 +125,7 @@ def test_training_beats_no_training_on_synthetic_volumes():
     test_set = mt.load_volumes("synthetic", "test", 2, cfg)
     torch.manual_seed(0)
     untrained = mt.evaluate(mt.build_row_model("med_tuning", cfg), test_set, "cpu")
-    trained = mt.run("med_tuning", cfg, train_set, test_set, [0])
+    trained = mt.run("med_tuning", cfg, mt.Volumes.concat([train_set, test_set]), [0])
     assert trained.values["dice_mean"][0] > untrained["dice_mean"] + 20
     assert trained.values["tuned_params_pct"][0] < 100 and trained.values["train_memory_mb"][0] > 0
 

@@ -6,7 +6,8 @@ labels, so the split is a seeded random 70/15/15 one over the listed pairs.
 
 Volumes are reoriented to RAS+ (``nibabel.as_closest_canonical``; the Decathlon files already are RAS),
 so the array axes (D, H, W) are nibabel's (x: left->right, y: posterior->anterior, z: inferior->superior).
-Shapes vary per case (about 35x50x35 at 1 mm); pass ``spatial_size`` to batch them.
+Shapes vary per case (32-43 x 40-58 x 26-45 voxels of 1 mm); pass ``spatial_size`` to batch them, resampled to it
+or zero-padded to it at their own resolution (``resize="pad"``).
 """
 from __future__ import annotations
 
@@ -60,14 +61,17 @@ class MSDHippocampusDataset(RealDataset):
     """Hippocampus MRI volumes with anterior/posterior labels.
 
     Items: ``{"image": FloatTensor (1, D, H, W), "label": LongTensor (D, H, W) in {0, 1, 2},
-    "spacing": (sx, sy, sz) mm of the returned voxels, "id": str}``.
+    "spacing": (sx, sy, sz) mm of the returned voxels, "extent": (d, h, w) the corner of the returned grid that
+    holds the volume (the whole grid unless padded), "id": str}``.
 
     Args:
         folder: the ``msd_hippocampus`` folder (holding ``Task04_Hippocampus``).
         split: "train", "val", "test" or "all".
         normalize: "zscore" (default; per volume, as nnU-Net does for MRI) or "minmax" (per volume to [0, 1]).
-        spatial_size: (D, H, W) to resample to with MONAI ``Resize``: trilinear for the image, nearest
-            for the label; the spacing is rescaled to match. None keeps each volume's own shape.
+        spatial_size: (D, H, W) every volume is brought to (``resize``). None keeps each volume's own shape.
+        resize: "resample" (MONAI ``Resize``: trilinear image, nearest label; the spacing is rescaled to match) or
+            "pad" (MONAI ``SpatialPad`` with zeros after the end of each axis, after normalising: the voxels stay
+            the data's own; a volume larger than ``spatial_size`` on any axis is refused).
         seed, fractions: the seeded split.
         transform: applied to the item dict.
     """
@@ -76,13 +80,15 @@ class MSDHippocampusDataset(RealDataset):
 
     def __init__(self, folder: Path | str, split: str = "train",
                  normalize: Literal["zscore", "minmax"] = "zscore",
-                 spatial_size: Sequence[int] | None = None, seed: int = DEFAULT_SEED,
-                 fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                 spatial_size: Sequence[int] | None = None, resize: Literal["resample", "pad"] = "resample",
+                 seed: int = DEFAULT_SEED, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                  transform: Callable[[dict[str, Any]], Any] | None = None) -> None:
         super().__init__(folder, split, seed, fractions, transform)
         if normalize not in ("zscore", "minmax"):
             raise ValueError(f"normalize must be 'zscore' or 'minmax', got {normalize!r}")
-        self.normalize = normalize
+        if resize not in ("resample", "pad"):
+            raise ValueError(f"resize must be 'resample' or 'pad', got {resize!r}")
+        self.normalize, self.resize = normalize, resize
         self.spatial_size = None if spatial_size is None else tuple(int(s) for s in spatial_size)
         task_dir = require_dir(self.folder / SUBFOLDER, "MSD Task04_Hippocampus folder")
         self.json_path = task_dir / "dataset.json"
@@ -95,13 +101,16 @@ class MSDHippocampusDataset(RealDataset):
         self.label_paths = [p for _, p in pairs]
         self.ids = [p.name.removesuffix(".nii.gz").removesuffix(".nii") for p in self.image_paths]
         self._select(len(pairs))
-        self._resize = self._resizers(self.spatial_size) if self.spatial_size else None
+        self._resize = self._resizers(self.spatial_size, resize) if self.spatial_size else None
 
     @staticmethod
-    def _resizers(spatial_size: tuple[int, ...]) -> tuple[Callable, Callable]:
-        # Imported here: MONAI takes seconds to import and only resampling needs it.
-        from monai.transforms import Resize
+    def _resizers(spatial_size: tuple[int, ...], resize: str) -> tuple[Callable, Callable]:
+        # Imported here: MONAI takes seconds to import and only resizing needs it.
+        from monai.transforms import Resize, SpatialPad
 
+        if resize == "pad":
+            pad = SpatialPad(spatial_size, method="end")
+            return pad, pad
         return (Resize(spatial_size, mode="trilinear"), Resize(spatial_size, mode="nearest"))
 
     @property
@@ -132,9 +141,16 @@ class MSDHippocampusDataset(RealDataset):
                              f"0..{len(self.classes) - 1} ({', '.join(self.classes)})")
         x = self._normalized(image)[None]
         y = torch.from_numpy(label.astype(np.int64))[None]
+        extent = tuple(image.shape)
         if self._resize is not None:
             assert self.spatial_size is not None  # _resize exists only for a spatial_size (__init__)
-            spacing = tuple(s * n / m for s, n, m in zip(spacing, image.shape, self.spatial_size, strict=True))
+            if self.resize == "pad":
+                if any(n > m for n, m in zip(image.shape, self.spatial_size, strict=True)):
+                    raise ValueError(f"{self.image_paths[case].name} has shape {image.shape}, larger than the "
+                                     f"spatial_size {self.spatial_size} it would be padded to")
+            else:
+                spacing = tuple(s * n / m for s, n, m in zip(spacing, image.shape, self.spatial_size, strict=True))
+                extent = self.spatial_size
             x = self._resize[0](x).as_tensor()
             y = self._resize[1](y.float()).as_tensor().round().long()
-        return self._apply({"image": x, "label": y[0], "spacing": spacing, "id": self.ids[case]})
+        return self._apply({"image": x, "label": y[0], "spacing": spacing, "extent": extent, "id": self.ids[case]})

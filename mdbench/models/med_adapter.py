@@ -15,6 +15,11 @@ backbone cannot. With input tokens ``X`` of shape (B·T, L, C) on an (h, w) grid
    halves; ``A`` becomes the carried state. Other adapters use ``A = F`` and pass the state through;
 4. ``V' = V + A``; ``Y = X + GELU(V' W_u + b_u)`` (up-projection, not zero-initialised).
 
+Initialisation as in the official code (which applies no init function to its adapters): PyTorch's defaults for
+every linear and convolution layer (Kaiming-uniform weights, uniform biases), BatchNorm weight 1 and bias 0, and
+``W_f = B_f = 1``; nothing is zero-initialised, so the adapters change the frozen network's output from the first
+step.
+
 Each intra branch (``branch3``, ``branch5``, ``fft``) and the interaction (``inter_stage``) can be switched off for
 the ablation; a switched-off branch has no parameters. Built by ``build_model("med_adapter", dim=..., num_slices=...)``
 or by :class:`mdbench.models.slicewise.SliceWiseSegmenter` after every transformer block.

@@ -21,10 +21,11 @@ def _setup(device: str) -> mt.Config:
 
 @pytest.mark.parametrize("row", ["med_tuning", "lora"])
 def test_row_trains_and_scores_alike_on_cuda(row):
-    train_set = mt.load_volumes("synthetic", "train", 6, _setup("cpu"))
-    test_set = mt.load_volumes("synthetic", "test", 3, _setup("cpu"))
-    cpu = mt.run(row, _setup("cpu"), train_set, test_set, [0])
-    gpu = mt.run(row, _setup("cuda"), train_set, test_set, [0])
+    volumes = mt.Volumes.concat([mt.load_volumes("synthetic", "train", 6, _setup("cpu")),
+                                 mt.load_volumes("synthetic", "test", 3, _setup("cpu"))])
+    test_set = volumes.parts()["test"]
+    cpu = mt.run(row, _setup("cpu"), volumes, [0])
+    gpu = mt.run(row, _setup("cuda"), volumes, [0])
     assert gpu.memory_method == "cuda_max_memory_allocated" and gpu.values["train_memory_mb"][0] > 0
     assert gpu.values["tuned_params_m"] == cpu.values["tuned_params_m"]
     assert gpu.example_pred.dtype == cpu.example_pred.dtype == torch.uint8
@@ -57,3 +58,16 @@ def test_evaluate_returns_label_maps_and_scores_them_alike_on_cuda():
     assert_scores_close({k: v for k, v in gpu.items() if k.startswith("dice")},
                         {k: v for k, v in cpu.items() if k.startswith("dice")}, 0.01, 100 * (1 - agreement),
                         "med_tuning evaluate")
+
+
+def test_cross_validation_scores_every_volume_once_on_cuda_as_on_the_cpu():
+    """The gpu profile's protocol (2 folds, volumes resident on the device, batches indexed there) on CUDA."""
+    setups = {device: mt.Config(**{**_setup(device).as_dict(), "dataset": "synthetic", "folds": 2, "n_volumes": 6})
+              for device in ("cpu", "cuda")}
+    volumes = mt.load_data(setups["cpu"])
+    cpu, gpu = (mt.run("med_tuning", setups[d], volumes, [0]) for d in ("cpu", "cuda"))
+    for result in (cpu, gpu):
+        dice = result.per_volume[result.per_volume["metric"] == "dice_mean"]
+        assert sorted(dice["unit"]) == sorted(volumes.ids)  # each volume once, by the fold that held it out
+    assert gpu.curves[["fold", "epoch"]].equals(cpu.curves[["fold", "epoch"]])
+    assert_close(gpu.values["dice_mean"], cpu.values["dice_mean"], 0.5, "med_tuning 2-fold dice_mean")

@@ -6,12 +6,18 @@ trained from scratch (``build_model("unet3d")``, MONAI's ``UNet``). All are trai
 reduced scale: softmax soft-Dice summed over the foreground classes (MONAI ``DiceLoss``), Adam with amsgrad and weight
 decay 1e-5, the official warm-up + cosine learning-rate shape; no augmentation, no sliding window, no test-time
 flips.
+
+Two protocols (:func:`cv_folds`): the data's fixed train/test split (``Config.folds`` None), or a k-fold
+cross-validation over the volumes, one repeat per seed, in which every volume is scored once per seed by the model of
+the fold that held it out. Volumes are resampled to T × S × S, or zero-padded to it at their own voxels
+(``Config.resize``); the training batches are indexed out of tensors that stay on the training device.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, cast
 
 import numpy as np
@@ -19,11 +25,12 @@ import pandas as pd
 import torch
 from monai.losses import DiceLoss
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from mdbench import metrics, train
 from mdbench.data.base import RealDataset
 from mdbench.data.registry import is_present, load_dataset
+from mdbench.data.splits import kfold_splits
 from mdbench.data.synthetic import SyntheticVolumes
 from mdbench.efficiency import peak_memory
 from mdbench.models import build_model
@@ -38,10 +45,13 @@ PET_ROWS = ("head", "lora", "vpt", "adaptformer")
 ABLATION_SWITCHES = {"no_3x3": {"branch3": False}, "no_5x5": {"branch5": False}, "no_fft": {"fft": False},
                      "no_inter_fi": {"inter_fi": False}}
 
-__all__ = ["ABLATION_SWITCHES", "CLASSES", "PER_VOLUME", "PET_ROWS", "TABLE1_ROWS", "Config", "RowResult",
-           "Volumes", "ablation_adapters", "build_row_model", "dice_loss", "draw_framework", "evaluate", "load_data",
-           "load_volumes", "per_volume_lines", "plot_dice_vs_params", "plot_slices", "record", "run",
-           "summary_frame", "training_memory_mb", "volume_means", "wide_table"]
+RESIZE = ("resample", "pad")
+
+__all__ = ["ABLATION_SWITCHES", "CLASSES", "PER_VOLUME", "PET_ROWS", "RESIZE", "TABLE1_ROWS", "Config", "RowResult",
+           "Volumes", "ablation_adapters", "build_row_model", "cv_folds", "dice_loss", "draw_framework", "evaluate",
+           "load_data", "load_volumes", "mean_curves", "per_volume_lines", "plot_curves", "plot_dice_vs_params",
+           "plot_slices", "protocol", "record", "run", "run_config", "summary_frame", "training_memory_mb",
+           "volume_means", "wide_table"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,20 @@ class Config(NotebookConfig):
     unet_channels: tuple[int, ...] = (16, 32, 64, 128)
     device: str = "cpu"
     amp: bool = False
+    folds: int | None = None       # k of a k-fold cross-validation over the volumes; None: the fixed train/test split
+    n_volumes: int | None = None   # with folds: the first n volumes of the dataset (None: all of them)
+    resize: str = "resample"       # resample | pad: zero-padded to T × S × S at the data's own voxels
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE:
+            raise ValueError(f"resize must be one of {RESIZE}, got {self.resize!r}")
+        if self.folds is None:
+            if self.n_volumes is not None:
+                raise ValueError("n_volumes sizes the cross-validation: set folds, or n_train / n_test for the fixed "
+                                 "split")
+        elif self.folds < 2 or self.n_train is not None or self.n_test is not None:
+            raise ValueError(f"a {self.folds}-fold cross-validation needs folds >= 2 and tests every volume once: "
+                             f"size it with n_volumes, not n_train ({self.n_train}) / n_test ({self.n_test})")
 
     @property
     def warmup_epochs(self) -> int:
@@ -80,51 +104,98 @@ class Config(NotebookConfig):
         return max(1, self.epochs // 10)
 
     def as_record(self) -> dict[str, Any]:
-        return {**super().as_record(), "warmup_epochs": self.warmup_epochs}
+        """Every field but ``data_dir``, and ``warmup_epochs``. The fields that came with cross-validation and padding
+        are left out at their defaults, so that records made before them keep their config and its hash."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in {**super().as_record(), "warmup_epochs": self.warmup_epochs}.items()
+                if not (k in _LATER_FIELDS and v == defaults[k])}
+
+
+_LATER_FIELDS = ("folds", "n_volumes", "resize")
 
 
 # ------------------------------------------------------------------------------------------------------ data
 @dataclass
 class Volumes:
-    """One split as tensors: ``images`` (N, 1, T, S, S) in [0, 1], ``labels`` (N, T, S, S) int64, ``spacing`` (N, 3)
-    mm of the resampled voxels, ``ids``; ``dataset`` and ``checksum`` name the data for records."""
+    """The run's volumes as tensors: ``images`` (N, 1, T, S, S) in [0, 1], ``labels`` (N, T, S, S) int64,
+    ``spacing`` (N, 3) mm of the returned voxels, ``extent`` (N, 3) int: the corner ``[:d, :h, :w]`` of the grid that
+    holds each volume (the rest is zero padding; the whole grid when resampled), ``ids``, ``split`` (N,): each
+    volume's part of the fixed split (``"train"`` / ``"test"``), or ``"all"`` for a cross-validation's volumes;
+    ``dataset`` and ``checksum`` name the data for records."""
 
     images: torch.Tensor
     labels: torch.Tensor
     spacing: np.ndarray
+    extent: np.ndarray
     ids: list[str]
+    split: np.ndarray
     dataset: str
     checksum: str
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def subset(self, index: Iterable[int]) -> Volumes:
+        """The volumes at positions ``index``, in that order (tensors indexed where they are)."""
+        index = np.asarray(list(index), dtype=np.int64)
+        at = torch.from_numpy(index).to(self.images.device)
+        return Volumes(self.images[at], self.labels[at], self.spacing[index], self.extent[index],
+                       [self.ids[i] for i in index], self.split[index], self.dataset, self.checksum)
 
-def load_data(cfg: Config) -> tuple[Volumes, Volumes]:
-    """The run's training and test volumes (``cfg.n_train`` and ``cfg.n_test`` of them) of ``cfg.dataset``."""
+    def parts(self) -> dict[str, Volumes]:
+        """Each part of the split (``"train"``, ``"test"`` or ``"all"``) as its own volumes, in order of appearance."""
+        return {name: self.subset(np.flatnonzero(self.split == name)) for name in dict.fromkeys(self.split.tolist())}
+
+    def to(self, device: str | torch.device) -> Volumes:
+        """The same volumes with images and labels on ``device`` (130 padded MSD volumes take about 0.3 GB)."""
+        return Volumes(self.images.to(device), self.labels.to(device), self.spacing, self.extent, self.ids,
+                       self.split, self.dataset, self.checksum)
+
+    @staticmethod
+    def concat(parts: Iterable[Volumes]) -> Volumes:
+        """Volumes of one dataset, one part after another; the checksum names every part's data."""
+        parts = list(parts)
+        if len({p.dataset for p in parts}) != 1:
+            raise ValueError(f"cannot pool volumes of datasets {sorted({p.dataset for p in parts})}")
+        sums = list(dict.fromkeys(p.checksum for p in parts))  # real data: one checksum for every split
+        checksum = sums[0] if len(sums) == 1 else hashlib.sha256("+".join(sums).encode()).hexdigest()
+        return Volumes(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
+                       np.concatenate([p.spacing for p in parts]), np.concatenate([p.extent for p in parts]),
+                       [i for p in parts for i in p.ids], np.concatenate([p.split for p in parts]),
+                       parts[0].dataset, checksum)
+
+
+def load_data(cfg: Config) -> Volumes:
+    """Every volume of the run: the fixed split's ``cfg.n_train`` training and ``cfg.n_test`` test volumes (in that
+    order), or with ``cfg.folds`` the first ``cfg.n_volumes`` of the whole dataset (:func:`cv_folds` cuts them)."""
     if cfg.dataset != "synthetic" and not is_present(cfg.dataset, cfg.data_dir):
         raise FileNotFoundError(f"{cfg.dataset} is not under {cfg.data_dir or '$MDBENCH_DATA_DIR'}: see "
                                 f"data_cards/{cfg.dataset}.md, or run the smoke profile on synthetic volumes")
-    return (load_volumes(cfg.dataset, "train", cfg.n_train, cfg, cfg.data_dir),
-            load_volumes(cfg.dataset, "test", cfg.n_test, cfg, cfg.data_dir))
+    if cfg.folds is not None:
+        return load_volumes(cfg.dataset, "all", cfg.n_volumes, cfg, cfg.data_dir)
+    return Volumes.concat([load_volumes(cfg.dataset, "train", cfg.n_train, cfg, cfg.data_dir),
+                           load_volumes(cfg.dataset, "test", cfg.n_test, cfg, cfg.data_dir)])
 
 
 def load_volumes(dataset: str, split: str, n: int | None, cfg: Config, data_dir: str | None = None) -> Volumes:
-    """The first ``n`` volumes (all with None) of ``split``, resampled to (T, S, S) = (num_slices, image_size,
-    image_size).
+    """The first ``n`` volumes (all with None) of ``split``, brought to (T, S, S) = (num_slices, image_size,
+    image_size) as ``cfg.resize`` says.
 
-    ``dataset``: ``"synthetic"`` (:class:`SyntheticVolumes`, generated at that shape) or ``"msd_hippocampus"``
-    (MONAI ``Resize``: trilinear image, nearest label). Intensities are min-max scaled per volume to [0, 1], the
-    input range of LiteMedSAM. The slice axis T is the volume's first axis (left-right in the RAS MSD volumes).
+    ``dataset``: ``"synthetic"`` (:class:`SyntheticVolumes`, generated at that shape; its ``"all"`` is its training
+    stream, the volumes being drawn independently) or ``"msd_hippocampus"`` (``resample``: MONAI ``Resize``,
+    trilinear image, nearest label; ``pad``: zeros after each axis' end, the voxels left as they are, 1 mm).
+    Intensities are min-max scaled per volume to [0, 1], the input range of LiteMedSAM. The slice axis T is the
+    volume's first axis (left-right in the RAS MSD volumes).
     """
     shape = (cfg.num_slices, cfg.image_size, cfg.image_size)
     source: SyntheticVolumes | RealDataset
     if dataset == "synthetic":
-        source = SyntheticVolumes(n or 1, shape=shape, seed=0, split=split, normalize="minmax")
+        source = SyntheticVolumes(n or 1, shape=shape, seed=0, split="train" if split == "all" else split,
+                                  normalize="minmax")
     else:
         # the registry types its result as Dataset; every real dataset's loader is a RealDataset (len, checksum)
         source = cast(RealDataset, load_dataset(dataset, split=split, data_dir=data_dir, normalize="minmax",
-                                                spatial_size=shape))
+                                                spatial_size=shape, resize=cfg.resize))
     count = len(source) if n is None else min(n, len(source))
     if count == 0:
         raise ValueError(f"{dataset} split {split!r} has no volumes")
@@ -132,7 +203,30 @@ def load_volumes(dataset: str, split: str, n: int | None, cfg: Config, data_dir:
     return Volumes(images=torch.stack([it["image"] for it in items]).float(),
                    labels=torch.stack([it["label"] for it in items]).long(),
                    spacing=np.array([it["spacing"] for it in items], dtype=np.float64),
-                   ids=[it["id"] for it in items], dataset=dataset, checksum=source.checksum)
+                   extent=np.array([it.get("extent", shape) for it in items], dtype=np.int64),
+                   ids=[it["id"] for it in items], split=np.full(count, split), dataset=dataset,
+                   checksum=source.checksum)
+
+
+def run_config(cfg: Config, volumes: Volumes) -> dict[str, Any]:
+    """The config a run's records keep: ``cfg.as_record()`` with the numbers of volumes it ran on (``n_train`` and
+    ``n_test`` of the fixed split, or ``n_volumes`` of the cross-validation)."""
+    if cfg.folds is None:
+        counts = {name: int((volumes.split == part).sum()) for name, part in (("n_train", "train"), ("n_test", "test"))}
+    else:
+        counts = {"n_volumes": len(volumes)}
+    return {**cfg.as_record(), **counts}
+
+
+def cv_folds(volumes: Volumes, folds: int | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(train, test)`` positions into ``volumes`` of each fold of one seed: the fixed split as one fold (the same
+    for every seed), or a ``folds``-fold cross-validation shuffled by ``seed`` (:func:`mdbench.data.splits.
+    kfold_splits` over one stratum), whose test parts partition the volumes."""
+    if folds is None:
+        return [(np.flatnonzero(volumes.split == "train"), np.flatnonzero(volumes.split == "test"))]
+    if folds > len(volumes):
+        raise ValueError(f"a {folds}-fold cross-validation needs at least {folds} volumes, got {len(volumes)}")
+    return kfold_splits(np.zeros(len(volumes), dtype=np.int64), folds, seed)
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -177,6 +271,18 @@ def _paper_schedule(optimizer: torch.optim.Optimizer, epochs: int, warmup: int) 
         return (math.cos(math.pi * (epoch - warmup) / epochs) + 1) / 2
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+             generator: torch.Generator | None = None) -> DataLoader:
+    """Batches ``(images[idx], labels[idx])`` indexed out of the tensors where they lie (the GPU in training): one
+    indexing per batch, no per-volume item or collation. With ``generator`` the order is shuffled every pass,
+    drawing from it as ``DataLoader(shuffle=True, generator=generator)`` does, so that a run gives the batches the
+    per-volume loader gave."""
+    volumes = range(len(images))
+    order = SequentialSampler(volumes) if generator is None else RandomSampler(volumes, generator=generator)
+    return DataLoader(TensorDataset(images, labels), sampler=BatchSampler(order, batch_size, drop_last=False),
+                      batch_size=None, generator=generator)
 
 
 def _step(loss_fn: nn.Module):
@@ -224,25 +330,36 @@ def training_memory_mb(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor
     return (params + grads + state + sum(saved.values())) / 2**20, "counted: params+grads+optimizer+saved tensors"
 
 
+def _inside(extent: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    """(N, T, S, S) bool: True on each volume's own voxels, the corner ``[:d, :h, :w]`` of ``extent`` (N, 3)."""
+    axes = [torch.arange(n) for n in shape]
+    ends = torch.from_numpy(np.asarray(extent, dtype=np.int64))
+    return ((axes[0][None, :, None, None] < ends[:, 0, None, None, None])
+            & (axes[1][None, None, :, None] < ends[:, 1, None, None, None])
+            & (axes[2][None, None, None, :] < ends[:, 2, None, None, None]))
+
+
 def evaluate(model: nn.Module, volumes: Volumes, device: str, batch_size: int = 2) -> dict[str, Any]:
     """Scores on ``volumes``: Dice (%) per foreground class and over both, HD95 (mm) over both classes, predictions,
     and the per-volume values each score is the mean of (``per_volume``, :func:`per_volume_lines`). A score over
     both classes is the mean over every scored (volume, class) pair: the mean of the two classes' scores when every
     volume scores both (every test volume of MSD Hippocampus has both).
 
-    Per-case values follow :mod:`mdbench.metrics` (a class absent from both is skipped). A class the target has and
-    the prediction misses gets HD95 = the volume's diagonal in mm (a worst-case distance, as BraTS scores an empty
-    prediction), so a model that finds nothing is not rewarded by an undefined distance.
+    Only each volume's own voxels are scored (its ``extent``): a prediction in the zero padding around it counts as
+    background. Per-case values follow :mod:`mdbench.metrics` (a class absent from both is skipped). A class the
+    target has and the prediction misses gets HD95 = the volume's diagonal in mm (a worst-case distance, as BraTS
+    scores an empty prediction), so a model that finds nothing is not rewarded by an undefined distance.
     """
-    loader = DataLoader(TensorDataset(volumes.images, volumes.labels), batch_size=batch_size)
+    loader = _batches(volumes.images, volumes.labels, batch_size)
     pred, target = train.predict(model, loader, device, fn=lambda m, b: (m(b[0]).argmax(dim=1).byte(), b[1]))
+    pred = pred * _inside(volumes.extent, tuple(pred.shape[1:]))
     dice = metrics.dice_per_class(pred, target, len(CLASSES)).numpy()  # (N, 2)
     hd = []
     for case in range(len(volumes)):
         spacing = volumes.spacing[case]
         h = metrics.hd95(pred[case:case + 1], target[case:case + 1], len(CLASSES), spacing=spacing.tolist())[0]
         present = torch.tensor([(target[case] == c).any().item() for c in range(1, len(CLASSES))])
-        diagonal = float(np.linalg.norm(np.array(target.shape[1:]) * spacing))
+        diagonal = float(np.linalg.norm(volumes.extent[case] * spacing))
         hd.append(torch.where(torch.isnan(h) & present, torch.full_like(h, diagonal), h).numpy())
     lines = per_volume_lines(volumes.ids, 100 * dice, np.array(hd))
     return {**volume_means(lines), "pred": pred, "per_volume": lines}
@@ -280,17 +397,22 @@ def volume_means(lines: pd.DataFrame) -> dict[str, float]:
 @dataclass
 class RowResult:
     """Per-seed metrics of one row (``values[metric]`` is a list over ``seeds``), the per-volume values behind the
-    scores (``per_volume``: lines ``row, seed, unit, metric, value, weight`` of :func:`per_volume_lines`, the
-    ``samples`` of :meth:`mdbench.notebook.Session.record_frame`), one example prediction (seed ``seeds[0]``, the
-    first test volume), where the weights came from and how memory was measured."""
+    scores (``per_volume``: lines ``row, seed, fold, unit, metric, value, weight`` of :func:`per_volume_lines`, the
+    ``samples`` of :meth:`mdbench.notebook.Session.record_frame`), each training run's curve (``curves``: lines
+    ``row, seed, fold, epoch, train_loss, lr, seconds`` from :class:`mdbench.train.History`), one example prediction
+    (seed ``seeds[0]``, the first test volume of its first fold, at position ``example_index`` of the run's
+    volumes), where the weights came from, how memory was measured and the protocol in words."""
 
     row: str
     seeds: list[int]
     values: dict[str, list[float]]
     per_volume: pd.DataFrame
+    curves: pd.DataFrame
     example_pred: torch.Tensor | None  # None only for a row run over no seeds
+    example_index: int
     init: str
     memory_method: str
+    protocol: str
 
     def subset(self, seeds: Iterable[int]) -> RowResult:
         """The same row restricted to ``seeds`` (all of them among ``self.seeds``)."""
@@ -300,50 +422,76 @@ class RowResult:
             raise ValueError(f"row {self.row!r} has no run for seeds {missing} (it has {self.seeds})")
         keep = [self.seeds.index(s) for s in seeds]
         values = {k: [v[i] for i in keep] for k, v in self.values.items()}
-        per_volume = self.per_volume[self.per_volume["seed"].isin(seeds)]
-        return RowResult(self.row, seeds, values, per_volume, self.example_pred, self.init, self.memory_method)
+        return RowResult(self.row, seeds, values, self.per_volume[self.per_volume["seed"].isin(seeds)],
+                         self.curves[self.curves["seed"].isin(seeds)], self.example_pred, self.example_index,
+                         self.init, self.memory_method, self.protocol)
 
 
-def run(row: str, cfg: Config, train_set: Volumes, test_set: Volumes, seeds: list[int],
-            adapter: MedAdapterConfig | None = None, progress: bool = False) -> RowResult:
-    """Train and score one row once per seed: Table 1/2 metrics per seed, every seed on all of ``test_set``.
+def protocol(volumes: Volumes, folds: int | None) -> str:
+    """The protocol of a run on ``volumes`` in words, for the records' notes."""
+    if folds is None:
+        return (f"fixed split: trained on {int((volumes.split == 'train').sum())} volumes, scored on "
+                f"{int((volumes.split == 'test').sum())}")
+    return (f"{folds}-fold cross-validation over {len(volumes)} volumes (one repeat per seed, shuffled by it); each "
+            "volume scored once per seed by the fold that held it out")
+
+
+def run(row: str, cfg: Config, volumes: Volumes, seeds: list[int], adapter: MedAdapterConfig | None = None,
+        progress: bool = False) -> RowResult:
+    """Train and score one row once per seed and fold (:func:`cv_folds`): Table 1/2 metrics per seed, each over the
+    test volumes of every fold of that seed (all of ``volumes`` under cross-validation).
 
     Metrics: ``dice_anterior``, ``dice_posterior``, ``dice_mean`` (%), ``hd95`` (mm), each the mean of per-volume
     values (kept in ``per_volume``), ``tuned_params_m`` (trainable parameters, millions), ``tuned_params_pct`` (% of
-    the row's model), ``train_memory_mb``, ``s_per_epoch`` (wall seconds of one training epoch).
+    the row's model), ``train_memory_mb`` (a training step of the seed's first fold), ``s_per_epoch`` (wall seconds
+    of one training epoch, mean over the seed's folds). Every fold's model starts from the seed's initialisation.
+    The volumes are moved to ``cfg.device`` once; batches are indexed there (:func:`_batches`).
     """
+    on_device = volumes.to(cfg.device)
     values: dict[str, list[float]] = {}
     per_volume: list[pd.DataFrame] = []
+    curves: list[pd.DataFrame] = []
     example: torch.Tensor | None = None
-    init, memory_method = "", ""
+    example_index, init, memory_method = -1, "", ""
     for seed in seeds:
-        seed_rngs(seed)
-        generator = torch.Generator().manual_seed(seed)
-        model = build_row_model(row, cfg, adapter).to(cfg.device)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                     weight_decay=cfg.weight_decay, amsgrad=True)
-        loader = DataLoader(TensorDataset(train_set.images, train_set.labels), batch_size=cfg.batch_size,
-                            shuffle=True, generator=generator)
-        history = train.fit(model, loader, step_fn=_step(dice_loss()), optimizer=optimizer, epochs=cfg.epochs,
-                            scheduler=_paper_schedule(optimizer, cfg.epochs, cfg.warmup_epochs),
-                            device=cfg.device, amp=cfg.amp, progress=progress, seed=seed)
-        seconds = float(np.mean([epoch["seconds"] for epoch in history.epochs]))
-        scores = evaluate(model, test_set, cfg.device, cfg.batch_size)
-        # after scoring: the measured step runs in train mode and would move BatchNorm statistics
-        memory, memory_method = training_memory_mb(model, next(iter(loader)), optimizer, cfg.device, cfg.amp)
-        report = trainable_report(model)
-        per_volume.append(scores["per_volume"].assign(row=row, seed=seed))
-        seed_values = {**{k: scores[k] for k in PER_VOLUME}, "tuned_params_m": report.trainable / 1e6,
-                       "tuned_params_pct": report.percent, "train_memory_mb": memory, "s_per_epoch": seconds}
+        seed_lines, seconds, memory, report = [], [], math.nan, None
+        for fold, (train_index, test_index) in enumerate(cv_folds(volumes, cfg.folds, seed)):
+            seed_rngs(seed)
+            generator = torch.Generator().manual_seed(seed)
+            model = build_row_model(row, cfg, adapter).to(cfg.device)
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                         weight_decay=cfg.weight_decay, amsgrad=True)
+            train_set = on_device.subset(train_index)
+            loader = _batches(train_set.images, train_set.labels, cfg.batch_size, generator)
+            history = train.fit(model, loader, step_fn=_step(dice_loss()), optimizer=optimizer, epochs=cfg.epochs,
+                                scheduler=_paper_schedule(optimizer, cfg.epochs, cfg.warmup_epochs),
+                                device=cfg.device, amp=cfg.amp, progress=progress, seed=seed)
+            curve = history.to_frame()[["epoch", "train_loss", "lr", "seconds"]]
+            curves.append(curve.assign(row=row, seed=seed, fold=fold))
+            seconds += [epoch["seconds"] for epoch in history.epochs]
+            scores = evaluate(model, on_device.subset(test_index), cfg.device, cfg.batch_size)
+            seed_lines.append(scores["per_volume"].assign(fold=fold))
+            if fold == 0:
+                # after scoring: the measured step runs in train mode and would move BatchNorm statistics
+                memory, memory_method = training_memory_mb(model, next(iter(loader)), optimizer, cfg.device,
+                                                           cfg.amp)
+                report = trainable_report(model)
+            if example is None:
+                # every model that build_model makes carries its mdbench_init, a str (mdbench.models)
+                example, example_index, init = scores["pred"][0], int(test_index[0]), cast(str, model.mdbench_init)
+            del model, optimizer
+        lines = pd.concat(seed_lines, ignore_index=True)
+        per_volume.append(lines.assign(row=row, seed=seed))
+        assert report is not None  # cv_folds gives at least one fold
+        seed_values = {**volume_means(lines), "tuned_params_m": report.trainable / 1e6,
+                       "tuned_params_pct": report.percent, "train_memory_mb": memory,
+                       "s_per_epoch": float(np.mean(seconds))}
         for key, value in seed_values.items():
             values.setdefault(key, []).append(value)
-        if example is None:
-            # every model that build_model makes carries its mdbench_init, a str (mdbench.models)
-            example, init = scores["pred"][0], cast(str, model.mdbench_init)
-        del model, optimizer
-    empty = pd.DataFrame(columns=["row", "seed", "unit", "metric", "value", "weight"])
-    lines = pd.concat(per_volume, ignore_index=True) if per_volume else empty
-    return RowResult(row, list(seeds), values, lines, example, init, memory_method)
+    empty = pd.DataFrame(columns=["row", "seed", "fold", "unit", "metric", "value", "weight"])
+    return RowResult(row, list(seeds), values, pd.concat(per_volume, ignore_index=True) if per_volume else empty,
+                     pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(), example, example_index,
+                     init, memory_method, protocol(volumes, cfg.folds))
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -356,7 +504,7 @@ def record(result: RowResult, volumes: Volumes, config: dict[str, Any], names: I
            ) -> pd.DataFrame:
     """The records of one row (``names``: its metrics) as a frame for :meth:`mdbench.notebook.Session.record_frame`:
     one line per (metric, seed). Their per-volume outputs are ``result.per_volume`` (its ``samples``)."""
-    notes = f"weights: {result.init}; train memory: {result.memory_method}"
+    notes = f"{result.protocol}; weights: {result.init}; train memory: {result.memory_method}"
     return pd.DataFrame([{"row": result.row, "metric": metric, "seed": seed, "value": value, "unit": UNITS[metric],
                           "notes": notes, "dataset": volumes.dataset, "dataset_checksum": volumes.checksum,
                           "config": config}
@@ -446,6 +594,26 @@ def plot_dice_vs_params(ax, summary) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("tuned parameters (M, log scale)")
     ax.set_ylabel("mean Dice, anterior + posterior (%)")
+
+
+def mean_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    """Mean training loss per epoch of each row over its runs (seeds × folds): one line per epoch, one column per
+    row, from the ``curves`` of :class:`RowResult`."""
+    return curves.pivot_table(index="epoch", columns="row", values="train_loss", aggfunc="mean", sort=False)
+
+
+def plot_curves(ax, curves: pd.DataFrame) -> None:
+    """Each row's training loss per epoch: the mean over its runs (seeds × folds) and a band from the lowest run to
+    the highest; ``curves`` as in :class:`RowResult`."""
+    for row, own in curves.groupby("row", sort=False):
+        by_epoch = own.groupby("epoch")["train_loss"]
+        mean = by_epoch.mean()
+        (line,) = ax.plot(mean.index, mean.to_numpy(), label=row, color="#e69138" if row == "med_tuning" else None)
+        ax.fill_between(mean.index, by_epoch.min().to_numpy(), by_epoch.max().to_numpy(), color=line.get_color(),
+                        alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (soft Dice, 2 classes)")
+    ax.legend(fontsize=7)
 
 
 def plot_slices(axes, volumes: Volumes, predictions: dict[str, torch.Tensor], case: int = 0) -> None:
