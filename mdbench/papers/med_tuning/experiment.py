@@ -357,7 +357,9 @@ def evaluate(model: nn.Module, volumes: Volumes, device: str, batch_size: int = 
     hd = []
     for case in range(len(volumes)):
         spacing = volumes.spacing[case]
-        h = metrics.hd95(pred[case:case + 1], target[case:case + 1], len(CLASSES), spacing=spacing.tolist())[0]
+        # on the volume's own voxels: the padding is background in both, so its surfaces and distances are the same
+        own = (slice(case, case + 1), *(slice(0, int(n)) for n in volumes.extent[case]))
+        h = metrics.hd95(pred[own], target[own], len(CLASSES), spacing=spacing.tolist())[0]
         present = torch.tensor([(target[case] == c).any().item() for c in range(1, len(CLASSES))])
         diagonal = float(np.linalg.norm(volumes.extent[case] * spacing))
         hd.append(torch.where(torch.isnan(h) & present, torch.full_like(h, diagonal), h).numpy())
@@ -604,13 +606,17 @@ def mean_curves(curves: pd.DataFrame) -> pd.DataFrame:
 
 def plot_curves(ax, curves: pd.DataFrame) -> None:
     """Each row's training loss per epoch: the mean over its runs (seeds × folds) and a band from the lowest run to
-    the highest; ``curves`` as in :class:`RowResult`."""
+    the highest (Med-Tuning in black); ``curves`` as in :class:`RowResult`."""
+    from matplotlib.ticker import MaxNLocator
+
     for row, own in curves.groupby("row", sort=False):
         by_epoch = own.groupby("epoch")["train_loss"]
         mean = by_epoch.mean()
-        (line,) = ax.plot(mean.index, mean.to_numpy(), label=row, color="#e69138" if row == "med_tuning" else None)
+        style = {"color": "black", "lw": 2} if row == "med_tuning" else {}
+        (line,) = ax.plot(mean.index, mean.to_numpy(), label=row, **style)
         ax.fill_between(mean.index, by_epoch.min().to_numpy(), by_epoch.max().to_numpy(), color=line.get_color(),
-                        alpha=0.15)
+                        alpha=0.1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss (soft Dice, 2 classes)")
     ax.legend(fontsize=7)
