@@ -20,6 +20,8 @@ from mdbench.papers.med_tuning import cost
 from mdbench.papers.med_tuning import experiment as mt
 from mdbench.repro import config_hash
 
+from conftest import real_dataset
+
 TINY = {"patch_size": 4, "depth": 4, "embed_dim": 16, "num_heads": 2}
 # only sizes change: the data (synthetic), the backbone, the shapes, the epochs and the device
 SHRUNK = {"dataset": "synthetic", "device": "cpu", "backbone": "timm:vit_tiny_patch16_224", "backbone_kwargs": TINY,
@@ -195,3 +197,16 @@ def test_the_cost_model_multiplies_counted_steps_by_the_runs_steps():
     assert cost.step_flops("scratch_unet3d", cfg)[1] == efficiency.count_flops(model, torch.rand(1, 1, 8, 16, 16)).flops
     # a frozen backbone needs no weight gradients: fewer FLOPs a step than full fine-tuning
     assert cost.step_flops("head", cfg)[0] < cost.step_flops("med_tuning", cfg)[0] < train
+
+
+@pytest.mark.real_data
+def test_the_gpu_profile_loads_every_hippocampus_volume_at_its_own_voxels(real_data_dir):
+    real_dataset(real_data_dir, "msd_hippocampus")
+    cfg = profile_config("gpu", data_dir=str(real_data_dir))
+    volumes = mt.load_data(cfg)
+    assert volumes.images.shape == (130, 1, cfg.num_slices, cfg.image_size, cfg.image_size)
+    assert (volumes.spacing == 1).all() and len(set(volumes.ids)) == 130  # 1 mm voxels, none resampled
+    assert volumes.extent.min(axis=0).tolist() == [32, 40, 26] and volumes.extent.max(axis=0).tolist() == [43, 58, 45]
+    outside = ~mt._inside(volumes.extent, tuple(volumes.labels.shape[1:]))
+    assert not volumes.labels[outside].any() and not volumes.images[:, 0][outside].any()  # zeros around each volume
+    assert set(volumes.labels.unique().tolist()) == {0, 1, 2}
