@@ -7,8 +7,8 @@ Layout on disk (``root`` is ``results/`` unless ``MDBENCH_RESULTS_DIR`` says oth
     <root>/<paper>/<profile>/<name>.csv|.md|.png                               tables and figures
 
 Profiles get their own folder so that a smoke run (CI, nbval) never overwrites the numbers of a cpu or gpu run.
-Every file is written atomically (temporary file in the same folder, then ``os.replace``), so an interrupted run
-leaves either the old file or the new one, never half of one.
+Every file is written atomically (:func:`mdbench.io.atomic_write`), so an interrupted run leaves either the old file
+or the new one, never half of one.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from mdbench import samples as sample_outputs
+from mdbench.io import atomic_write
 from mdbench.paper_yaml import PaperFileError, paper_file, read_paper_file
 from mdbench.repro import config_hash, fingerprint
 
@@ -47,40 +47,9 @@ def results_root() -> Path:
     return Path(os.environ.get("MDBENCH_RESULTS_DIR", _REPO_ROOT / "results"))
 
 
-# --------------------------------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OSError(f"cannot create results folder {path.parent}: {err}") from err
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates files private (0600); results are meant to be read by anyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` as UTF-8 to ``path`` atomically (see :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def save_figure(fig, path: Path, dpi: int = 120) -> Path:
     """Save a matplotlib figure as PNG atomically."""
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    return atomic_write_bytes(Path(path), buffer.getvalue())
+    return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 # --------------------------------------------------------------------------------------------------- records
@@ -179,7 +148,7 @@ class ResultStore:
         """Write a row's per-sample outputs (:mod:`mdbench.samples`) atomically; returns the file name that
         records point to."""
         frame = sample_outputs.validate(frame.reset_index(drop=True))
-        path = atomic_write_bytes(self.samples_path(table, dataset, row), sample_outputs.to_bytes(frame))
+        path = atomic_write(self.samples_path(table, dataset, row), sample_outputs.to_bytes(frame))
         return path.name
 
     def samples(self, rec: Record) -> pd.DataFrame | None:
@@ -208,7 +177,7 @@ class ResultStore:
                      time=datetime.now(UTC).isoformat(timespec="seconds"),
                      samples=None if samples is None else samples.as_dict())
         text = json.dumps(rec.as_dict(), indent=1, sort_keys=True, default=str)
-        atomic_write_text(self.record_path(table, dataset, row, metric), text + "\n")
+        atomic_write(self.record_path(table, dataset, row, metric), text + "\n")
         return rec
 
     def get(self, table: str, row: str, metric: str, *, dataset: str, config: dict[str, Any] | None = None):
@@ -229,10 +198,10 @@ class ResultStore:
         The Markdown view is ``markdown`` where given, else ``df`` without the numeric twins (``mean``, ``std``,
         ``ci_low``, ``ci_high``) of a formatted column, which the CSV keeps for sorting and plotting."""
         df = flatten_columns(df)
-        csv = atomic_write_text(self.dir / f"{name}.csv", df.to_csv(index=False))
+        csv = atomic_write(self.dir / f"{name}.csv", df.to_csv(index=False))
         if markdown is None:
             markdown = df.drop(columns=[c for c in NUMERIC_TWINS if c in df.columns]) if "reproduced" in df else df
-        md = atomic_write_text(self.dir / f"{name}.md", to_markdown(flatten_columns(markdown)) + "\n")
+        md = atomic_write(self.dir / f"{name}.md", to_markdown(flatten_columns(markdown)) + "\n")
         return csv, md
 
     def save_figure(self, fig, name: str) -> Path:

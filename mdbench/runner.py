@@ -69,7 +69,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 KERNEL = "python3"
-TMP_PREFIX = ".tmp-run-"  # the runner's temporary files; results.atomic_write_bytes uses ".tmp-" + 8 random chars
+TMP_PREFIX = ".tmp-run-"  # the runner's temporary files; mdbench.io.atomic_write uses ".tmp-" + 8 random chars
 LOCK_NAME = ".tmp-reproduce.lock"  # ".tmp" so that git ignores it beside the results
 STOP_WAIT_S = 10.0  # how long the runner waits for a guard to stop before killing its tree itself
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"  # an output that displays a Jupyter widget
@@ -714,7 +714,7 @@ def execute_in_place(path: Path, timeout_s: float = 600) -> None:
     import nbformat
     from nbclient import NotebookClient
 
-    from mdbench.results import atomic_write_text
+    from mdbench.io import atomic_write
 
     notebook_parameters(path)  # refuses a notebook without a parameters cell
     nb = nbformat.read(path, as_version=4)
@@ -722,4 +722,4 @@ def execute_in_place(path: Path, timeout_s: float = 600) -> None:
         raise RunnerError(f"{path}: kernelspec must be {KERNEL!r}")
     NotebookClient(nb, kernel_name=KERNEL, timeout=timeout_s,
                    resources={"metadata": {"path": str(path.parent)}}).execute()
-    atomic_write_text(path, nbformat.writes(without_widgets(nb)) + "\n")
+    atomic_write(path, nbformat.writes(without_widgets(nb)) + "\n")

@@ -8,9 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mdbench.io import atomic_write
 from mdbench.repro import seed_rngs
 
 StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]]
@@ -131,15 +130,7 @@ class History:
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then ``os.replace``: a crash never leaves a partial
     ``path``, and an older file at ``path`` survives a failed save."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def _rng_state(loader: Iterable) -> dict[str, Any]:

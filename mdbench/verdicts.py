@@ -41,6 +41,7 @@ from scipy import stats
 
 from mdbench import results
 from mdbench import samples as sample_outputs
+from mdbench.io import atomic_write
 from mdbench.results import NOT_RUN, Claim, PaperReference, Record, ResultStore, format_value
 
 ALPHA = 0.05
@@ -418,7 +419,7 @@ def tally(claims: pd.DataFrame) -> pd.DataFrame:
 def write_summary(root: Path) -> pd.DataFrame:
     """Write ``<root>/summary.csv`` (every claim check, :func:`summary`) and ``<root>/summary.md`` (the tally)."""
     claims = summary(root)
-    results.atomic_write_text(Path(root) / "summary.csv", claims.to_csv(index=False))
+    atomic_write(Path(root) / "summary.csv", claims.to_csv(index=False))
     counts = tally(claims) if len(claims) else pd.DataFrame(columns=["paper", "profile", *TALLY_STATUSES, NOT_RUN])
-    results.atomic_write_text(Path(root) / "summary.md", results.to_markdown(counts) + "\n")
+    atomic_write(Path(root) / "summary.md", results.to_markdown(counts) + "\n")
     return claims

@@ -55,6 +55,10 @@ def test_lower_layers_import_nothing_above_them(layer):
     assert violations(layer) == []
 
 
+def test_the_atomic_write_helper_sits_below_every_layer():
+    assert not [name for name in imported_modules(PACKAGE / "io.py", PACKAGE) if name.startswith("mdbench")]
+
+
 def test_the_checker_sees_relative_and_lazy_imports(tmp_path):
     root = tmp_path / "mdbench"
     (root / "models").mkdir(parents=True)

@@ -221,7 +221,7 @@ def test_temp_names_are_unique_per_run_and_leftovers_of_a_killed_run_are_removed
     folder = tmp_path / "results" / "toy" / "smoke"
     (folder / "records").mkdir(parents=True)
     stale = [folder / ".tmp-run-nb-deadbeef.ipynb", folder / ".tmp-run-nb-deadbeef-params.yaml",
-             folder / "records" / ".tmp-k3j4h5g6.json"]  # a kernel killed inside atomic_write_bytes
+             folder / "records" / ".tmp-k3j4h5g6.json"]  # a kernel killed inside mdbench.io.atomic_write
     for path in stale:
         path.write_text('{"cut off')
     for _ in range(2):

@@ -111,7 +111,7 @@ def test_save_atomic_leaves_no_partial_file(tmp_path: Path, monkeypatch):
     save_atomic({"epoch": 1}, target)
 
     def failing_save(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", failing_save)

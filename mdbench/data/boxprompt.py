@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -41,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from mdbench.data.errors import CorruptFileError, DataNotFoundError
+from mdbench.io import atomic_write
 
 # Canonical modality -> accepted name prefixes. Order matters for the substring fall-back in
 # modality_of: "OCT" must be tried before "CT" (it contains it) and "PET" before "CT" ("PET-CT").
@@ -189,17 +188,8 @@ def save_boxprompt_case(
         _check_case(case, dims, require_gts=True)
     except ValueError as err:
         raise ValueError(f"{path.name}: {err}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # allow_pickle named (numpy's default) so that no key of case can be taken for it
-            np.savez_compressed(f, allow_pickle=True, **case)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # allow_pickle named (numpy's default) so that no key of case can be taken for it
+    return atomic_write(path, lambda handle: np.savez_compressed(handle, allow_pickle=True, **case))
 
 
 def _dims_from_arrays(case: dict) -> int:

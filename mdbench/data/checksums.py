@@ -17,7 +17,6 @@ import logging
 import os
 import posixpath
 import stat
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
@@ -28,6 +27,7 @@ import platformdirs
 from filelock import FileLock, Timeout
 
 from mdbench.data.errors import CorruptFileError, DataError, DataNotFoundError, UnverifiedDataWarning
+from mdbench.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -273,14 +273,7 @@ def _save_cache(path: Path, prefix: str, entries: dict[str, list]) -> None:
         with FileLock(f"{path}.lock", timeout=30):
             merged = {k: v for k, v in _load_cache(path).items() if not k.startswith(prefix)}
             merged.update(entries)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"version": _CACHE_VERSION, "files": merged}, f)
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            atomic_write(path, json.dumps({"version": _CACHE_VERSION, "files": merged}))
     except (OSError, Timeout) as err:
         log.warning("could not write the hash cache %s (%s); files will be hashed again next time", path, err)
 
