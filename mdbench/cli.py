@@ -9,6 +9,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mdbench.results import ResultStore
 
 DESCRIPTION = """\
 Reproduce four papers on efficient adaptation and compression of medical foundation models, as notebooks.
@@ -118,25 +122,41 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _judge(args: argparse.Namespace) -> int:
-    """Re-judge the claims of each paper's records at a profile (no retraining) and rewrite the summary."""
-    from mdbench import verdicts
-    from mdbench.paper_yaml import known_papers
+def _stores(args: argparse.Namespace) -> list[ResultStore] | None:
+    """The result stores of ``--paper`` (default: every paper with records) at ``--profile`` under
+    ``--results-dir``; None, with the reason on stderr, where one of them holds no records. An unknown paper is a
+    :class:`~mdbench.paper_yaml.PaperFileError` that lists the known ones."""
+    from mdbench.paper_yaml import known_papers, paper_file
     from mdbench.results import ResultStore, results_root
 
     root = args.results_dir or results_root()
+    for paper in args.paper or ():
+        paper_file(paper)
     papers = args.paper or [p for p in known_papers() if (root / p / args.profile / "records").is_dir()]
     if not papers:
         print(f"mdbench: no records at profile {args.profile!r} under {root}", file=sys.stderr)
-        return 2
-    for paper in papers:
-        store = ResultStore(paper, args.profile, root=root)
+        return None
+    stores = [ResultStore(paper, args.profile, root=root) for paper in papers]
+    for store in stores:
         if not store.records():
-            print(f"mdbench: no records of {paper} at profile {args.profile!r} under {store.records_dir}",
+            print(f"mdbench: no records of {store.paper} at profile {args.profile!r} under {store.records_dir}",
                   file=sys.stderr)
-            return 2
+            return None
+    return stores
+
+
+def _judge(args: argparse.Namespace) -> int:
+    """Re-judge the claims of each paper's records at a profile (no retraining) and rewrite the summary."""
+    from mdbench import verdicts
+    from mdbench.results import results_root
+
+    stores = _stores(args)
+    if stores is None:
+        return 2
+    for store in stores:
         _, lines = verdicts.judge_store(store)
-        print(f"== {paper} ({args.profile})\n" + "\n".join(lines) + "\n")
+        print(f"== {store.paper} ({args.profile})\n" + "\n".join(lines) + "\n")
+    root = args.results_dir or results_root()
     verdicts.write_summary(root)
     print(f"claims saved beside each paper's records; every claim check in {root / 'summary.csv'}")
     return 0
@@ -154,6 +174,20 @@ def _report(args: argparse.Namespace) -> int:
         print(f"mdbench: {err}", file=sys.stderr)
         return 2
     print(f"{len(runs)} runs of {len({r.paper for r in runs})} papers from {root}; open {out.resolve() / 'index.html'}")
+    return 0
+
+
+def _tables(args: argparse.Namespace) -> int:
+    """Rebuild every table of each paper at a profile from its records and per-sample outputs (no retraining)."""
+    from mdbench.results import save_tables
+
+    stores = _stores(args)
+    if stores is None:
+        return 2
+    for store in stores:
+        built = save_tables(store)
+        print(f"{store.paper} ({args.profile}): " + ", ".join(f"{name} ({len(t)} lines)" for name, t in built.items())
+              + f"; saved as CSV and Markdown in {store.dir}")
     return 0
 
 
@@ -220,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder of the site (default: build/report/ in the repository); a previous site there is "
                           "replaced")
     rpt.set_defaults(func=_report)
+
+    tab = sub.add_parser("tables", help="rebuild every table of each paper (those its paper.yaml reports) from the "
+                         "stored records and per-sample outputs (no retraining)")
+    tab.add_argument("--paper", action="append", help="paper (repeatable; default: every paper with records)")
+    tab.add_argument("--profile", default="cpu", choices=available_profiles(), help="default: cpu")
+    tab.add_argument("--results-dir", type=Path, default=None, help="default: results/ or MDBENCH_RESULTS_DIR")
+    tab.set_defaults(func=_tables)
 
     data = sub.add_parser("data", help="the dataset registry")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -175,7 +175,8 @@ def count_flops(model: nn.Module, example_inputs: Inputs) -> FlopReport:
 
 @dataclass(frozen=True)
 class LatencyReport(_AsDict):
-    """Wall-clock latency of one call, in milliseconds, over ``n`` timed repeats after warm-up."""
+    """Wall-clock latency of one call, in milliseconds, over ``n`` timed repeats after warm-up; ``times_ms``: each
+    repeat's time in the order taken (repeat r of every call of one :func:`measure_latencies` shares a round)."""
 
     median_ms: float
     p90_ms: float
@@ -185,6 +186,7 @@ class LatencyReport(_AsDict):
     threads: int
     device: str
     input_shapes: list[tuple[int, ...]]
+    times_ms: tuple[float, ...] = ()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -204,6 +206,65 @@ def _infer_device(fn: Callable, args: tuple, device: str | torch.device | None) 
     return first.device if first is not None else torch.device("cpu")
 
 
+def measure_latencies(
+    calls: Mapping[str, tuple[Callable | nn.Module, LatencyInputs]],
+    warmup: int = 5,
+    repeats: int = 30,
+    device: str | torch.device | None = None,
+) -> dict[str, LatencyReport]:
+    """Time each ``name: (fn_or_model, example_inputs)`` of ``calls``: ``warmup`` untimed calls of each, then
+    ``repeats`` rounds, each of which times every call once, in order.
+
+    Interleaved rounds make repeat r of two calls a pair: a change of the machine's load between rounds slows both
+    alike and cancels in their paired difference (:mod:`mdbench.verdicts` pairs repeats by id), which timing one
+    call's repeats after the other's would leave in. A module runs in eval mode under ``torch.no_grad`` (training
+    flags restored) on its own device; torch inputs are moved there. A plain callable (e.g.
+    :class:`OnnxRuntimeModel`) gets the inputs as they are. On CUDA each call is bracketed by
+    ``torch.cuda.synchronize`` so the time covers the kernels, not just their launch. ``threads`` is the
+    callable's ``num_threads`` attribute when it has one (exported wrappers), else ``torch.get_num_threads()``.
+    """
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    if not calls:
+        raise ValueError("measure_latencies needs at least one call to time")
+    prepared = {}
+    for name, (fn, inputs) in calls.items():
+        if not callable(fn):
+            raise ValueError(f"{name or 'fn_or_model'} must be callable, got {type(fn).__name__}")
+        args = _as_args(inputs)
+        dev = _infer_device(fn, args, device)
+        if isinstance(fn, nn.Module) or device is not None:
+            args = _to_device(args, dev)
+        prepared[name] = (fn, args, dev)
+    times_ms: dict[str, list[float]] = {name: [] for name in calls}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        for fn, _, _ in prepared.values():
+            if isinstance(fn, nn.Module):
+                stack.enter_context(_eval_no_grad(fn))
+        for fn, args, _ in prepared.values():
+            for _ in range(warmup):
+                fn(*args)
+        for _ in range(repeats):
+            for name, (fn, args, dev) in prepared.items():
+                _synchronize(dev)
+                start = time.perf_counter()
+                fn(*args)
+                _synchronize(dev)
+                times_ms[name].append((time.perf_counter() - start) * 1e3)
+    return {name: LatencyReport(
+        median_ms=float(np.median(times_ms[name])),
+        p90_ms=float(np.percentile(times_ms[name], 90)),
+        mean_ms=float(statistics.fmean(times_ms[name])),
+        n=repeats,
+        warmup=warmup,
+        threads=int(getattr(fn, "num_threads", torch.get_num_threads())),
+        device=str(dev),
+        input_shapes=_shapes(args),
+        times_ms=tuple(times_ms[name]),
+    ) for name, (fn, args, dev) in prepared.items()}
+
+
 def measure_latency(
     fn_or_model: Callable | nn.Module,
     example_inputs: LatencyInputs,
@@ -211,43 +272,9 @@ def measure_latency(
     repeats: int = 30,
     device: str | torch.device | None = None,
 ) -> LatencyReport:
-    """Time ``fn_or_model(*example_inputs)``: ``warmup`` untimed calls, then ``repeats`` timed ones.
-
-    A module runs in eval mode under ``torch.no_grad`` (training flag restored) on its own device; torch
-    inputs are moved there. A plain callable (e.g. :class:`OnnxRuntimeModel`) gets the inputs as they are.
-    On CUDA each call is bracketed by ``torch.cuda.synchronize`` so the time covers the kernels, not just
-    their launch. ``threads`` is the callable's ``num_threads`` attribute when it has one (exported
-    wrappers), else ``torch.get_num_threads()``.
-    """
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
-    if not callable(fn_or_model):
-        raise ValueError(f"fn_or_model must be callable, got {type(fn_or_model).__name__}")
-    args = _as_args(example_inputs)
-    dev = _infer_device(fn_or_model, args, device)
-    if isinstance(fn_or_model, nn.Module) or device is not None:
-        args = _to_device(args, dev)
-    ctx = _eval_no_grad(fn_or_model) if isinstance(fn_or_model, nn.Module) else torch.no_grad()
-    times_ms = []
-    with ctx:
-        for _ in range(warmup):
-            fn_or_model(*args)
-        for _ in range(repeats):
-            _synchronize(dev)
-            start = time.perf_counter()
-            fn_or_model(*args)
-            _synchronize(dev)
-            times_ms.append((time.perf_counter() - start) * 1e3)
-    return LatencyReport(
-        median_ms=float(np.median(times_ms)),
-        p90_ms=float(np.percentile(times_ms, 90)),
-        mean_ms=float(statistics.fmean(times_ms)),
-        n=repeats,
-        warmup=warmup,
-        threads=int(getattr(fn_or_model, "num_threads", torch.get_num_threads())),
-        device=str(dev),
-        input_shapes=_shapes(args),
-    )
+    """Time ``fn_or_model(*example_inputs)``: ``warmup`` untimed calls, then ``repeats`` timed ones
+    (:func:`measure_latencies` of this one call)."""
+    return measure_latencies({"": (fn_or_model, example_inputs)}, warmup=warmup, repeats=repeats, device=device)[""]
 
 
 # ---------------------------------------------------------------------------------------------- memory

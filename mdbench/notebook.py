@@ -4,7 +4,7 @@
 
     session = notebook.start("efcm", notebook.parameters(globals()), efcm.Config)   # setup cell
     session.record_frame("table1", frame, dataset=..., dataset_checksum=..., config=...)
-    tables = session.tables({"table1": 2, "table2": 4})                             # results cell
+    tables = session.tables()                           # results cell: every table of the paper.yaml
     session.save_figure(fig, "pareto")
     notebook.finish(session)                                                         # claims cell
 
@@ -53,8 +53,8 @@ class Session:
 
     def record_frame(self, table: str, frame: pd.DataFrame, *, dataset: str | None = None,
                      dataset_checksum: str | None = None, config: dict[str, Any] | None = None, unit: str = "",
-                     notes: str = "", samples: pd.DataFrame | None = None, classification_scale: float = 100.0
-                     ) -> None:
+                     notes: str = "", samples: pd.DataFrame | None = None, classification_scale: float = 100.0,
+                     aggregate: str = sample_outputs.MEAN) -> None:
         """One record per (dataset, row, metric) of a long frame, its values in the frame's order.
 
         ``frame`` has columns ``row``, ``metric``, ``value`` and optionally ``seed`` (absent: one measurement,
@@ -63,9 +63,12 @@ class Session:
 
         ``samples``: the per-sample outputs the values were aggregated from (:mod:`mdbench.samples`), with a
         ``row`` column (and ``dataset`` where the frame has several): per-unit ``metric, value`` lines, whose mean
-        is the record's value, or classifier outputs ``label, prob_*``, whose accuracy/AUC/… times
-        ``classification_scale`` is. They are written beside the records, which point to them.
+        (or median, with ``aggregate="median"``: timing repeats) is the record's value, or classifier outputs
+        ``label, prob_*``, whose accuracy/AUC/… times ``classification_scale`` is. They are written beside the
+        records, which point to them; each row's file is read back once and checked against its records.
         """
+        if aggregate not in sample_outputs.PER_UNIT:
+            raise ValueError(f"aggregate must be one of {list(sample_outputs.PER_UNIT)}, got {aggregate!r}")
         missing = {"row", "metric", "value"} - set(frame.columns)
         if missing:
             raise ValueError(f"record_frame needs columns row, metric, value; {sorted(missing)} missing")
@@ -80,42 +83,41 @@ class Session:
         if samples is not None and "row" not in samples.columns:
             raise ValueError("record_frame's samples need a row column")
         for (data_name, row), lines in frame.groupby(["dataset", "row"], sort=False):
-            refs = self._write_samples(table, data_name, row, samples, classification_scale)
+            refs, written = self._write_samples(table, data_name, row, samples, classification_scale, aggregate)
             for metric, group in lines.groupby("metric", sort=False):
                 first = group.iloc[0]
                 self.store.record(table, row, metric, [float(v) for v in group["value"]],
                                   seeds=[int(s) for s in group["seed"]], dataset=data_name,
                                   dataset_checksum=first["dataset_checksum"], config=first["config"],
-                                  unit=first["unit"], notes=first["notes"], samples=refs(metric))
+                                  unit=first["unit"], notes=first["notes"], samples=refs(metric),
+                                  sample_lines=written)
 
-    def _write_samples(self, table: str, dataset: str, row: str, samples: pd.DataFrame | None, scale: float):
-        """Write the lines of ``samples`` that belong to (dataset, row); returns metric -> SamplesRef or None."""
+    def _write_samples(self, table: str, dataset: str, row: str, samples: pd.DataFrame | None, scale: float,
+                       aggregate: str):
+        """Write the lines of ``samples`` that belong to (dataset, row); returns metric -> SamplesRef or None, and
+        the file as read back (None where nothing was written)."""
         if samples is None:
-            return lambda metric: None
+            return (lambda metric: None), None
         own = samples[samples["row"] == row]
         if "dataset" in own.columns:
             own = own[own["dataset"] == dataset]
         if own.empty:
-            return lambda metric: None
+            return (lambda metric: None), None
         # a frame concatenated over datasets of different class counts has prob_k columns that are empty here
         own = own.drop(columns=["row", "dataset"], errors="ignore").dropna(axis=1, how="all")
         name = self.store.write_samples(table, dataset, row, own)
+        written = sample_outputs.read(self.store.records_dir / name)
         if "value" in own.columns:
             have = set(own["metric"])
-            return lambda metric: sample_outputs.SamplesRef(name, sample_outputs.MEAN) if metric in have else None
-        return lambda metric: (sample_outputs.SamplesRef(name, metric, scale)
-                               if metric in sample_outputs.CLASSIFICATION else None)
+            return (lambda metric: sample_outputs.SamplesRef(name, aggregate) if metric in have else None), written
+        return (lambda metric: (sample_outputs.SamplesRef(name, metric, scale)
+                                if metric in sample_outputs.CLASSIFICATION else None)), written
 
-    def tables(self, digits: Mapping[str, int] | Sequence[str]) -> dict[str, pd.DataFrame]:
-        """Build each named table from the records on disk beside the paper's reference, save it (CSV and
-        Markdown) and return them; ``digits``: table names, or ``{name: decimals}`` (default 2)."""
-        spec = digits if isinstance(digits, Mapping) else dict.fromkeys(digits, 2)
-        reference = results.load_reference(self.paper)
-        records = self.store.records()
-        built = {name: results.build_table(reference, records, name, digits=d) for name, d in spec.items()}
-        for name, frame in built.items():
-            self.store.save_table(frame, name)
-        return built
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """Build every table of the paper (those its paper.yaml reports, with its ``digits``) from the records and
+        per-sample outputs on disk, save each (CSV and Markdown) and return them by name
+        (:func:`mdbench.results.save_tables`, which ``mdbench tables`` runs too)."""
+        return results.save_tables(self.store)
 
     def save_table(self, frame: pd.DataFrame, name: str) -> pd.DataFrame:
         """Save a view derived from the tables (e.g. a wide one) beside them; returns it for display."""

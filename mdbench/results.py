@@ -16,7 +16,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -158,19 +158,23 @@ class ResultStore:
 
     def record(self, table: str, row: str, metric: str, values: float | Sequence[float], *, dataset: str,
                dataset_checksum: str, config: dict[str, Any], seeds: Sequence[int] | None = None,
-               unit: str = "", notes: str = "", samples: sample_outputs.SamplesRef | None = None) -> Record:
+               unit: str = "", notes: str = "", samples: sample_outputs.SamplesRef | None = None,
+               sample_lines: pd.DataFrame | None = None) -> Record:
         """Make a record of a measured number and write it atomically; returns the record.
 
         ``samples`` points to the per-sample outputs (written first by :meth:`write_samples`) the values were
         aggregated from; they must give back every seed's value, else :class:`~mdbench.samples.SamplesError`.
+        ``sample_lines``: that file as read back (:func:`mdbench.samples.read`) where the caller has it (one read
+        for all metrics of a row); else it is read here.
         """
         if self._fingerprint is None:
             self._fingerprint = fingerprint()
         values = list(values) if isinstance(values, (Sequence, np.ndarray)) else [values]
         seeds = list(seeds) if seeds is not None else list(range(len(values)))
         if samples is not None:
-            frame = sample_outputs.read(self.records_dir / samples.file)
-            sample_outputs.check_reproduces(frame, samples, metric, seeds, values)
+            if sample_lines is None:
+                sample_lines = sample_outputs.read(self.records_dir / samples.file)
+            sample_outputs.check_reproduces(sample_lines, samples, metric, seeds, values)
         rec = Record(paper=self.paper, table=table, row=row, metric=metric, values=values, seeds=seeds,
                      dataset=dataset, dataset_checksum=dataset_checksum, profile=self.profile,
                      config=config, unit=unit, notes=notes, fingerprint=self._fingerprint,
@@ -193,15 +197,18 @@ class ResultStore:
     def records(self) -> list[Record]:
         return load_records(self.records_dir)
 
-    def save_table(self, df: pd.DataFrame, name: str, markdown: pd.DataFrame | None = None) -> tuple[Path, Path]:
+    def save_table(self, df: pd.DataFrame, name: str, markdown: pd.DataFrame | None = None,
+                   note: str = "") -> tuple[Path, Path]:
         """Write a table as ``<name>.csv`` and ``<name>.md``; multi-level column names are joined with spaces.
         The Markdown view is ``markdown`` where given, else ``df`` without the numeric twins (``mean``, ``std``,
-        ``ci_low``, ``ci_high``) of a formatted column, which the CSV keeps for sorting and plotting."""
+        ``ci_low``, ``ci_high``) of a formatted column, which the CSV keeps for sorting and plotting; ``note``
+        goes under it (e.g. :func:`protocol_note`)."""
         df = flatten_columns(df)
         csv = atomic_write(self.dir / f"{name}.csv", df.to_csv(index=False))
         if markdown is None:
             markdown = df.drop(columns=[c for c in NUMERIC_TWINS if c in df.columns]) if "reproduced" in df else df
-        md = atomic_write(self.dir / f"{name}.md", to_markdown(flatten_columns(markdown)) + "\n")
+        text = to_markdown(flatten_columns(markdown)) + "\n" + (f"\n{note}\n" if note else "")
+        md = atomic_write(self.dir / f"{name}.md", text)
         return csv, md
 
     def save_figure(self, fig, name: str) -> Path:
@@ -274,6 +281,9 @@ CLAIM_TESTS = ("paired", "spread")
 CLAIM_OPS = (">", ">=", "<", "<=")
 
 
+DEFAULT_DIGITS = 2
+
+
 @dataclass
 class PaperReference:
     """A paper's reported numbers (``reported[table][row][metric]``: a number or "not reported") and its claims."""
@@ -286,6 +296,13 @@ class PaperReference:
     tolerance: dict[str, float]
     lower_is_better: frozenset[str] = frozenset()
     comparable: dict[str, list[str]] = field(default_factory=dict)
+    digits: dict[str, int] = field(default_factory=dict)  # decimals of a table's numbers where not the default
+
+    @property
+    def tables(self) -> dict[str, int]:
+        """The paper's tables (those its ``reported`` numbers name) with the decimals each is shown with (2 unless
+        the paper.yaml's ``digits`` says otherwise)."""
+        return {table: self.digits.get(table, DEFAULT_DIGITS) for table in self.reported}
 
     def value(self, table: str, row: str, metric: str):
         value = self.reported.get(table, {}).get(row, {}).get(metric, NOT_REPORTED)
@@ -313,11 +330,17 @@ def load_reference(paper: str, path: Path | None = None) -> PaperReference:
                     if not isinstance(value, (int, float)) and value != NOT_REPORTED:
                         raise PaperReferenceError(f"{table}/{row}/{metric}: {value!r} is neither a number nor "
                                                   f"{NOT_REPORTED!r}")
+        digits = data.get("digits") or {}
+        unknown = set(digits) - set(data.get("reported") or {})
+        if unknown or not all(type(d) is int and d >= 0 for d in digits.values()):
+            raise PaperReferenceError(f"digits must map tables of reported ({sorted(data.get('reported') or {})}) "
+                                      f"to decimals (whole numbers >= 0); got {digits!r}")
         return PaperReference(paper=data.get("paper", paper), title=data.get("title", ""),
                               citation=data.get("citation", ""), reported=data.get("reported") or {},
                               claims=claims, tolerance=data.get("tolerance") or {},
                               lower_is_better=frozenset(data.get("lower_is_better") or ()),
-                              comparable={t: list(rows) for t, rows in (data.get("comparable") or {}).items()})
+                              comparable={t: list(rows) for t, rows in (data.get("comparable") or {}).items()},
+                              digits=dict(digits))
     except (KeyError, TypeError) as err:
         raise PaperReferenceError(f"malformed paper reference {path}: {err!r}") from err
 
@@ -341,19 +364,7 @@ NO_PAPER_VALUE = "no paper value"
 COMPARABLE = "comparable"
 NOT_COMPARABLE = "not comparable (different data)"
 TABLE_COLUMNS = ["dataset", "row", "metric", "paper", "reproduced", "delta", "vs_paper", "status", "mean", "std", "n",
-                 "ci_low", "ci_high"]
-
-
-def seed_interval(rec: Record, confidence: float = 0.95) -> tuple[float, float]:
-    """Student-t interval of a record's mean over its seeds (nan for one seed, the point for no spread)."""
-    if rec.n < 2:
-        return (math.nan, math.nan)
-    if rec.std == 0:
-        return (rec.mean, rec.mean)
-    from scipy import stats  # SciPy's import is slow; only tables need it
-
-    low, high = stats.t.interval(confidence, df=rec.n - 1, loc=rec.mean, scale=rec.std / math.sqrt(rec.n))
-    return (float(low), float(high))
+                 "units", "ci_low", "ci_high"]
 
 
 def compare_with_paper(reference: PaperReference, table: str, rec: Record, paper: float) -> tuple[str, str]:
@@ -374,13 +385,19 @@ def compare_with_paper(reference: PaperReference, table: str, rec: Record, paper
     return status, "better" if better else "worse"
 
 
-def build_table(reference: PaperReference, records: Iterable[Record], table: str, digits: int = 2,
-                include_not_run: bool = False) -> pd.DataFrame:
+def build_table(reference: PaperReference, records: Iterable[Record], table: str, digits: int = DEFAULT_DIGITS,
+                include_not_run: bool = False, samples_of: Callable[[Record], pd.DataFrame | None] | None = None
+                ) -> pd.DataFrame:
     """One line per (dataset, row, metric) we measured (:data:`TABLE_COLUMNS`): the paper's number, ours as
     ``mean ± std (n=N)`` and as numbers (``mean``, ``std``, ``n`` seeds, ``ci_low``/``ci_high``: 95 % t-interval
-    over seeds), Δ, and how the two compare (:func:`compare_with_paper`; "no paper value" where the paper gives
-    none). ``include_not_run`` adds the paper's rows we have no record for, marked "not run".
+    over seeds, :func:`mdbench.metrics.mean_std_ci`), Δ, and how the two compare (:func:`compare_with_paper`; "no
+    paper value" where the paper gives none). ``units``: how many distinct per-sample units (test cases, images,
+    bags, timing repeats) the row rests on, from its per-sample outputs (``samples_of``, e.g.
+    :meth:`ResultStore.samples`); empty where it has none. ``include_not_run`` adds the paper's rows we have no
+    record for, marked "not run".
     """
+    from mdbench.metrics import mean_std_ci  # torch and MONAI come with it: only where a table is built
+
     recs = [r for r in records if r.table == table]
     reported = reference.reported.get(table, {})
     keys = {(r.dataset, r.row, r.metric) for r in recs}
@@ -390,6 +407,17 @@ def build_table(reference: PaperReference, records: Iterable[Record], table: str
                  for dataset in datasets}
     by_key = {(r.dataset, r.row, r.metric): r for r in recs}
     row_order = {row: i for i, row in enumerate(reported)}
+    files: dict[str, pd.DataFrame | None] = {}  # a row's metrics share one file: read it once
+
+    def units(rec: Record) -> int | str:
+        ref = rec.samples_ref
+        if ref is None or samples_of is None:
+            return ""
+        if ref.file not in files:
+            files[ref.file] = samples_of(rec)
+        frame = files[ref.file]
+        return "" if frame is None else sample_outputs.count_units(frame, ref, rec.metric, rec.seeds)
+
     out = []
     for dataset, row, metric in sorted(keys, key=lambda k: (k[0], row_order.get(k[1], len(row_order)), k[1], k[2])):
         rec = by_key.get((dataset, row, metric))
@@ -397,12 +425,13 @@ def build_table(reference: PaperReference, records: Iterable[Record], table: str
         line = {"dataset": dataset, "row": row, "metric": metric,
                 "paper": paper if paper == NOT_REPORTED else f"{paper:.{digits}f}",
                 "reproduced": format_value(rec, digits), "delta": "—", "vs_paper": "—",
-                "mean": math.nan, "std": math.nan, "n": 0, "ci_low": math.nan, "ci_high": math.nan}
+                "mean": math.nan, "std": math.nan, "n": 0, "units": "", "ci_low": math.nan, "ci_high": math.nan}
         if rec is None:
             line["status"] = NOT_RUN
         else:
-            low, high = seed_interval(rec)
-            line.update(mean=rec.mean, std=rec.std, n=rec.n, ci_low=low, ci_high=high)
+            summary = mean_std_ci(rec.values)
+            line.update(mean=rec.mean, std=rec.std, n=rec.n, units=units(rec), ci_low=summary["ci_low"],
+                        ci_high=summary["ci_high"])
             if paper == NOT_REPORTED:
                 line["status"] = SYNTHETIC if rec.profile == "smoke" else NO_PAPER_VALUE
             else:
@@ -410,6 +439,33 @@ def build_table(reference: PaperReference, records: Iterable[Record], table: str
                 line["delta"] = f"{rec.mean - paper:+.{digits}f}"
         out.append(line)
     return pd.DataFrame(out, columns=TABLE_COLUMNS)
+
+
+def protocol_note(records: Iterable[Record], table: str) -> str:
+    """What the records of ``table`` say about how it was measured, for a line under the table: the seeds, and
+    the k of a k-fold cross-validation where their configs have ``folds``; empty for no records."""
+    recs = [r for r in records if r.table == table]
+    if not recs:
+        return ""
+    seeds = sorted({s for r in recs for s in r.seeds})
+    parts = [f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"]
+    folds = sorted({str(r.config["folds"]) for r in recs if "folds" in r.config})
+    if folds:
+        parts.insert(0, f"{' or '.join(folds)}-fold cross-validation")
+    return ("Protocol (from the records): " + "; ".join(parts)
+            + ". n: seeds behind a row; units: its test cases, images, bags or timing repeats.")
+
+
+def save_tables(store: ResultStore) -> dict[str, pd.DataFrame]:
+    """Build every table of ``store``'s paper (:attr:`PaperReference.tables`) from the records and per-sample
+    outputs on disk, save each (CSV, and Markdown with its :func:`protocol_note`) and return them by name."""
+    reference = load_reference(store.paper)
+    records = store.records()
+    built = {}
+    for name, digits in reference.tables.items():
+        built[name] = build_table(reference, records, name, digits=digits, samples_of=store.samples)
+        store.save_table(built[name], name, note=protocol_note(records, name))
+    return built
 
 
 def to_markdown(df: pd.DataFrame) -> str:

@@ -7,7 +7,8 @@ two rows within a seed). Two kinds of lines:
 
 - **per-unit metric values**: columns ``seed, unit, metric, value`` and optionally ``weight``; a record's value
   for a seed is the (weighted) mean of its metric's values (Dice per volume, DSC per case, with weights
-  ``1 / (modalities × cases of the modality)`` for a macro average over modalities);
+  ``1 / (modalities × cases of the modality)`` for a macro average over modalities), or their median (aggregate
+  ``median``: wall-clock times, one unit per timed repeat, ``rep00``, ``rep01``, …; see :func:`repeat_units`);
 - **classifier outputs**: columns ``seed, unit, label, prob_0 … prob_{C-1}`` (class probabilities); a record of
   metric ``accuracy``, ``balanced_accuracy``, ``auc`` or ``f1_macro`` is :func:`mdbench.metrics.
   classification_metrics` of a seed's lines, times ``scale`` (100 for percent).
@@ -28,10 +29,12 @@ import numpy as np
 import pandas as pd
 
 SUFFIX = ".samples.csv.gz"
-# aggregates that are the mean of a value per unit, so that a paired difference is a mean of per-unit differences
-MEAN = "mean"
+# aggregates of a value per unit: the mean (a paired difference is a mean of per-unit differences) and the median
+# (timing repeats, robust to the odd call the machine's load slowed down)
+MEAN, MEDIAN = "mean", "median"
+PER_UNIT = (MEAN, MEDIAN)
 CLASSIFICATION = ("accuracy", "balanced_accuracy", "auc", "f1_macro")
-AGGREGATES = (MEAN, *CLASSIFICATION)
+AGGREGATES = (*PER_UNIT, *CLASSIFICATION)
 _REL_TOL = 1e-9
 
 
@@ -77,18 +80,38 @@ def classifier_frame(seed: int, units: Sequence[Any], labels: Sequence[int] | np
     return pd.concat([frame, pd.DataFrame(probs, columns=[f"prob_{k}" for k in range(probs.shape[1])])], axis=1)
 
 
+def repeat_units(repeats: int) -> list[str]:
+    """The unit ids of ``repeats`` timed repeats, ``rep00``, ``rep01``, …: repeat r of every row timed in one run
+    shares its id, so that claims pair them."""
+    return [f"rep{r:02d}" for r in range(repeats)]
+
+
 def aggregate(lines: pd.DataFrame, ref: SamplesRef, metric: str) -> float:
     """One seed's value of ``metric`` from its lines (all of one seed)."""
-    if ref.aggregate == MEAN:
+    if ref.aggregate in PER_UNIT:
         own = lines[lines["metric"] == metric]
         if own.empty:
             raise SamplesError(f"no per-unit values of metric {metric!r}")
+        values = own["value"].to_numpy(float)
+        if ref.aggregate == MEDIAN:
+            if "weight" in own and own["weight"].nunique() > 1:
+                raise SamplesError(f"{metric}: a median of per-unit values takes no weights")
+            return float(np.median(values)) * ref.scale
         weights = own["weight"].to_numpy(float) if "weight" in own else np.ones(len(own))
-        return float(np.sum(weights * own["value"].to_numpy(float)) / np.sum(weights)) * ref.scale
+        return float(np.sum(weights * values) / np.sum(weights)) * ref.scale
     from mdbench import metrics  # torch and MONAI come with it: only where classifier outputs are aggregated
 
     probs = lines[prob_columns(lines)].to_numpy(np.float64)
     return metrics.classification_metrics(lines["label"].to_numpy(), probs)[ref.aggregate] * ref.scale
+
+
+def count_units(frame: pd.DataFrame, ref: SamplesRef, metric: str, seeds: Sequence[int]) -> int:
+    """How many distinct units (test cases, images, bags, timing repeats) the record of ``metric`` over ``seeds``
+    rests on, of its per-sample outputs ``frame``."""
+    lines = frame[frame["seed"].isin(seeds)]
+    if ref.aggregate in PER_UNIT:
+        lines = lines[lines["metric"] == metric]
+    return int(lines["unit"].nunique())
 
 
 def validate(frame: pd.DataFrame) -> pd.DataFrame:

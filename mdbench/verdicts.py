@@ -9,6 +9,13 @@ rows share, with an interval from SciPy, adjusted over the paper's claims:
 - **bootstrap over units** (:func:`scipy.stats.bootstrap`, percentile): both rows keep outputs whose aggregate is
   not a plain mean (AUC of classifier outputs; a macro average over modalities, i.e. a weighted mean). Units are
   resampled (with their lines of every seed) and the statistic recomputed; n = units.
+- **bootstrap of medians over units** (records whose aggregate is the median of per-unit values: wall-clock times,
+  one unit per timed repeat): the repeats both rows share are resampled, each with both rows' times, and the
+  difference of the two rows' medians recomputed; n = repeats. It assumes the repeats are exchangeable draws of
+  the machine's timing noise during the run, paired by repeat id (repeat r of every row is timed in one round,
+  :func:`mdbench.efficiency.measure_latencies`, so that a load change hits both sides of a pair); its interval is
+  about this machine and this run, not another machine or load (claims on them are marked,
+  :data:`WALL_CLOCK_NOTE`), and with few repeats (a percentile bootstrap of a median over < 10) it is rough.
 - with two seeds or more, either interval is widened by the variance of the per-seed differences
   (:func:`_with_seed_variance`), so that a verdict covers the training seeds as well as the test cases.
 - **paired t over seeds**: no per-unit outputs on one side; ``d`` per shared seed; n = seeds. One seed gives no
@@ -30,6 +37,7 @@ of resampled units (no maintained package does either); the tests themselves are
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,10 +173,11 @@ def _weighted_auc(counts: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> 
 
 # ------------------------------------------------------------------------------------------ pairing records
 def _per_unit(frame: pd.DataFrame, rec: Record) -> pd.DataFrame:
-    """``seed, unit, value, weight`` of a record whose aggregate is a per-unit mean (accuracy included)."""
+    """``seed, unit, value, weight`` of a record whose aggregate is a per-unit mean or median (accuracy
+    included: correct or not per unit)."""
     ref = rec.samples_ref
     assert ref is not None
-    if ref.aggregate == sample_outputs.MEAN:
+    if ref.aggregate in sample_outputs.PER_UNIT:
         own = frame[frame["metric"] == rec.metric]
         weight = own["weight"] if "weight" in own else 1.0
         return pd.DataFrame({"seed": own["seed"], "unit": own["unit"], "value": own["value"] * ref.scale,
@@ -212,6 +221,30 @@ def _paired_mean(claim: Claim, lhs: pd.DataFrame, rhs: pd.DataFrame) -> Evidence
     return _bootstrap_evidence(statistic, len(units), f"bootstrap over {len(units)} units")
 
 
+def _paired_median(claim: Claim, lhs: pd.DataFrame, rhs: pd.DataFrame) -> Evidence | None:
+    """Two rows' per-unit medians (``seed, unit, value`` of :func:`_per_unit`) paired on (seed, unit): a bootstrap
+    over the units both rows have of ``median(lhs) − (factor·median(rhs) + offset)``, averaged over seeds."""
+    both = lhs.merge(rhs, on=["seed", "unit"], suffixes=("_l", "_r"))
+    if both.empty:
+        return None
+    seeds, units = sorted(both["seed"].unique()), pd.Index(both["unit"].unique())
+    rows, cols = both["seed"].map({s: i for i, s in enumerate(seeds)}).to_numpy(), units.get_indexer(both["unit"])
+    # (seeds, units) values of each row; a unit a seed lacks is nan and left out of that seed's median
+    values = {}
+    for side in ("l", "r"):
+        values[side] = np.full((len(seeds), len(units)), np.nan)
+        values[side][rows, cols] = both[f"value_{side}"]
+
+    def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        with warnings.catch_warnings():  # a resample that draws none of a seed's units: nan, left out below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per_seed = (np.nanmedian(values["l"][:, idx], axis=-1)
+                        - (claim.factor * np.nanmedian(values["r"][:, idx], axis=-1) + claim.offset))
+            return np.nanmean(per_seed, axis=0)
+
+    return _bootstrap_evidence(statistic, len(units), f"bootstrap of medians over {len(units)} units")
+
+
 def _paired_auc(claim: Claim, lhs: pd.DataFrame, rhs: pd.DataFrame) -> Evidence | None:
     seeds = sorted(set(lhs["seed"]) & set(rhs["seed"]))
     units = pd.Index(sorted(set(lhs["unit"]) & set(rhs["unit"])))
@@ -249,6 +282,8 @@ def _paired_samples(claim: Claim, lhs: Record, rhs: Record, samples_of: SamplesO
     lframe, rframe = lframe[lframe["seed"].isin(lhs.seeds)], rframe[rframe["seed"].isin(rhs.seeds)]
     if lref.aggregate in (sample_outputs.MEAN, "accuracy"):
         return _paired_mean(claim, _per_unit(lframe, lhs), _per_unit(rframe, rhs))
+    if lref.aggregate == sample_outputs.MEDIAN:
+        return _paired_median(claim, _per_unit(lframe, lhs), _per_unit(rframe, rhs))
     if lref.aggregate == "auc" and lref.scale == rref.scale == 100:
         return _paired_auc(claim, lframe, rframe)
     return None

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mdbench import notebook, verdicts
 from mdbench.data.synthetic import SyntheticMILBags
 from mdbench.efficiency import count_flops, export_with_parity
 from mdbench.losses.projection import FPDLoss, fpd_loss
@@ -16,6 +17,7 @@ from mdbench.models.clam import clam_sb
 from mdbench.models.transscan import TransScan, TransScanStudent, build_transscan_student
 from mdbench.papers.efcm import costs as efcm_costs
 from mdbench.papers.efcm import experiment as efcm
+from mdbench.results import load_reference
 
 warnings.filterwarnings("ignore", message="no local pretrained weights")
 
@@ -211,8 +213,35 @@ def test_costs_add_up_per_patch_and_per_bag():
     assert rows["gflops_patch"] == pytest.approx(2 * 48 * 8 / 1e9)  # one 48 -> 8 matmul: 2 x MACs
     assert rows["gflops_bag"] == pytest.approx(10 * rows["gflops_patch"] + head_flops / 1e9)
     assert rows["params_m"] == pytest.approx((48 * 8 + 8 + sum(p.numel() for p in head.parameters())) / 1e6)
-    assert rows["s_bag"] > 10 * rows["ms_patch"] / 1e3 > 0
-    assert efcm_costs.throughput(encoder, 4, batch_size=16, repeats=2) > 0
+    assert rows["s_bag"].shape == rows["ms_patch"].shape == (2,)  # one per timed round
+    assert (rows["s_bag"] > 10 * rows["ms_patch"] / 1e3).all() and (rows["ms_patch"] > 0).all()
+    rates = efcm_costs.throughput(encoder, 4, batch_size=16, repeats=2)
+    assert rates.shape == (2,) and (rates > 0).all()
+
+
+def test_table2_times_are_medians_of_repeats_kept_one_line_each_and_paired_in_claims(tmp_path, monkeypatch):
+    monkeypatch.setenv("MDBENCH_RESULTS_DIR", str(tmp_path))
+    head = clam_sb(8, hidden=(4, 2))
+    encoders = {"teacher": efcm.PatchEncoder(nn.Sequential(nn.Flatten(), nn.Linear(48, 64), nn.Linear(64, 8))),
+                "student_fpd_ts": efcm.PatchEncoder(nn.Sequential(nn.Flatten(), nn.Linear(48, 8)))}
+    costs = efcm_costs.measure_costs(encoders, head, input_size=4, bag_size=10, repeats=3)
+    frame, repeats = efcm_costs.record_costs(costs, efcm.Config(), input_size=4)
+    assert set(repeats.metric) == {"ms_patch", "s_bag"}  # wall-clock metrics only, not the counts
+    assert repeats.groupby(["row", "metric"]).unit.apply(list).map(tuple).unique().tolist() == [
+        ("rep00", "rep01", "rep02")]  # the same repeat ids for every row: claims pair them
+    value = frame.set_index(["row", "metric"]).value
+    assert value["teacher", "s_bag"] == np.median(costs["teacher"]["s_bag"])
+
+    session = notebook.start("efcm", {"profile": "smoke"})
+    session.record_frame("table2", frame, samples=repeats, aggregate="median")
+    records = {(r.row, r.metric): r for r in session.store.records()}
+    assert records["teacher", "s_bag"].samples_ref.aggregate == "median"
+    assert records["teacher", "gflops_bag"].samples is None
+    claims = verdicts.evaluate_claims(load_reference("efcm"), session.store.records(), session.store.samples)
+    row = claims.set_index("claim").loc["student_time_fraction"]
+    assert row.test == "bootstrap of medians over 3 units" and row.n == 3
+    assert row.difference == pytest.approx(np.median(costs["student_fpd_ts"]["s_bag"])
+                                           - 0.1 * np.median(costs["teacher"]["s_bag"]))
 
 
 def test_load_bags_on_real_data(real_data_dir):

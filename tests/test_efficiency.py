@@ -103,6 +103,25 @@ def test_latency_report_fields_for_module_and_callable():
     assert set(report.as_dict()) >= {"median_ms", "p90_ms", "mean_ms", "n", "threads", "device"}
 
 
+def test_latencies_are_timed_in_rounds_that_pair_their_repeats():
+    calls = []
+
+    def fast(x):
+        calls.append("fast")
+
+    def slow(x):
+        calls.append("slow")
+        time.sleep(0.002)
+
+    reports = eff.measure_latencies({"fast": (fast, np.zeros(1)), "slow": (slow, np.zeros(1))}, warmup=1, repeats=3)
+    assert calls == ["fast", "slow"] + ["fast", "slow"] * 3  # warm-up, then each round times every call once
+    slow_ms = reports["slow"].times_ms
+    assert len(slow_ms) == 3 and min(slow_ms) >= 2.0 and reports["slow"].median_ms == float(np.median(slow_ms))
+    assert max(reports["fast"].times_ms) < min(slow_ms)
+    with pytest.raises(ValueError, match="at least one call"):
+        eff.measure_latencies({})
+
+
 def test_latency_refuses_bad_arguments():
     with pytest.raises(ValueError, match="repeats"):
         eff.measure_latency(nn.Linear(2, 2), torch.randn(1, 2), repeats=0)

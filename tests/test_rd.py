@@ -360,8 +360,12 @@ def test_deployment_costs_measure_every_model_at_the_fixed_size_fm_native_input(
                                                                           int(name), name))
     with pytest.raises(ValueError, match="different fixed input sizes"):
         rdx.deployment_costs([], 16, 3, 8, ["32", "64"])
-    lines = rdx.record_costs(costs.reset_index(), 3, rdx.Config(image_size=16))
+    lines, repeats = rdx.record_costs(costs.reset_index(), 3, rdx.Config(image_size=16))
     assert lines.notes.str.startswith("input 1x3x32x32 for every model").all()
+    # latency: the median of one repeat (its only line, unit rep00), the same repeat id for every model
+    assert repeats.unit.tolist() == ["rep00"] * 3 and set(repeats.metric) == {"latency_ms"}
+    latency = lines[lines.metric == "latency_ms"].set_index("row").value
+    assert repeats.set_index("row").value.to_dict() == latency.to_dict()
     assert all(c["input_shape"] == "1x3x32x32" and c["trained_image_size"] == 16 for c in lines.config)
 
 

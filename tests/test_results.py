@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from mdbench import results as R
+from mdbench import samples as S
 from mdbench.paper_yaml import PaperFileError, known_papers
 
 CONFIG = {"lr": 1e-3, "epochs": 2}
@@ -36,7 +37,7 @@ def test_record_round_trip_and_statistics(tmp_path):
 
 def test_single_seed_has_zero_std(tmp_path):
     rec = _write(_store(tmp_path), "A", "acc", 0.5)
-    assert rec.n == 1 and rec.std == 0.0 and all(math.isnan(v) for v in R.seed_interval(rec))  # none from one seed
+    assert rec.n == 1 and rec.std == 0.0
 
 
 @pytest.mark.parametrize("values", [[], [float("nan")], [1.0, float("inf")]])
@@ -70,10 +71,11 @@ def test_temp_file_of_an_interrupted_write_is_not_a_record(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ references
-def _reference(tmp_path, claims, reported=None, tolerance=None):
+def _reference(tmp_path, claims, reported=None, tolerance=None, **more):
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump({"paper": "toy", "title": "Toy", "citation": "Nobody 2026",
-                                    "reported": reported or {}, "claims": claims, "tolerance": tolerance or {}}))
+                                    "reported": reported or {}, "claims": claims, "tolerance": tolerance or {},
+                                    **more}))
     return R.load_reference("toy", path)
 
 
@@ -91,6 +93,14 @@ def test_reference_refuses_guessed_values_and_bad_ops(tmp_path):
         _reference(tmp_path, [{**_claim(), "test": "vibes"}])
     with pytest.raises(PaperFileError, match="unknown paper 'no_such_paper'.*; known papers: daft, efcm, "):
         R.load_reference("no_such_paper")
+
+
+def test_the_tables_are_those_reported_with_their_digits(tmp_path):
+    reported = {"t1": {"A": {"acc": 1.0}}, "costs": {"A": {"ms": R.NOT_REPORTED}}}
+    assert _reference(tmp_path, [], reported, digits={"costs": 4}).tables == {"t1": 2, "costs": 4}
+    for digits in ({"t2": 3}, {"t1": 1.5}, {"t1": -1}):  # a table not reported (a typo), not a whole number
+        with pytest.raises(R.PaperReferenceError, match="digits must map tables of reported"):
+            _reference(tmp_path, [], reported, digits=digits)
 
 
 def test_table_beside_paper_values(tmp_path):
@@ -121,6 +131,49 @@ def test_table_beside_paper_values(tmp_path):
     csv, md = store.save_table(table.reset_index(), "t1")
     assert md.read_text().splitlines()[0].startswith("| row | dataset |")
     assert csv.read_text().count("\n") == 5
+
+
+def test_units_column_counts_the_per_sample_units_behind_each_row(tmp_path):
+    store = _store(tmp_path, profile="cpu")
+    # row A: seed 0 scored cases a, b, c and seed 1 cases a, b, d (4 units); its metric m2 only cases a and b
+    lines = pd.DataFrame({"seed": [0, 0, 0, 1, 1, 1, 0, 0, 1, 1], "unit": list("abcabdabab"),
+                          "metric": ["m1"] * 6 + ["m2"] * 4, "value": [1.0, 2, 3, 4, 5, 6, 1, 1, 3, 3]})
+    name = store.write_samples("t1", "synthetic", "A", lines)
+    ref = S.SamplesRef(name, S.MEAN)
+    config = {"folds": 5}
+    for metric, values in (("m1", [2.0, 5.0]), ("m2", [1.0, 3.0])):
+        store.record("t1", "A", metric, values, dataset="synthetic", dataset_checksum="-", config=config,
+                     samples=ref)
+    store.record("t1", "B", "m1", [1.0, 2.0], dataset="synthetic", dataset_checksum="-", config=config)
+    reference = _reference(tmp_path, [], reported={"t1": {"A": {"m1": R.NOT_REPORTED}}})
+    table = R.build_table(reference, store.records(), "t1", samples_of=store.samples).set_index(["row", "metric"])
+    assert table["units"].to_dict() == {("A", "m1"): 4, ("A", "m2"): 2, ("B", "m1"): ""}  # B keeps no outputs
+    assert R.build_table(reference, store.records(), "t1")["units"].tolist() == ["", "", ""]  # none looked up
+    assert R.protocol_note(store.records(), "t1").startswith("Protocol (from the records): 5-fold "
+                                                            "cross-validation; seeds 0, 1.")
+    assert R.protocol_note(store.records(), "t2") == ""
+
+
+def test_tables_command_rebuilds_every_table_of_a_paper_from_its_records(tmp_path, capsys):
+    from mdbench.cli import main
+
+    store = R.ResultStore("quickstart", "cpu", root=tmp_path)
+    lines = pd.DataFrame({"seed": 0, "unit": S.repeat_units(3), "metric": "latency_ms", "value": [2.0, 1.0, 9.0]})
+    name = store.write_samples("efficiency", "d", "pytorch", lines)
+    store.record("efficiency", "pytorch", "latency_ms", [2.0], dataset="d", dataset_checksum="-", config={},
+                 samples=S.SamplesRef(name, S.MEDIAN))
+    store.record("table1", "trained", "accuracy", [90.0, 92.0], dataset="d", dataset_checksum="-", config={})
+    assert main(["tables", "--paper", "quickstart", "--results-dir", str(tmp_path)]) == 0
+    assert "quickstart (cpu): table1 (1 lines), efficiency (1 lines)" in capsys.readouterr().out
+    efficiency = pd.read_csv(store.dir / "efficiency.csv")
+    assert efficiency[["row", "reproduced", "units"]].values.tolist() == [["pytorch", "2.000 (n=1)", 3]]
+    assert pd.read_csv(store.dir / "table1.csv")["units"].isna().all()  # no per-sample outputs: empty
+    assert (store.dir / "table1.md").read_text().endswith("\nProtocol (from the records): seeds 0, 1. n: seeds "
+                                                          "behind a row; units: its test cases, images, bags or "
+                                                          "timing repeats.\n")
+    assert main(["tables", "--profile", "gpu", "--results-dir", str(tmp_path)]) == 2  # no records there
+    assert main(["tables", "--paper", "no_such_paper", "--results-dir", str(tmp_path)]) == 2
+    assert "unknown paper 'no_such_paper'" in capsys.readouterr().err
 
 
 def test_smoke_rows_are_not_compared_with_the_paper(tmp_path):

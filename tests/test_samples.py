@@ -54,6 +54,39 @@ def test_per_unit_values_with_weights_reproduce_a_macro_mean(tmp_path):
     assert by_metric["params"].samples is None  # no per-unit values of it: no pointer
 
 
+def test_timing_repeats_reproduce_a_median_and_count_as_units(tmp_path):
+    session = _session(tmp_path)
+    lines = pd.DataFrame({"row": "A", "seed": 0, "unit": S.repeat_units(4), "metric": "ms",
+                          "value": [3.0, 1.0, 100.0, 2.0]})  # one slow repeat (a load spike) does not move it
+    assert S.repeat_units(4) == ["rep00", "rep01", "rep02", "rep03"]
+    values = pd.DataFrame([{"row": "A", "metric": "ms", "value": 2.5}, {"row": "A", "metric": "flops", "value": 7.0}])
+    session.record_frame("t1", values, dataset="d", dataset_checksum="c", config={}, samples=lines,
+                         aggregate=S.MEDIAN)
+    by_metric = {r.metric: r for r in session.store.records()}
+    ref = by_metric["ms"].samples_ref
+    assert ref.aggregate == S.MEDIAN and by_metric["flops"].samples is None
+    assert S.count_units(session.store.samples(by_metric["ms"]), ref, "ms", [0]) == 4
+    with pytest.raises(S.SamplesError, match="give 2.5"):  # the mean (26.5) is not the record's value
+        session.record_frame("t1", values.assign(value=[26.5, 7.0]), dataset="d", dataset_checksum="c",
+                             config={}, samples=lines, aggregate=S.MEDIAN)
+    with pytest.raises(S.SamplesError, match="takes no weights"):
+        S.aggregate(lines.assign(weight=[1, 1, 2, 1]), ref, "ms")
+    with pytest.raises(ValueError, match="aggregate must be one of"):
+        session.record_frame("t1", values, dataset="d", dataset_checksum="c", config={}, samples=lines,
+                             aggregate="auc")
+
+
+def test_a_rows_file_is_read_once_for_all_its_metrics(tmp_path, monkeypatch):
+    session = _session(tmp_path)
+    lines = pd.DataFrame({"row": "A", "seed": 0, "unit": ["a", "b"] * 3, "metric": np.repeat(["m1", "m2", "m3"], 2),
+                          "value": [1.0, 3.0, 2.0, 4.0, 5.0, 7.0]})
+    values = pd.DataFrame({"row": "A", "metric": ["m1", "m2", "m3"], "value": [2.0, 3.0, 6.0]})
+    reads = []
+    monkeypatch.setattr(S, "read", lambda path, real=S.read: reads.append(path.name) or real(path))
+    session.record_frame("t1", values, dataset="d", dataset_checksum="c", config={}, samples=lines)
+    assert reads == ["t1__d__A.samples.csv.gz"] and len(session.store.records()) == 3
+
+
 def test_outputs_that_do_not_add_up_are_refused_and_no_record_is_written(tmp_path):
     session = _session(tmp_path)
     lines, values = _classifier()

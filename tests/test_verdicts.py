@@ -154,6 +154,41 @@ def test_seed_level_pairing_and_one_value_is_inconclusive():
     assert one.status == "inconclusive (n=1)" and math.isnan(one.ci_low)
 
 
+def _timing_records(lhs_ms: np.ndarray, rhs_ms: np.ndarray, metric="s"):
+    """Rows A and B timed in shared rounds (one unit per repeat, ``rep00`` …): records of their medians."""
+    frames = {row: pd.DataFrame({"seed": 0, "unit": S.repeat_units(len(ms)), "metric": metric, "value": ms})
+              for row, ms in (("A", lhs_ms), ("B", rhs_ms))}
+    recs = [_record(row, [np.median(ms)], metric, samples={"file": row, "aggregate": S.MEDIAN})
+            for row, ms in (("A", lhs_ms), ("B", rhs_ms))]
+    return recs, lambda rec: frames[rec.samples["file"]]
+
+
+def test_timing_medians_are_bootstrapped_over_paired_repeats():
+    """A student timed against a teacher in shared rounds: the machine's load of a round slows both, and the claim
+    "the student takes at most a tenth of the teacher's time" is judged on the difference of medians, repeats
+    resampled in pairs (the same as SciPy's paired percentile bootstrap)."""
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    load = rng.gamma(2.0, 1.0, 12)                       # per round, shared by both rows
+    student = 1.0 + 0.1 * load + rng.normal(0, 0.02, 12)
+    teacher = 20.0 + 2.0 * load + rng.normal(0, 0.4, 12)
+    (lhs, rhs), samples_of = _timing_records(student, teacher)
+    claim = _claim("<=", factor=0.1, metric="s")
+    row = _judge(claim, lhs, rhs, samples_of)
+    assert row.test == "bootstrap of medians over 12 units" and row.n == 12
+    assert row.difference == pytest.approx(np.median(student) - 0.1 * np.median(teacher))
+    ci = stats.bootstrap((student, teacher), lambda s, t, axis: np.median(s, axis) - 0.1 * np.median(t, axis),
+                         paired=True, vectorized=True, n_resamples=V.N_RESAMPLES, method="percentile",
+                         random_state=np.random.default_rng(0)).confidence_interval
+    assert (row.ci_low, row.ci_high) == pytest.approx((ci.low, ci.high)) and row.confidence == 0.95
+    assert row.status == V.HOLDS and row.ci_high < 0
+    # a fiftieth of the teacher's ~24.1 s asks the student for ~0.48 s against its ~1.19: it does not hold
+    assert _judge(_claim("<=", factor=0.02, metric="s"), lhs, rhs, samples_of).status == V.FAILS
+    (one_l, one_r), one_of = _timing_records(student[:1], teacher[:1])  # one repeat: no interval
+    assert _judge(claim, one_l, one_r, one_of).status == "inconclusive (n=1)"
+
+
 def test_exact_quantities_are_compared_as_they_are():
     lhs, rhs = _record("A", [24.0], "flops"), _record("B", [100.0], "flops")
     assert _judge(_claim("<=", factor=0.25, metric="flops", exact=True), lhs, rhs).status == V.HOLDS

@@ -633,9 +633,13 @@ def deployment_costs(students: list[str], image_size: int, num_classes: int, emb
     an FM deploys itself and a linear head (linear probe, full FT; LoRA and VPT add to it). ``embed_dim``: the
     students' projector width (the run's FM feature width).
 
+    Every model is timed in the same rounds (:func:`mdbench.efficiency.measure_latencies`), so that repeat r of
+    two models is a pair.
+
     Returns:
         One row per model: ``model``, ``kind`` (fm / student), ``params`` (deployed), ``flops``, ``latency_ms``
-        (median), ``latency_p90_ms``, ``threads``, ``input_shape`` (the same for every row).
+        (median), ``latency_p90_ms``, ``latency_times_ms`` (each repeat's), ``threads``, ``input_shape`` (the same
+        for every row).
     """
     encoders = {name: build_fm(name, None) for name in fm_names}
     native = {encoder.input_size for encoder in encoders.values() if encoder.input_size is not None}
@@ -643,23 +647,32 @@ def deployment_costs(students: list[str], image_size: int, num_classes: int, emb
         raise ValueError(f"the FMs {fm_names} take different fixed input sizes {sorted(native)}: Table 2 compares "
                          "every model at one size")
     size = native.pop() if native else image_size
-    rows = [_costs(name, "fm", FMClassifier(encoder, encoder.feature_dim, num_classes), size, latency_repeats)
-            for name, encoder in encoders.items()]
+    models: dict[str, tuple[str, nn.Module]] = {
+        name: ("fm", FMClassifier(encoder, encoder.feature_dim, num_classes)) for name, encoder in encoders.items()}
     for name in students:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # build_model returns nn.Module: the registry's "projected_student" builds a ProjectedStudent
             student = cast(ProjectedStudent, build_model("projected_student", backbone=name, embed_dim=embed_dim,
                                                          image_size=size, pretrained=False))
-        rows.append(_costs(name, "student", DeployedStudent(student, nn.Linear(student.embed_dim, num_classes)),
-                           size, latency_repeats))
-    return pd.DataFrame(rows)
+        models[name] = ("student", DeployedStudent(student, nn.Linear(student.embed_dim, num_classes)))
+    example = torch.rand(1, 3, size, size)
+    latency = efficiency.measure_latencies({name: (model, example) for name, (_, model) in models.items()},
+                                           warmup=1, repeats=latency_repeats)
+    return pd.DataFrame([{"model": name, "kind": kind, "params": efficiency.count_parameters(model).deployed,
+                          "flops": efficiency.count_flops(model, example).flops,
+                          "latency_ms": latency[name].median_ms, "latency_p90_ms": latency[name].p90_ms,
+                          "latency_times_ms": latency[name].times_ms, "threads": latency[name].threads,
+                          "input_shape": f"1x3x{size}x{size}"} for name, (kind, model) in models.items()])
 
 
-def record_costs(costs: pd.DataFrame, num_classes: int, cfg: Config) -> pd.DataFrame:
+def record_costs(costs: pd.DataFrame, num_classes: int, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Table 2's records (``params_m``, ``gflops``, ``latency_ms`` of each model) of :func:`deployment_costs`;
-    config and notes state the input every model was measured at and the resolution the students trained at."""
-    lines = []
+    config and notes state the input every model was measured at and the resolution the students trained at. With
+    them, the per-sample outputs of ``latency_ms`` (the median of its repeats): one line per repeat (``row, seed,
+    unit, metric, value``, unit ``rep00``, ``rep01``, … shared by the models timed in one round), for
+    ``record_frame(..., aggregate="median")``."""
+    lines, repeats = [], []
     for cost in costs.itertuples():
         config = {"model": cost.model, "input_shape": cost.input_shape, "same_input_for_every_model": True,
                   "trained_image_size": cfg.image_size, "num_classes": num_classes, "threads": cost.threads,
@@ -670,16 +683,11 @@ def record_costs(costs: pd.DataFrame, num_classes: int, cfg: Config) -> pd.DataF
                                     ("latency_ms", cost.latency_ms, "ms")):
             lines.append({"row": cost.model, "metric": metric, "value": value, "unit": unit, "config": config,
                           "notes": notes})
-    return pd.DataFrame(lines).assign(dataset="deployment", dataset_checksum="random input")
-
-
-def _costs(name: str, kind: str, model: nn.Module, size: int, repeats: int) -> dict[str, Any]:
-    example = torch.rand(1, 3, size, size)
-    params = efficiency.count_parameters(model).deployed
-    flops = efficiency.count_flops(model, example).flops
-    latency = efficiency.measure_latency(model, example, warmup=1, repeats=repeats)
-    return {"model": name, "kind": kind, "params": params, "flops": flops, "latency_ms": latency.median_ms,
-            "latency_p90_ms": latency.p90_ms, "threads": latency.threads, "input_shape": f"1x3x{size}x{size}"}
+        repeats.append(pd.DataFrame({"row": cost.model, "seed": 0, "metric": "latency_ms",
+                                     "unit": sample_outputs.repeat_units(len(cost.latency_times_ms)),
+                                     "value": cost.latency_times_ms}))
+    return (pd.DataFrame(lines).assign(dataset="deployment", dataset_checksum="random input"),
+            pd.concat(repeats, ignore_index=True))
 
 
 # ------------------------------------------------------------------------------------------------- figures
