@@ -213,11 +213,15 @@ def measure_latencies(
     device: str | torch.device | None = None,
 ) -> dict[str, LatencyReport]:
     """Time each ``name: (fn_or_model, example_inputs)`` of ``calls``: ``warmup`` untimed calls of each, then
-    ``repeats`` rounds, each of which times every call once, in order.
+    ``repeats`` rounds, each of which times every call once, in order, right after an untimed call of the same
+    (where there are several calls).
 
     Interleaved rounds make repeat r of two calls a pair: a change of the machine's load between rounds slows both
     alike and cancels in their paired difference (:mod:`mdbench.verdicts` pairs repeats by id), which timing one
-    call's repeats after the other's would leave in. A module runs in eval mode under ``torch.no_grad`` (training
+    call's repeats after the other's would leave in. The untimed call before each timed one keeps what a timed
+    call measures the same as when one model is timed alone: a call that follows a call of the same model, its
+    weights in cache (a small model timed right after a large one was measured ~20 % slower on a 2-core CPU,
+    from the other's weights evicting its own). A module runs in eval mode under ``torch.no_grad`` (training
     flags restored) on its own device; torch inputs are moved there. A plain callable (e.g.
     :class:`OnnxRuntimeModel`) gets the inputs as they are. On CUDA each call is bracketed by
     ``torch.cuda.synchronize`` so the time covers the kernels, not just their launch. ``threads`` is the
@@ -247,6 +251,8 @@ def measure_latencies(
                 fn(*args)
         for _ in range(repeats):
             for name, (fn, args, dev) in prepared.items():
+                if len(prepared) > 1:
+                    fn(*args)  # untimed: the timed call finds its own weights in cache, not another model's
                 _synchronize(dev)
                 start = time.perf_counter()
                 fn(*args)
