@@ -166,11 +166,11 @@ def test_committed_real_data_claims_follow_from_their_records(folder):
     pd.testing.assert_frame_equal(claims, committed, check_dtype=False)
 
 
-@pytest.mark.parametrize("folder", sorted(p.parent for p in (runner.REPO_ROOT / "results").glob("*/cpu/claims.csv")),
-                         ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("folder", sorted(p.parent for p in (runner.REPO_ROOT / "results").glob("*/*/claims.csv")),
+                         ids=lambda p: f"{p.parent.name}-{p.name}")
 def test_committed_real_data_tables_follow_from_their_records(folder):
     """Every committed table of a paper is what `mdbench tables` builds from its records and outputs today."""
-    store = results.ResultStore(folder.parent.name, "cpu", root=folder.parents[1])
+    store = results.ResultStore(folder.parent.name, folder.name, root=folder.parents[1])
     reference, records = results.load_reference(folder.parent.name), store.records()
     for name, digits in reference.tables.items():
         built = results.build_table(reference, records, name, digits=digits, samples_of=store.samples)

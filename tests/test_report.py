@@ -43,23 +43,26 @@ def test_numbers_keep_four_significant_digits_and_their_full_value(value, shown)
 def records_frame(paper: list) -> pd.DataFrame:
     rows = [{"dataset": "d", "row": r, "metric": "accuracy", "paper": p, "reproduced": "82.00 ± 2.00 (n=3)",
              "delta": "+2.00" if p != "not reported" else "—", "vs_paper": "better" if p != "not reported" else "—",
-             "status": "comparable", "mean": 82.0, "std": 2.0, "n": 3, "ci_low": 77.03, "ci_high": 86.97}
-            for r, p in zip(["a", "b"], paper, strict=True)]
+             "status": "comparable", "mean": 82.0, "std": 2.0, "n": 3, "units": units, "ci_low": 77.03,
+             "ci_high": 86.97} for r, p, units in zip(["a", "b"], paper, [40, math.nan], strict=True)]
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
 def test_a_records_table_shows_its_numeric_columns_not_the_formatted_string():
     t = tables.records_table("table1", records_frame(["not reported", "not reported"]))
-    assert t.header == ["dataset", "row", "metric", "mean", "std", "n", "95 % CI low", "95 % CI high", "status"]
-    assert [c.text for c in t.rows[0]] == ["d", "a", "accuracy", "82.00", "2.000", "3", "77.03", "86.97", "comparable"]
+    assert t.header == ["dataset", "row", "metric", "mean", "std", "n", "units", "95 % CI low", "95 % CI high",
+                        "status"]
+    assert [c.text for c in t.rows[0]] == ["d", "a", "accuracy", "82.00", "2.000", "3", "40", "77.03", "86.97",
+                                           "comparable"]
+    assert t.rows[1][6].text == "—"  # no per-sample outputs behind it
     assert t.note == "The paper reports none of these numbers."
 
 
 def test_a_records_table_keeps_the_paper_columns_where_the_paper_reports_a_number():
     t = tables.records_table("table1", records_frame(["80.00", "not reported"]))
-    assert t.header[8:11] == ["paper", "Δ", "vs paper"]
-    assert [c.text for c in t.rows[0][8:11]] == ["80.00", "2.000", "better"]
-    assert [c.text for c in t.rows[1][8:11]] == ["—", "—", "—"]
+    assert t.header[9:12] == ["paper", "Δ", "vs paper"]
+    assert [c.text for c in t.rows[0][9:12]] == ["80.00", "2.000", "better"]
+    assert [c.text for c in t.rows[1][9:12]] == ["—", "—", "—"]
     assert t.note == ""
 
 

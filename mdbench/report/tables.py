@@ -1,7 +1,7 @@
 """The results' CSV tables as rows of cells for the report: numbers as numbers, each with its full value.
 
 A table built from records (:data:`mdbench.results.TABLE_COLUMNS`) is shown by its numeric columns (mean, std,
-n, the 95 % interval over seeds, the paper's number and Δ) rather than its formatted ``mean ± std (n=N)`` string;
+n, test units, the 95 % interval over seeds, the paper's number and Δ) rather than its formatted ``mean ± std (n=N)`` string;
 a claims table (:data:`mdbench.verdicts.COLUMNS`) by its difference, interval, level and adjusted p-value. Other
 CSVs (wide views derived from the tables) are not rendered: their numbers are the tables' own.
 """
@@ -84,14 +84,14 @@ def records_table(name: str, df: pd.DataFrame) -> Table:
     are left out when the paper reports none of its numbers."""
     paper, delta = _numeric(df["paper"]), _numeric(df["delta"])
     with_paper = bool(paper.notna().any())
-    header = ["dataset", "row", "metric", "mean", "std", "n", "95 % CI low", "95 % CI high"]
+    header = ["dataset", "row", "metric", "mean", "std", "n", "units", "95 % CI low", "95 % CI high"]
     if with_paper:
         header += ["paper", "Δ", "vs paper"]
     header.append("status")
     rows = []
     for i, r in enumerate(df.itertuples(index=False)):
         cells = [text(r.dataset), text(r.row), text(r.metric), number(r.mean), number(r.std), count(r.n),
-                 number(r.ci_low), number(r.ci_high)]
+                 count(r.units), number(r.ci_low), number(r.ci_high)]
         if with_paper:
             cells += [number(paper.iloc[i]), number(delta.iloc[i]), text(r.vs_paper)]
         rows.append([*cells, text(r.status)])
