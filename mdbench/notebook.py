@@ -4,7 +4,7 @@
 
     session = notebook.start("efcm", notebook.parameters(globals()), efcm.Config)   # setup cell
     session.record_frame("table1", frame, dataset=..., dataset_checksum=..., config=...)
-    tables = session.tables()                           # results cell: every table of the paper.yaml
+    tables = session.tables()                                                       # results cell: all tables
     session.save_figure(fig, "pareto")
     notebook.finish(session)                                                         # claims cell
 
