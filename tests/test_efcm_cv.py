@@ -155,8 +155,8 @@ def test_teacher_and_students_are_costed_on_inputs_of_the_teacher_size(monkeypat
         assert at_size > count_flops(student, (torch.rand(1, 3, 4, 4),)).flops / 1e9
     conv = 2 * 3 * 9 * 6 * 8 * 8 / 1e9  # no resize is counted: the teacher sees 8x8 as given
     assert costs["teacher"]["gflops_patch"] == pytest.approx(conv, rel=0.05)
-    frame = efcm_costs.record_costs(costs, cfg, size)
-    assert set(frame["dataset"]) == {"8px inputs, bags of 10"}
+    frame, repeats = efcm_costs.record_costs(costs, cfg, size)
+    assert set(frame["dataset"]) == {"8px inputs, bags of 10"} and set(repeats["unit"]) == {"rep00"}  # 1 repeat
     assert frame["notes"].str.contains("teacher and students alike on 8x8 inputs").all()
     assert all(c["input_size"] == 8 for c in frame["config"])
 
