@@ -37,8 +37,9 @@ def offline_weights(tmp_path, monkeypatch):
     return weights_dir
 
 
-FAMILIES = {"abmil", "clam_mb", "clam_sb", "efficientvit_sam", "input_reprogrammer", "litemedsam", "litemedsam_encoder",
-            "max_mil", "med_adapter", "projected_student", "slicewise_segmenter", "transscan_student", "unet3d"}
+FAMILIES = {"abmil", "clam_mb", "clam_sb", "efficientvit_sam", "feature_reprogrammer", "input_reprogrammer", "litemedsam",
+            "litemedsam_encoder", "max_mil", "med_adapter", "projected_student", "slicewise_segmenter",
+            "transscan_student", "unet3d"}
 BAG = torch.randn(5, 8)  # one MIL bag: 5 instances of 8 features
 HEAD = {"in_dim": 8, "hidden": (8, 4), "k_sample": 1}
 TINY_VIT = {"patch_size": 4, "depth": 4, "embed_dim": 16, "num_heads": 2}
@@ -63,6 +64,7 @@ FORWARD_CASES = [
     ("projected_student", {"backbone": "resnet10t", "embed_dim": 8, "pretrained": False},
      (torch.rand(2, 3, 16, 16),), [(2, 512), (2, 8)]),
     ("input_reprogrammer", {"channels": 3, "hidden": 4}, (torch.rand(2, 3, 8, 8),), (2, 3, 8, 8)),
+    ("feature_reprogrammer", {"dim": 8, "hidden": 4}, (torch.randn(2, 8),), (2, 8)),
     ("med_adapter", {"dim": 8, "num_slices": 2, "ratio": 2}, (torch.randn(2, 4, 8), (2, 2)), [(2, 4, 8), None]),
     ("slicewise_segmenter", {"backbone": "timm:vit_tiny_patch16_224", "image_size": 8, "num_classes": 3,
                              "num_slices": 2, "decoder_channels": 4, "pretrained": False, **TINY_VIT},

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mdbench import notebook, results, train
+from mdbench import notebook, results, train, verdicts
 from mdbench.data.registry import load_dataset
 from mdbench.data.synthetic import SyntheticClassification
 from mdbench.efficiency import count_flops, count_parameters
 from mdbench.losses.kd import kd_loss, linear_cka
 from mdbench.models.reprogramming import (
+    FeatureReprogrammer,
     FrozenFM,
     InputReprogrammer,
     MeanPool,
@@ -131,7 +132,7 @@ def test_step_decays_weights_linearly_and_counts_training_steps_only():
     assert RDStep(RDObjective(), 4, decay=False).scale() == 1.0
 
 
-def test_cached_features_only_without_reprogrammer():
+def test_cached_features_stand_in_for_the_fm_unless_phi_reprograms_its_input():
     x = torch.rand(4, 3, 16, 16)
     plain = _rd(reprogram=False)
     cached = plain.fm.cache(x, batch_size=3)
@@ -139,8 +140,27 @@ def test_cached_features_only_without_reprogrammer():
     direct = plain.eval()(x).teacher_logits
     # the cache ran batches of 3 and 1, the direct pass one of 4 (another float order): tolerance by the logits' scale
     torch.testing.assert_close(plain(x, cached).teacher_logits, direct, rtol=0, atol=1e-5 * direct.abs().max().item())
-    with pytest.raises(ValueError, match="only valid without a reprogrammer"):
+    with pytest.raises(ValueError, match="not valid with a reprogrammer of the FM's input"):
         _rd(reprogram=True)(x, cached)
+    on_features = ReprogrammingDistillation(plain.fm, plain.student, 3, FeatureReprogrammer(8, 4)).eval()
+    with torch.no_grad():
+        on_features.reprogrammer.body[-1].weight.normal_()
+    out = on_features(x, cached)
+    torch.testing.assert_close(out.teacher_features, on_features.reprogrammer(cached))
+    torch.testing.assert_close(on_features(x).teacher_features, out.teacher_features, rtol=0,
+                               atol=1e-5 * out.teacher_features.abs().max().item())
+
+
+def test_feature_reprogrammer_starts_as_identity_trains_and_refuses_bad_input():
+    phi = FeatureReprogrammer(8, 4)
+    z = torch.randn(5, 8)
+    assert torch.equal(phi(z), z)
+    phi(z).pow(2).sum().backward()
+    assert phi.body[-1].weight.grad.abs().sum() > 0  # the zero layer still learns
+    with pytest.raises(ValueError, match=r"\(B, 8\) features"):
+        phi(torch.randn(5, 7))
+    with pytest.raises(ValueError, match="dim and hidden"):
+        FeatureReprogrammer(0, 4)
 
 
 def test_mismatched_widths_refused():
@@ -207,7 +227,8 @@ def test_build_projected_student_by_timm_name(name, dim):
 
 
 # ------------------------------------------------------------------------------------------------- experiment glue
-from mdbench.papers.rd import experiment as rdx  # noqa: E402  (kept beside the tests that use it)
+from mdbench.papers.rd import budget  # noqa: E402  (kept beside the tests that use it)
+from mdbench.papers.rd import experiment as rdx  # noqa: E402
 
 
 def _tiny_task(fraction: float = 1.0, seed: int = 0) -> tuple[rdx.ClassificationData, rdx.Task]:
@@ -404,3 +425,104 @@ def test_records_keep_per_image_outputs_that_reproduce_them_on_the_test_ids_ever
     expected = by_seed.loc[0.5, "rd"] - by_seed.loc[0.5, ["kd", "fitnet", "rkd"]].max(axis=1)
     assert gain.values == pytest.approx(expected.tolist(), abs=1e-9)
     assert gain.notes.startswith("best KD baseline: seed 0 ")
+
+
+# ------------------------------------------------------------------------------------------------- the gpu grid
+def test_loader_gives_train_fit_the_batches_of_a_dataloader_over_the_tensors():
+    # The cpu profile's committed numbers came from DataLoader(TensorDataset(...)); batches gathered from tensors
+    # in place must reach train.fit in that order, epoch after epoch (its progress bar makes an extra iterator).
+    x, y = torch.randn(26, 3), torch.arange(26)
+    seen: dict[str, list] = {"dataloader": [], "rd": []}
+
+    def recorder(name):
+        def step(model, batch):
+            seen[name].append(batch[1].tolist())
+            return model(batch[0]).sum(), {}
+        return step
+
+    reference = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, drop_last=True,
+                           generator=torch.Generator().manual_seed(3))
+    train.fit(nn.Linear(3, 1), reference, step_fn=recorder("dataloader"), epochs=3, progress=False, seed=0)
+    train.fit(nn.Linear(3, 1), rdx._loader((x, y), 8, 3, "cpu"), step_fn=recorder("rd"), epochs=3, progress=False,
+              seed=0)
+    assert len(seen["rd"]) == 9 and seen["rd"] == seen["dataloader"]
+    in_order = [b[1].tolist() for b in rdx._loader((x, y), 8, None, "cpu")]
+    assert in_order == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24)), [24, 25]]
+
+
+def test_run_steps_take_the_floor_or_the_epochs_in_full_batches():
+    cfg = rdx.Config(steps=200, epochs=8, batch_size=32)
+    assert rdx.run_steps(4708, cfg) == 8 * 147  # PneumoniaMNIST: 147 full batches an epoch
+    assert rdx.run_steps(67, cfg) == 200        # 2 batches an epoch: the floor
+    assert rdx.run_steps(10, rdx.Config(steps=3, epochs=2.5, batch_size=32)) == 3  # one batch of 10 an epoch
+    assert rdx.run_steps(4708, rdx.Config(steps=30)) == 30  # no epochs: the steps, as the cpu profile runs
+    with pytest.raises(ValueError, match="at least one training image"):
+        rdx.run_steps(0, cfg)
+
+
+def test_config_refuses_unknown_phi_space_and_inconsistent_claim_students():
+    with pytest.raises(ValueError, match="phi_space must be one of"):
+        rdx.Config(phi_space="latent")
+    with pytest.raises(ValueError, match="in both students"):
+        rdx.Config(students=("resnet18",), claim_students=("resnet18",))
+    with pytest.raises(ValueError, match="not among the datasets"):
+        rdx.Config(datasets=("pbc",), claim_students=("vit",), claim_datasets=("isic2017",))
+    with pytest.raises(ValueError, match="epochs >= 0"):
+        rdx.Config(epochs=-1)
+    cfg = rdx.Config(datasets=("pbc", "isic2017"), students=("a",), claim_students=("b",), claim_datasets=("pbc",))
+    assert cfg.students_of("pbc") == ["a", "b"] and cfg.students_of("isic2017") == ["a"]
+
+
+def _gpu_profile_config(**shrunk) -> rdx.Config:
+    """The gpu profile's Config as ``mdbench reproduce`` builds it, with ``shrunk`` sizes in place of its own."""
+    from mdbench import runner
+
+    entry = {e.paper: e for e in runner.load_papers()}["rd"]
+    params = entry.parameters_for(runner.load_profile("gpu"))
+    assert params["phi_space"] == "feature" and params["claim_students"] and params["epochs"] > 0
+    return rdx.Config.from_params({**{k: v for k, v in params.items() if k not in notebook.SESSION_PARAMS},
+                                   **shrunk})
+
+
+@pytest.mark.slow
+def test_gpu_profile_grid_runs_end_to_end_on_cpu_and_its_plan_matches_what_ran(monkeypatch, tmp_path):
+    # the gpu profile with its sizes shrunk: synthetic data at 16 px, the FM's stem, a few steps, 2 seeds, on the CPU
+    cfg = _gpu_profile_config(device="cpu", datasets=["synthetic"], claim_datasets=["synthetic"], fm="litemedsam_stem",
+                              image_size=16, max_train=40, max_test=16, steps=2, epochs=0.5, batch_size=8, seeds=[0, 1],
+                              pretrained_students=False)
+    phis = []
+    reprogrammer = rdx._reprogrammer
+    monkeypatch.setattr(rdx, "_reprogrammer", lambda task, cfg: phis.append(reprogrammer(task, cfg)) or phis[-1])
+    fm, data = rdx.load_data(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runs = pd.concat([rdx.run(data["synthetic"], fm, f, cfg.methods, cfg, progress=False) for f in cfg.fractions],
+                         ignore_index=True)
+    assert phis and all(isinstance(phi, FeatureReprogrammer) for phi in phis)
+    rows = set(zip(runs.dataset, runs.student, runs.method, strict=True))
+    labels = ("synthetic", "synthetic-10pct")
+    claim_rows = {(label, s, m) for label in labels for s in cfg.claim_students for m in (*rdx.CLAIM_METHODS, "rd_teacher")}
+    assert {r for r in rows if r[1] in cfg.claim_students} == claim_rows  # only the claims' rows
+    assert {r[2] for r in rows if r[1] == "resnet18"} == set(cfg.methods[1:]) | {"rd_teacher"}
+    trained = runs[runs.method != "rd_teacher"]
+    n_train = {"synthetic": 40, "synthetic-10pct": 4}
+    assert (trained.steps == trained.dataset.map(lambda d: rdx.run_steps(n_train[d], cfg))).all()
+    assert all(curve[-1, 0] == steps for curve, steps in zip(trained.curve, trained.steps, strict=True))
+    assert (trained.seconds > 0).all()
+    # the cost model plans exactly the rows that ran, with their steps
+    plan = budget.plan(cfg, {"synthetic": budget.DataSize(40, 16, 2)}, list(cfg.methods),
+                       budget.forward_flops(cfg, fm, [*cfg.students, *cfg.claim_students]))
+    planned = plan[plan.method != "fm_features"].set_index(["dataset", "student", "method"]).steps
+    assert set(planned.index) == {r for r in rows if r[2] != "rd_teacher"}
+    assert all(planned[(r.dataset, r.student, r.method)] == r.steps for r in trained.itertuples())
+    compared = budget.compare(plan, runs)
+    assert set(compared.index) == {"—", *cfg.students, *cfg.claim_students} and (compared.tflops >= 0).all()
+    # records, and every student's claims judged on them
+    session = notebook.Session("rd", "gpu", cfg, results.ResultStore("rd", "gpu", root=tmp_path), False, {})
+    for table, (frame, samples) in rdx.record(runs, data, cfg, fm.encoder.mdbench_init).items():
+        session.record_frame(table, frame, samples=samples)
+    claims, _ = verdicts.judge_store(session.store)
+    judged = claims[claims.status != "not run"]
+    for student in (*cfg.students, *cfg.claim_students):
+        assert {f"rd_beats_{m}_{student}" for m in rdx.KD_BASELINES} | {f"rd_gain_grows_{student}"} <= set(judged.claim)
+    assert not rdx.convergence(runs).isna().any().any()

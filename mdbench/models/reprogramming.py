@@ -2,14 +2,16 @@
 
 The pieces, with the paper's symbols:
 
-- :class:`InputReprogrammer` ``phi``: image -> image residual block in front of the frozen FM,
-  ``phi(x) = x + Conv3x3(ReLU(BN(Conv3x3(x))))``; its last convolution starts at zero, so ``phi`` starts as the
-  identity and the FM first sees its own kind of input.
+- ``phi``, the reprogrammer, in one of two places (``rd_addendum.md`` section 5.1: where RD's phi acts is not
+  known): :class:`InputReprogrammer`, an image -> image residual block in front of the frozen FM,
+  ``phi(x) = x + Conv3x3(ReLU(BN(Conv3x3(x))))``, whose gradient flows through the FM; or
+  :class:`FeatureReprogrammer`, a residual block on the FM's pooled feature, ``phi(z) = z + W2 ReLU(BN(W1 z))``,
+  which leaves the FM forward-only (its features can be cached). Both start as the identity (last layer zero).
 - :class:`PooledEncoder` / :class:`FrozenFM` ``F_t``: a foundation-model image encoder followed by global pooling,
   (B, 3, H, W) -> (B, D_t). :func:`build_fm` builds LiteMedSAM's encoder (256x256 input, 256-d) or a cheap stand-in.
 - :class:`ProjectedStudent` ``F_s`` and projector ``h``: any backbone (timm by name) -> (B, D_s) -> (B, D_t).
 
-Registered builders: ``input_reprogrammer`` (phi) and ``projected_student`` (F_s + h).
+Registered builders: ``input_reprogrammer`` and ``feature_reprogrammer`` (phi), ``projected_student`` (F_s + h).
 - the shared classifier ``g``: one ``nn.Linear(D_t, K)`` used by both paths (:class:`ReprogrammingDistillation`).
 - :class:`RDObjective` and :class:`RDStep`: the co-training losses and the ``train.fit`` step.
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FM_NAMES",
     "DeployedStudent",
+    "FeatureReprogrammer",
     "FrozenFM",
     "InputReprogrammer",
     "MeanPool",
@@ -83,6 +86,36 @@ class InputReprogrammer(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(f"InputReprogrammer takes (B, {self.channels}, H, W) images, got {tuple(x.shape)}")
         return x + self.body(x)
+
+
+@register_model("feature_reprogrammer", pretrained_weights=False)
+class FeatureReprogrammer(nn.Module):
+    """``phi(z) = z + W2 ReLU(BN(W1 z))`` on the frozen FM's pooled features: (B, D) -> (B, D), D -> hidden -> D.
+
+    The feature-space reading of RD's phi (``rd_addendum.md`` section 5.1): the FM runs forward only, so its
+    features of the un-reprogrammed images can be computed once. ``W2`` is zero-initialised, so a new
+    reprogrammer is exactly the identity, like :class:`InputReprogrammer`.
+    """
+
+    def __init__(self, dim: int, hidden: int = 32) -> None:
+        super().__init__()
+        if dim < 1 or hidden < 1:
+            raise ValueError(f"dim and hidden must be >= 1, got {dim} and {hidden}")
+        self.dim = dim
+        last = nn.Linear(hidden, dim)
+        self.body = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                  last)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.mdbench_init = RANDOM_INIT
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"FeatureReprogrammer takes (B, {self.dim}) features, got {tuple(z.shape)}")
+        return z + self.body(z)
+
+
+Reprogrammer = InputReprogrammer | FeatureReprogrammer
 
 
 # ------------------------------------------------------------------------------------------------- foundation model
@@ -277,18 +310,20 @@ class RDOutput(NamedTuple):
 
 
 class ReprogrammingDistillation(nn.Module):
-    """Teacher path ``g(F_t(phi(x)))`` and student path ``g(h(F_s(x)))`` with one shared classifier ``g``.
+    """Teacher path ``g(F_t(phi(x)))`` (or ``g(phi(F_t(x)))``) and student path ``g(h(F_s(x)))`` with one shared classifier ``g``.
 
     Args:
         fm: the frozen foundation model F_t.
         student: F_s with its projector h (``student.embed_dim`` must equal ``fm.feature_dim``).
         num_classes: K.
-        reprogrammer: phi, or None for the ablation "RD without reprogramming" (phi = identity). Without it the
-            teacher features do not depend on anything trainable, so they can be passed in precomputed.
+        reprogrammer: phi on the FM's input (:class:`InputReprogrammer`) or on its pooled feature
+            (:class:`FeatureReprogrammer`), or None for the ablation "RD without reprogramming" (phi = identity).
+            Without phi or with phi on the feature, the FM's features ``F_t(x)`` do not depend on anything
+            trainable, so they can be passed in precomputed.
     """
 
     def __init__(self, fm: FrozenFM, student: ProjectedStudent, num_classes: int,
-                 reprogrammer: InputReprogrammer | None = None) -> None:
+                 reprogrammer: Reprogrammer | None = None) -> None:
         super().__init__()
         if student.embed_dim != fm.feature_dim:
             raise ValueError(f"the student projects to {student.embed_dim} features but the FM gives "
@@ -299,13 +334,15 @@ class ReprogrammingDistillation(nn.Module):
         self.classifier = nn.Linear(fm.feature_dim, num_classes)
 
     def teacher_features(self, x: torch.Tensor, cached: torch.Tensor | None = None) -> torch.Tensor:
-        """F_t(phi(x)): (B, 3, H, W) -> (B, D_t); ``cached`` F_t(x) is used (only) when there is no phi."""
-        if self.reprogrammer is None:
-            return cached if cached is not None else self.fm(x)
-        if cached is not None:
-            raise ValueError("cached FM features are only valid without a reprogrammer: F_t(phi(x)) changes as "
-                             "phi trains")
-        return self.fm(self.reprogrammer(x))
+        """F_t(phi(x)) or phi(F_t(x)): (B, 3, H, W) -> (B, D_t); ``cached`` F_t(x) (B, D_t) stands in for the FM
+        unless phi acts on its input."""
+        if isinstance(self.reprogrammer, InputReprogrammer):
+            if cached is not None:
+                raise ValueError("cached FM features are not valid with a reprogrammer of the FM's input: "
+                                 "F_t(phi(x)) changes as phi trains")
+            return self.fm(self.reprogrammer(x))
+        features = cached if cached is not None else self.fm(x)
+        return features if self.reprogrammer is None else self.reprogrammer(features)
 
     def forward(self, x: torch.Tensor, cached_teacher_features: torch.Tensor | None = None) -> RDOutput:
         z_t = self.teacher_features(x, cached_teacher_features)

@@ -38,15 +38,15 @@ def _scored(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return seen
 
 
-def _grid(device: str) -> pd.DataFrame:
+def _grid(device: str, methods: list[str] = METHODS, **config) -> pd.DataFrame:
     data = rdx.load_classification("synthetic", 16, max_train=64, max_test=N_TEST, synthetic_classes=2)
     fm = _tiny_fm().to(device)
-    rdx.cache_features(data, fm)
-    cfg = rdx.Config(steps=4, batch_size=16, pretrained_students=False, students=("resnet18",), seeds=(0,),
-                     device=device)  # amp follows the device
+    cfg = rdx.Config(**{"steps": 4, "batch_size": 16, "pretrained_students": False, "students": ("resnet18",),
+                        "seeds": (0,), "datasets": ("synthetic",), "device": device, **config})  # amp follows it
+    rdx.cache_features(data, fm, amp=cfg.amp)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no local student weights: random init, as on the CPU
-        return rdx.run(data, fm, 0.5, METHODS, cfg, progress=False)
+        return rdx.run(data, fm, 0.5, methods, cfg, progress=False)
 
 
 def _assert_evaluations_alike(gpu: list, cpu: list, rel: float) -> None:
@@ -71,6 +71,22 @@ def test_grid_of_every_method_evaluates_alike_on_cuda(monkeypatch):
     assert gpu[["accuracy", "auc"]].apply(lambda v: v.between(0, 100)).all().all()
     # Adam's first steps move every weight by about lr whatever the size of its gradient, so where bf16 flips the
     # sign of a near-zero gradient the weight moves the other way: a few steps leave students tens of % apart.
+    _assert_evaluations_alike(seen, cpu_seen, 0.5)
+
+
+def test_gpu_profile_grid_evaluates_alike_on_cuda(monkeypatch):
+    # The gpu profile's settings: RD reprograms the cached (bf16) features, a claim student trains the claims' rows,
+    # epochs set the steps; the data sit on the GPU and the convolutions run channels-last.
+    seen = _scored(monkeypatch)
+    config = {"phi_space": "feature", "claim_students": ("mobilenetv3_small_100",), "steps": 2, "epochs": 2}
+    methods = ["fm_linear_probe", *rdx.STUDENT_METHODS]
+    cpu = _grid("cpu", methods, **config)
+    cpu_seen = list(seen)
+    seen.clear()
+    gpu = _grid("cuda", methods, **config)
+    assert gpu[["method", "student", "steps"]].equals(cpu[["method", "student", "steps"]])
+    assert set(gpu[gpu.student == "mobilenetv3_small_100"].method) == {*rdx.CLAIM_METHODS, "rd_teacher"}
+    assert (gpu.steps[gpu.method != "rd_teacher"] == 4).all()  # 2 epochs of 2 full batches of the 32 images
     _assert_evaluations_alike(seen, cpu_seen, 0.5)
 
 

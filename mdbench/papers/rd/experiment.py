@@ -2,9 +2,9 @@
 
 - :func:`load_classification`: a dataset's train and test splits as in-memory tensors at one resolution.
 - :func:`label_subset` / :func:`make_task`: the label fraction (full or low-data) of one seed, with the frozen FM's
-  features of the *un-reprogrammed* images computed once per dataset (:func:`cache_features`). Only RD and RD
-  without CKA, whose FM input passes through the trainable reprogrammer, and the FM fine-tuning baselines run the
-  FM at every step.
+  features of the *un-reprogrammed* images computed once per dataset (:func:`cache_features`). Only the FM
+  fine-tuning baselines, and RD and RD without CKA when their reprogrammer acts on the FM's input
+  (``Config.phi_space = "image"``), run the FM at every step; with ``"feature"`` RD reprograms the cached features.
 - :func:`run_fm_method`, :func:`run_student_method`: train one method for one seed with ``mdbench.train.fit``
   and score it on the test split; :func:`run` runs every method, student and seed of one dataset at one
   label fraction; :func:`record` turns its runs into Table 1, spread and gain records, with the per-image test
@@ -13,17 +13,20 @@
   model at the same input size).
 
 Training length is a number of optimizer steps (``Config.steps``), the same for the full and the low-data
-setting, so a 10% run is not also a shorter run.
+setting, so a 10% run is not also a shorter run; ``Config.epochs`` lengthens a run on many images to that many
+passes over them (:func:`run_steps`). Training data live on the training device and batches are gathered there
+(:func:`_loader`), in the order a shuffling ``DataLoader`` gives.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import math
+import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
 import pandas as pd
@@ -46,6 +49,7 @@ from mdbench.metrics import classification_metrics
 from mdbench.models import build_model, frozen_norms_to_eval
 from mdbench.models.reprogramming import (
     DeployedStudent,
+    FeatureReprogrammer,
     FrozenFM,
     InputReprogrammer,
     ProjectedStudent,
@@ -61,6 +65,10 @@ FM_METHODS = ("fm_linear_probe", "fm_full_ft", "fm_lora", "fm_vpt")
 STUDENT_METHODS = ("student", "kd", "fitnet", "rkd", "rd_no_cka", "rd_no_reprogramming", "rd")
 KD_BASELINES = ("kd", "fitnet", "rkd")
 RD_METHODS = ("rd_no_cka", "rd_no_reprogramming", "rd")
+# the student rows the paper's claims compare (paper.yaml): RD against each KD baseline, and RD without CKA (spread)
+CLAIM_METHODS = ("kd", "fitnet", "rkd", "rd_no_cka", "rd")
+PHI_SPACES = ("image", "feature")
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -92,8 +100,14 @@ class Split:
         return len(self.y)
 
     def subset(self, index: torch.Tensor) -> Split:
+        """The images at ``index`` (a CPU tensor of positions)."""
         return Split(self.x[index], self.y[index], self.ids[index.numpy()],
                      None if self.features is None else self.features[index])
+
+    def to(self, device: str | torch.device) -> Split:
+        """This split with its tensors on ``device`` (the same tensors where they are there already)."""
+        return Split(self.x.to(device), self.y.to(device), self.ids,
+                     None if self.features is None else self.features.to(device))
 
 
 @dataclass
@@ -109,6 +123,11 @@ class ClassificationData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def to(self, device: str | torch.device) -> ClassificationData:
+        """Both splits' tensors on ``device``: what a grid trains on, moved once rather than once per run."""
+        return ClassificationData(self.name, self.train.to(device), self.test.to(device), self.classes,
+                                  self.checksum)
 
 
 def _stratified(y: np.ndarray, n: int | None, seed: int) -> np.ndarray:
@@ -159,10 +178,14 @@ def _labels(dataset) -> list[int]:
     return np.asarray(dataset.labels)[dataset.indices].tolist()
 
 
-def cache_features(data: ClassificationData, fm: FrozenFM, batch_size: int = 64) -> ClassificationData:
-    """Store the frozen FM's features of the (un-reprogrammed) train and test images in ``data``, once."""
-    for split in (data.train, data.test):
-        split.features = fm.cache(split.x, batch_size)
+def cache_features(data: ClassificationData, fm: FrozenFM, batch_size: int = 64, amp: bool = False
+                   ) -> ClassificationData:
+    """Store the frozen FM's features (float32, on the CPU) of the (un-reprogrammed) train and test images in
+    ``data``, once; with ``amp`` the FM runs under bf16 autocast (on a GPU)."""
+    device = next(fm.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        for split in (data.train, data.test):
+            split.features = fm.cache(split.x, batch_size).float()
     return data
 
 
@@ -173,10 +196,19 @@ def load_data(cfg: Config) -> tuple[FrozenFM, dict[str, ClassificationData]]:
     if missing:
         raise FileNotFoundError(f"datasets {missing} are not under the data root: set MDBENCH_DATA_DIR (or data_dir) "
                                 "to the folder holding them, or run the smoke profile on synthetic data")
-    fm = FrozenFM(build_fm(cfg.fm, input_size=None if cfg.fm == "litemedsam" else cfg.image_size)).to(cfg.device)
+    fm = _on_device(FrozenFM(build_fm(cfg.fm, input_size=None if cfg.fm == "litemedsam" else cfg.image_size)), cfg)
     return fm, {name: cache_features(load_classification(name, cfg.image_size, data_dir=cfg.data_dir,
-                                                         max_train=cfg.max_train, max_test=cfg.max_test), fm)
+                                                         max_train=cfg.max_train, max_test=cfg.max_test), fm,
+                                     amp=cfg.amp)
                 for name in cfg.datasets}
+
+
+def _on_device(module: ModuleT, cfg: Config) -> ModuleT:
+    """``module`` on ``cfg.device``; on a GPU with channels-last convolution weights (faster bf16 kernels)."""
+    module.to(cfg.device)
+    if torch.device(cfg.device).type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    return module
 
 
 def label_subset(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -184,7 +216,7 @@ def label_subset(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     at least one image per class."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    labels = y.numpy()
+    labels = y.cpu().numpy()
     n_classes = len(np.unique(labels))
     n = max(n_classes, round(fraction * len(labels)))
     try:
@@ -227,14 +259,18 @@ class Config(NotebookConfig):
     data_dir: str | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     fractions: tuple[float, ...] = (1.0, 0.1)  # of the training labels: 1.0 all, 0.1 the low-data setting
-    students: tuple[str, ...] = ("resnet18",)
+    students: tuple[str, ...] = ("resnet18",)  # every student method of `methods` on every dataset and fraction
+    claim_students: tuple[str, ...] = ()  # CLAIM_METHODS only, on claim_datasets (empty: every dataset)
+    claim_datasets: tuple[str, ...] = ()
     methods: tuple[str, ...] = FM_METHODS + STUDENT_METHODS
     fm: str = "litemedsam"      # litemedsam (256x256) | litemedsam_stem (pretrained first stage, any size)
+    phi_space: str = "image"    # RD's reprogrammer: image (before the FM, which then runs every step) | feature
     image_size: int = 28        # side of the images the students (and the stem stand-in) see
     max_train: int | None = None  # stratified caps per dataset, before the label fraction
     max_test: int | None = None
     latency_repeats: int = 10   # Table 2
     steps: int = 100            # optimizer steps per run (full and low-data alike)
+    epochs: float = 0.0         # ... or more: at least this many passes over a run's training images (run_steps)
     batch_size: int = 32
     lr: float = 1e-3            # students, heads, reprogrammer, PEFT parameters (AdamW)
     fm_lr: float = 1e-4         # full fine-tuning of the FM
@@ -251,10 +287,28 @@ class Config(NotebookConfig):
     pretrained_students: bool = True
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        if self.phi_space not in PHI_SPACES:
+            raise ValueError(f"phi_space must be one of {PHI_SPACES}, got {self.phi_space!r}")
+        if self.epochs < 0 or self.steps < 1:
+            raise ValueError(f"need steps >= 1 and epochs >= 0, got {self.steps} and {self.epochs}")
+        if set(self.students) & set(self.claim_students):
+            raise ValueError(f"students {sorted(set(self.students) & set(self.claim_students))} are in both "
+                             "students (every method) and claim_students (the claims' methods)")
+        if not set(self.claim_datasets) <= set(self.datasets):
+            raise ValueError(f"claim_datasets {sorted(set(self.claim_datasets) - set(self.datasets))} are not "
+                             f"among the datasets {list(self.datasets)}")
+
     @property
     def amp(self) -> bool:
         """Mixed precision where it pays: on a GPU."""
         return self.device == "cuda"
+
+    def students_of(self, dataset: str) -> list[str]:
+        """The students that train on ``dataset``: every one of ``students``, and the ``claim_students`` where
+        ``claim_datasets`` holds it (or is empty)."""
+        claims = self.claim_students if not self.claim_datasets or dataset in self.claim_datasets else ()
+        return [*self.students, *claims]
 
     def as_record(self) -> dict[str, Any]:
         return {**super().as_record(), "amp": self.amp}
@@ -277,27 +331,63 @@ class MethodResult:
     model: nn.Module
     train_logits: torch.Tensor | None = None      # FM methods: logits on the training images (a KD teacher)
     extra: dict[str, TestScores] = field(default_factory=dict)  # rd: "teacher", its reprogrammed-FM path
+    history: train.History | None = None          # what train.fit did: steps, seconds and losses per epoch
 
 
-def _loader(tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int | None) -> DataLoader:
+class _Batches:
+    """Batches ``tuple(t[index] for t in tensors)`` of tensors kept on one device, the positions drawn by ``index``
+    (a ``DataLoader`` over ``TensorDataset(arange(N))``): the batches a ``DataLoader`` over the tensors themselves
+    gives, in the same order (its sampler and generator are the same), without copying every image through the
+    host at every step."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], index: DataLoader, device: str | torch.device) -> None:
+        self.tensors = tuple(t.to(device) for t in tensors)
+        self.index = index
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The shuffling generator, which ``train.fit`` keeps in its checkpoints."""
+        return self.index.generator
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        # The DataLoader's iterator is made here, not at the first batch: making one draws from the generator, and
+        # train.fit's progress bar calls iter() once more than it iterates (the order must stay the DataLoader's).
+        positions = iter(self.index)
+        return (tuple(t[index.to(t.device)] for t in self.tensors) for (index,) in positions)
+
+
+def _loader(tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int | None, device: str | torch.device
+            ) -> _Batches:
     """Shuffled, full batches for training (BatchNorm and CKA need >= 2 samples) when ``seed`` is given; in order
-    otherwise."""
-    n = len(tensors[0])
-    size = min(batch_size, n)
+    otherwise; gathered on ``device``."""
+    positions = TensorDataset(torch.arange(len(tensors[0])))
+    size = min(batch_size, len(positions))
     if seed is None:
-        return DataLoader(TensorDataset(*tensors), batch_size=size)
-    return DataLoader(TensorDataset(*tensors), batch_size=size, shuffle=True, drop_last=True,
-                      generator=torch.Generator().manual_seed(seed))
+        return _Batches(tensors, DataLoader(positions, batch_size=size), device)
+    return _Batches(tensors, DataLoader(positions, batch_size=size, shuffle=True, drop_last=True,
+                                        generator=torch.Generator().manual_seed(seed)), device)
+
+
+def run_steps(n_train: int, cfg: Config) -> int:
+    """Optimizer steps of one run on ``n_train`` training images: ``cfg.steps``, or more where ``cfg.epochs``
+    passes over the images in full batches of ``cfg.batch_size`` take more."""
+    if n_train < 1:
+        raise ValueError("a run needs at least one training image")
+    return max(cfg.steps, math.ceil(cfg.epochs * (n_train // min(cfg.batch_size, n_train))))
 
 
 def _fit(model: nn.Module, tensors: tuple[torch.Tensor, ...], step_fn, cfg: Config, seed: int,
          lr: float) -> train.History:
-    loader = _loader(tensors, cfg.batch_size, seed)
-    model.to(cfg.device)
+    steps = run_steps(len(tensors[0]), cfg)
+    loader = _loader(tensors, cfg.batch_size, seed, cfg.device)
+    _on_device(model, cfg)
     # fused AdamW: one kernel for all parameters, several times faster than the default on CPU as well
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
-    return train.fit(model, loader, step_fn=step_fn, optimizer=optimizer, epochs=math.ceil(cfg.steps / len(loader)),
-                     max_steps=cfg.steps, device=cfg.device, amp=cfg.amp, progress=False, seed=seed)
+    return train.fit(model, loader, step_fn=step_fn, optimizer=optimizer, epochs=math.ceil(steps / len(loader)),
+                     max_steps=steps, device=cfg.device, amp=cfg.amp, progress=False, seed=seed)
 
 
 def _scores(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> TestScores:
@@ -311,7 +401,7 @@ def _scores(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> TestScor
 def _evaluate(model: nn.Module, tensors: tuple[torch.Tensor, ...], num_classes: int, cfg: Config,
               fn: Callable | None = None) -> TestScores:
     """Test scores of ``fn(model, batch) -> (logits, y)`` (default ``model(x)``) over ``tensors``, in order."""
-    logits, y = train.predict(model, _loader(tensors, 256, None), cfg.device, fn)
+    logits, y = train.predict(model, _loader(tensors, 256, None, cfg.device), cfg.device, fn)
     return _scores(logits.float(), y, num_classes)
 
 
@@ -323,7 +413,7 @@ def _precise_bn(model: nn.Module, images: torch.Tensor, cfg: Config) -> None:
     FM's statistics must stay as they are.
     """
     with torch.no_grad():
-        update_bn(_loader((images,), 256, None), model.to(cfg.device), device=torch.device(cfg.device))
+        update_bn(_loader((images,), 256, None, cfg.device), model.to(cfg.device), device=torch.device(cfg.device))
 
 
 def _ce_step(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
@@ -379,18 +469,24 @@ def run_fm_method(method: str, task: Task, seed: int, cfg: Config, teacher: bool
         # make_task refuses data without cached FM features, and subsets keep them
         assert train_split.features is not None and test_split.features is not None
         head = nn.Linear(task.fm.feature_dim, task.num_classes)
-        _fit(head, (train_split.features, train_split.y), _ce_step, cfg, seed, cfg.lr)
+        history = _fit(head, (train_split.features, train_split.y), _ce_step, cfg, seed, cfg.lr)
         scores = _evaluate(head, (test_split.features, test_split.y), task.num_classes, cfg)
-        train_logits = train.predict(head, _loader((train_split.features,), 256, None), cfg.device)[0] if teacher \
-            else None
-        return MethodResult(scores, FMClassifier(task.fm, task.fm.feature_dim, task.num_classes), train_logits)
+        train_logits = _predict(head, train_split.features, cfg) if teacher else None
+        return MethodResult(scores, FMClassifier(task.fm, task.fm.feature_dim, task.num_classes), train_logits,
+                            history=history)
     model = _adapted_fm(method, task, cfg)
-    _fit(model, (train_split.x, train_split.y), _ce_step, cfg, seed, cfg.fm_lr if method == "fm_full_ft" else cfg.lr)
+    history = _fit(model, (train_split.x, train_split.y), _ce_step, cfg, seed,
+                   cfg.fm_lr if method == "fm_full_ft" else cfg.lr)
     if method == "fm_full_ft":  # LoRA and VPT keep the FM's BatchNorms frozen
         _precise_bn(model, train_split.x, cfg)
     scores = _evaluate(model, (test_split.x, test_split.y), task.num_classes, cfg)
-    train_logits = train.predict(model, _loader((train_split.x,), 256, None), cfg.device)[0] if teacher else None
-    return MethodResult(scores, model, train_logits)
+    train_logits = _predict(model, train_split.x, cfg) if teacher else None
+    return MethodResult(scores, model, train_logits, history=history)
+
+
+def _predict(model: nn.Module, inputs: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """``model``'s outputs on ``inputs`` (N, ...), in order, on the CPU."""
+    return train.predict(model, _loader((inputs,), 256, None, cfg.device), cfg.device)[0]
 
 
 # ------------------------------------------------------------------------------------------------- student methods
@@ -454,35 +550,41 @@ def run_student_method(method: str, task: Task, initial: ProjectedStudent, seed:
     student = copy.deepcopy(initial)
     tr, te = task.train, task.test
     if method in RD_METHODS:
-        # build_model returns nn.Module: the registry's "input_reprogrammer" builds an InputReprogrammer
-        reprogrammer = (None if method == "rd_no_reprogramming"
-                        else cast(InputReprogrammer,
-                                  build_model("input_reprogrammer", channels=3, hidden=cfg.reprogrammer_hidden)))
+        reprogrammer = None if method == "rd_no_reprogramming" else _reprogrammer(task, cfg)
         model = ReprogrammingDistillation(task.fm, student, task.num_classes, reprogrammer)
         objective = RDObjective(cfg.alpha, 0.0 if method == "rd_no_cka" else cfg.beta, cfg.temperature)
-        cached = reprogrammer is None
-        train_tensors: tuple[torch.Tensor, ...] = (tr.x, tr.y)
-        if cached:
-            assert tr.features is not None  # make_task refuses data without cached FM features, and subsets keep them
-            train_tensors = (tr.x, tr.y, tr.features)
-        _fit(model, train_tensors, RDStep(objective, cfg.steps, cfg.decay), cfg, seed, cfg.lr)
+        # F_t(x) does not change unless phi reprograms the FM's input: then it is the cached feature
+        cached = not isinstance(reprogrammer, InputReprogrammer)
+        assert tr.features is not None and te.features is not None  # make_task refuses data without them
+        train_tensors = (tr.x, tr.y, tr.features) if cached else (tr.x, tr.y)
+        history = _fit(model, train_tensors, RDStep(objective, run_steps(len(tr), cfg), cfg.decay), cfg, seed, cfg.lr)
         deployed = model.deployed()
         _precise_bn(deployed, tr.x, cfg)
         if reprogrammer is not None:
-            _precise_bn(reprogrammer, tr.x, cfg)
-        result = MethodResult(_evaluate(deployed, (te.x, te.y), task.num_classes, cfg), deployed)
+            _precise_bn(reprogrammer, tr.features if cached else tr.x, cfg)
+        result = MethodResult(_evaluate(deployed, (te.x, te.y), task.num_classes, cfg), deployed, history=history)
         if method == "rd":
-            result.extra["teacher"] = _evaluate(model, (te.x, te.y), task.num_classes, cfg,
-                                                lambda m, b: (m(b[0]).teacher_logits, b[1]))
+            result.extra["teacher"] = _evaluate(model, (te.x, te.y, te.features) if cached else (te.x, te.y),
+                                                task.num_classes, cfg, lambda m, b: (m(b[0], *b[2:]).teacher_logits, b[1]))
         return result
     aux = {"fitnet": lambda: HintLoss(student.feature_dim, task.fm.feature_dim),
            "rkd": lambda: RKDLoss(*cfg.rkd_weights)}.get(method, lambda: None)()
     distilled = DistilledStudent(student, task.num_classes, aux)
     extra_tensor = {"kd": teacher_logits, "fitnet": tr.features, "rkd": tr.features}.get(method)
     train_tensors = (tr.x, tr.y) if extra_tensor is None else (tr.x, tr.y, extra_tensor)
-    _fit(distilled, train_tensors, _kd_step(method, cfg), cfg, seed, cfg.lr)
+    history = _fit(distilled, train_tensors, _kd_step(method, cfg), cfg, seed, cfg.lr)
     _precise_bn(distilled.deployed, tr.x, cfg)
-    return MethodResult(_evaluate(distilled.deployed, (te.x, te.y), task.num_classes, cfg), distilled.deployed)
+    return MethodResult(_evaluate(distilled.deployed, (te.x, te.y), task.num_classes, cfg), distilled.deployed,
+                        history=history)
+
+
+def _reprogrammer(task: Task, cfg: Config) -> InputReprogrammer | FeatureReprogrammer:
+    """RD's phi where ``cfg.phi_space`` puts it: on the images (3 channels) or on the FM's pooled features."""
+    # build_model returns nn.Module: these registry names build an InputReprogrammer and a FeatureReprogrammer
+    if cfg.phi_space == "image":
+        return cast(InputReprogrammer, build_model("input_reprogrammer", channels=3, hidden=cfg.reprogrammer_hidden))
+    return cast(FeatureReprogrammer, build_model("feature_reprogrammer", dim=task.fm.feature_dim,
+                                                 hidden=cfg.reprogrammer_hidden))
 
 
 # ------------------------------------------------------------------------------------------------- the grid
@@ -498,14 +600,18 @@ def run(data: ClassificationData, fm: FrozenFM, fraction: float, methods: Iterab
     """Every method of ``methods`` for every seed and student of ``cfg`` on ``data`` at one label fraction.
 
     Each seed draws its own label subset (:func:`make_task`). Hinton KD's teacher is the fully fine-tuned FM when
-    ``fm_full_ft`` runs, else the linear probe.
+    ``fm_full_ft`` runs, else the linear probe; it trains once per seed and its logits serve every student. The
+    ``students`` train every student method of ``methods``, the ``claim_students`` (where ``claim_datasets`` holds
+    ``data``) only those of :data:`CLAIM_METHODS`. The data move to ``cfg.device`` once. With ``progress``, a bar
+    and one line per seed say how far the grid is.
 
     Returns:
         One row per (method, student, seed): ``dataset`` (the task label), ``name`` (the dataset's), ``fraction``,
         ``method``, ``student`` ("—" for FM methods), ``seed``, ``accuracy``, ``auc`` (%), ``probs`` (the
         (N_test, K) test probabilities they were computed from, in the order of ``data.test``, which every row
-        shares), ``kd_teacher``, ``init`` (where the weights came from). ``rd`` adds a row for its
-        reprogrammed-FM path, method ``rd_teacher``.
+        shares), ``kd_teacher``, ``init`` (where the weights came from), ``steps`` and ``seconds`` (optimizer
+        steps and the time they took) and ``curve`` (:func:`training_curve`). ``rd`` adds a row for its
+        reprogrammed-FM path, method ``rd_teacher`` (no steps of its own: 0, no curve).
     """
     methods = list(methods)
     unknown = sorted(set(methods) - set(FM_METHODS) - set(STUDENT_METHODS))
@@ -516,12 +622,16 @@ def run(data: ClassificationData, fm: FrozenFM, fraction: float, methods: Iterab
     teacher_method = next((m for m in ("fm_full_ft", "fm_linear_probe") if m in fm_methods), None)
     if "kd" in student_methods and teacher_method is None:
         raise ValueError("Hinton KD distils the fine-tuned FM: add fm_full_ft or fm_linear_probe to methods")
-    rows = []
-    seeds, students = cfg.seeds, cfg.students
-    total = len(seeds) * (len(fm_methods) + len(students) * len(student_methods))
-    bar = tqdm(total=total, desc=fraction_label(data.name, fraction), disable=not progress)
-    for seed in seeds:
-        seed_task = make_task(data, fm, fraction, seed)
+    grid = [(student, [m for m in student_methods if m in CLAIM_METHODS or student in cfg.students])
+            for student in cfg.students_of(data.name)]
+    rows: list[dict[str, Any]] = []
+    seeds, label = cfg.seeds, fraction_label(data.name, fraction)
+    on_device = data.to(cfg.device)
+    bar = tqdm(total=len(seeds) * (len(fm_methods) + sum(len(m) for _, m in grid)), desc=label,
+               disable=not progress)
+    start = time.perf_counter()
+    for done, seed in enumerate(seeds, 1):
+        seed_task = make_task(on_device, fm, fraction, seed)
         base = {"dataset": seed_task.label, "name": data.name, "fraction": fraction, "seed": seed,
                 "kd_teacher": teacher_method or "—"}
         teacher_logits = None
@@ -531,20 +641,47 @@ def run(data: ClassificationData, fm: FrozenFM, fraction: float, methods: Iterab
             if method == teacher_method:
                 teacher_logits = result.train_logits
             rows.append({**base, "method": method, "student": "—", "init": fm.encoder.mdbench_init,
-                         **result.test.metrics, "probs": result.test.probs})
+                         **result.test.metrics, "probs": result.test.probs, **_training(result.history)})
             bar.update()
-        for student in students:
+        for student, methods_of_student in grid:
             initial = initial_student(student, seed_task, seed, cfg)
-            for method in student_methods:
+            for method in methods_of_student:
                 bar.set_postfix_str(f"seed {seed} {student} {method}")
                 result = run_student_method(method, seed_task, initial, seed, cfg, teacher_logits)
                 row = {**base, "student": student, "init": initial.mdbench_init}
-                rows.append({**row, "method": method, **result.test.metrics, "probs": result.test.probs})
+                rows.append({**row, "method": method, **result.test.metrics, "probs": result.test.probs,
+                             **_training(result.history)})
                 for name, scores in result.extra.items():
-                    rows.append({**row, "method": f"{method}_{name}", **scores.metrics, "probs": scores.probs})
+                    rows.append({**row, "method": f"{method}_{name}", **scores.metrics, "probs": scores.probs,
+                                 **_training(None)})
                 bar.update()
+        if progress:
+            _report_progress(label, done, len(seeds), time.perf_counter() - start, rows)
     bar.close()
     return pd.DataFrame(rows)
+
+
+def _training(history: train.History | None) -> dict[str, Any]:
+    """A run's ``steps``, training ``seconds`` and ``curve`` for :func:`run`'s rows (0, 0.0, None without one)."""
+    if history is None:
+        return {"steps": 0, "seconds": 0.0, "curve": None}
+    return {"steps": history.global_step, "seconds": sum(e["seconds"] for e in history.epochs),
+            "curve": training_curve(history)}
+
+
+def training_curve(history: train.History) -> np.ndarray:
+    """(E, 2) float64: per epoch of ``history``, the optimizer steps so far and the mean training cross-entropy of
+    the model that is scored (the student's path for student methods, the classifier's for FM methods)."""
+    key = next(k for k in ("train_ce_student", "train_ce", "train_loss") if k in history.epochs[0])
+    return np.array([[epoch["step"], epoch[key]] for epoch in history.epochs], dtype=np.float64)
+
+
+def _report_progress(label: str, done: int, total: int, seconds: float, rows: list[dict[str, Any]]) -> None:
+    """One line after each seed of a grid: how far it is, how long it took and the mean time per optimizer step."""
+    steps, train_s = sum(r["steps"] for r in rows), sum(r["seconds"] for r in rows)
+    left = seconds / done * (total - done)
+    print(f"{label}: seed {done}/{total} after {seconds / 60:.1f} min (about {left / 60:.1f} min left); "
+          f"{steps} steps at {1e3 * train_s / max(steps, 1):.1f} ms each", flush=True)
 
 
 class TableRecords(NamedTuple):
@@ -688,6 +825,43 @@ def record_costs(costs: pd.DataFrame, num_classes: int, cfg: Config) -> tuple[pd
                                      "value": cost.latency_times_ms}))
     return (pd.DataFrame(lines).assign(dataset="deployment", dataset_checksum="random input"),
             pd.concat(repeats, ignore_index=True))
+
+
+# ------------------------------------------------------------------------------------------------- training curves
+def convergence(runs: pd.DataFrame, at: tuple[float, ...] = (0.5, 0.75, 1.0)) -> pd.DataFrame:
+    """Whether the training budget sufficed: per (dataset label, student, method) of :func:`run`'s rows, the mean
+    over seeds of the training cross-entropy (:func:`training_curve`) at the end of the first epoch that reaches
+    each fraction ``at`` of the run's steps, one column per fraction. A loss still falling between the last two
+    columns has not flattened."""
+    trained = runs[runs.curve.notna()]
+
+    def at_fraction(curve: np.ndarray, q: float) -> float:
+        return float(curve[np.searchsorted(curve[:, 0], q * curve[-1, 0]), 1])
+
+    lines = [{"dataset": r.dataset, "student": r.student, "method": r.method, "steps": r.steps,
+              **{f"ce at {round(100 * q)}%": at_fraction(r.curve, q) for q in at}} for r in trained.itertuples()]
+    return pd.DataFrame(lines).groupby(["dataset", "student", "method"], sort=False).mean()
+
+
+def plot_curves(runs: pd.DataFrame, student: str):
+    """One panel per dataset label: each method's training cross-entropy against optimizer steps for ``student``
+    (FM methods too), mean over seeds, log scale. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    rows = runs[runs.curve.notna() & runs.student.isin([student, "—"])]
+    labels = list(dict.fromkeys(rows.dataset))
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.6 * len(labels), 3.2), squeeze=False)
+    for ax, label in zip(axes[0], labels, strict=True):
+        for method, group in rows[rows.dataset == label].groupby("method", sort=False):
+            curve = np.mean(np.stack(list(group.curve)), axis=0)  # every seed of a row takes the same steps
+            ax.plot(curve[:, 0], curve[:, 1], label=method)
+        ax.set_yscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("optimizer step")
+    axes[0, 0].set_ylabel(f"training cross-entropy ({student})")
+    axes[0, -1].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
 
 
 # ------------------------------------------------------------------------------------------------- figures
