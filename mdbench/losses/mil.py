@@ -62,14 +62,15 @@ def smooth_top1_svm(scores: torch.Tensor, targets: torch.Tensor, alpha: float = 
 
 
 class SmoothTop1SVM(nn.Module):
-    """Module form of :func:`smooth_top1_svm`: ``SmoothTop1SVM()(scores (N, C), targets (N,)) -> scalar``."""
+    """Module form of :func:`smooth_top1_svm`: ``SmoothTop1SVM()(scores (N, C), targets (N,)) -> scalar`` (or (N,)
+    with ``reduction="none"``)."""
 
-    def __init__(self, alpha: float = 1.0, tau: float = 1.0, thresh: float = 1e3) -> None:
+    def __init__(self, alpha: float = 1.0, tau: float = 1.0, thresh: float = 1e3, reduction: str = "mean") -> None:
         super().__init__()
-        self.alpha, self.tau, self.thresh = alpha, tau, thresh
+        self.alpha, self.tau, self.thresh, self.reduction = alpha, tau, thresh, reduction
 
     def forward(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return smooth_top1_svm(scores, targets, self.alpha, self.tau, self.thresh)
+        return smooth_top1_svm(scores, targets, self.alpha, self.tau, self.thresh, self.reduction)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, tau={self.tau}, thresh={self.thresh}"
+        return f"alpha={self.alpha}, tau={self.tau}, thresh={self.thresh}, reduction={self.reduction}"
