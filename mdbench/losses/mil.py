@@ -40,7 +40,8 @@ def smooth_top1_svm(scores: torch.Tensor, targets: torch.Tensor, alpha: float = 
         raise ValueError(f"scores must have shape (N, C) with C >= 2, got {tuple(scores.shape)}")
     if targets.shape != scores.shape[:1]:
         raise ValueError(f"targets must have shape ({scores.shape[0]},), got {tuple(targets.shape)}")
-    if targets.numel() and (targets.min() < 0 or targets.max() >= scores.shape[1]):
+    # on a GPU the gather below refuses them (a device-side assert): reading a check back would stall every step
+    if targets.numel() and not targets.is_cuda and (targets.min() < 0 or targets.max() >= scores.shape[1]):
         raise ValueError(f"targets must lie in [0, {scores.shape[1]}), got min {int(targets.min())}, "
                          f"max {int(targets.max())}")
     if alpha < 0 or tau <= 0 or thresh <= 1:

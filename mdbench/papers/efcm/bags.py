@@ -23,6 +23,12 @@ if TYPE_CHECKING:  # experiment imports this module; Bag is only a type here
 __all__ = ["BagBatch", "BagSet", "row_batches"]
 
 
+def _on(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host values (indices, labels, masks) on ``device``, copied without waiting for the GPU (a blocking copy
+    waits for every kernel queued before it: a stall per step)."""
+    return torch.as_tensor(values).to(device, non_blocking=True)
+
+
 class BagBatch(NamedTuple):
     """B bags zero-padded to the largest: ``instances`` (B, N, ...) and ``labels`` (B,) int64 on the bags' device;
     ``classes`` the same labels and ``lengths`` the bags' sizes as host ints (so that no step waits for the GPU
@@ -98,7 +104,7 @@ class BagSet:
         """(sum of lengths, ...) this set's instances, bag after bag (a copy unless the set is all of them)."""
         if len(self.instances) == self.lengths.sum() and (self.starts == np.r_[0, np.cumsum(self.lengths)[:-1]]).all():
             return self.instances
-        return self.instances[torch.as_tensor(self.instance_index(), device=self.device)]
+        return self.instances[_on(self.instance_index(), self.device)]
 
     def with_instances(self, instances: torch.Tensor) -> BagSet:
         """The same bags holding other instances of the same (P,) positions, e.g. features of the patches."""
@@ -118,13 +124,13 @@ class BagSet:
         width = int(lengths.max())
         offsets = np.arange(width)
         real = offsets[None] < lengths[:, None]  # (B, N)
-        index = torch.as_tensor(np.where(real, starts[:, None] + offsets[None], starts[:, None]), device=self.device)
+        index = _on(np.where(real, starts[:, None] + offsets[None], starts[:, None]), self.device)
         instances = self.instances[index]  # (B, N, ...)
         if not real.all():  # zero the padding, so that no bag's instances stand in it
-            keep = torch.as_tensor(real, device=self.device).view(*real.shape, *[1] * (instances.ndim - 2))
+            keep = _on(real, self.device).view(*real.shape, *[1] * (instances.ndim - 2))
             instances = instances * keep
         labels = self.labels[rows]
-        return BagBatch(instances, torch.as_tensor(labels, device=self.device), tuple(int(y) for y in labels),
+        return BagBatch(instances, _on(labels, self.device), tuple(int(y) for y in labels),
                         tuple(int(n) for n in lengths))
 
     def loader(self, batch_size: int = 1, *, weighted: bool = False, shuffle: bool = False,
@@ -162,7 +168,7 @@ class _Rows(Dataset):
         return len(self.tensors[0])
 
     def __getitem__(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
-        index = torch.as_tensor(rows, device=self.tensors[0].device)
+        index = _on(np.asarray(rows), self.tensors[0].device)
         return tuple(t[index] for t in self.tensors)
 
 

@@ -63,6 +63,12 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------- bags, splits
+def _fused(device: str | torch.device) -> bool | None:
+    """Adam's fused CUDA kernel (one launch per step instead of several per parameter) on CUDA; the default
+    elsewhere."""
+    return True if torch.device(device).type == "cuda" else None
+
+
 def _seeded(seed: int) -> torch.Generator:
     """Seed the global RNGs (dropout, sub-sampling) and return a generator for the loader; the deterministic
     mode the notebook chose is left as it is."""
@@ -210,7 +216,7 @@ def train_mil(model: nn.Module, train_bags: Sequence[Bag] | BagSet, val_bags: Se
                                                  generator=generator)
     val_loader = _bag_set(val_bags, device).loader(batch_size) if val_bags else None
     optimizer = optimizer or torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                              weight_decay=weight_decay)
+                                              weight_decay=weight_decay, fused=_fused(device))
     stopping = train.EarlyStopping("val_loss", patience=epochs, restore_best=True) if val_loader else None
     return train.fit(model, loader, val_loader, optimizer=optimizer, epochs=epochs, device=device,
                      step_fn=_mil_step(bag_weight), early_stopping=stopping, progress=False, amp=amp)
@@ -403,13 +409,18 @@ def distill(student: TransScanStudent, patches: torch.Tensor, targets: torch.Ten
                          drop_last=len(patches) > batch_size)  # BatchNorm needs batches of more than one
     _channels_last(student, device)
     loss_fn = (lambda p, t: fpd_loss(p, t)) if loss == "fpd" else F.mse_loss
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.05, fused=_fused(device))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
     return train.fit(student, loader, None, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
                      scheduler_interval="step", epochs=epochs, device=device, progress=False, amp=amp)
 
 
 # ------------------------------------------------------------------------------------------------------ stage 2
+def _on_device(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A host index tensor on ``like``'s device, copied without waiting for the GPU."""
+    return train.move_to_device(index, like.device)
+
+
 class EndToEndMIL(nn.Module):
     """ETC: a patch encoder and a MIL head trained together on bags of patches.
 
@@ -441,23 +452,23 @@ class EndToEndMIL(nn.Module):
         b, n = bags.shape[:2]
         sizes = [n] * b if lengths is None else [int(x) for x in lengths]
         flat = bags.flatten(0, 1)  # (B * N, 3, h, w); bag i's patches at i * N + j
-        real = None if min(sizes) == n else torch.tensor([i * n + j for i, m in enumerate(sizes) for j in range(m)],
-                                                          device=flat.device)
+        real = None if min(sizes) == n else torch.tensor([i * n + j for i, m in enumerate(sizes) for j in range(m)])
         if not self.training or not self.max_patches or max(sizes) <= self.max_patches:
-            features = self.encoder(flat if real is None else flat[real])
+            features = self.encoder(flat if real is None else flat[_on_device(real, flat)])
         else:
-            # per bag: a random order, whose first max_patches carry gradients (a bag that small: all, in order)
-            orders = [torch.randperm(m, device=flat.device) if m > self.max_patches
-                      else torch.arange(m, device=flat.device) for m in sizes]
+            # per bag: a random order (drawn on the host: a small randperm on CUDA would wait for the GPU), whose
+            # first max_patches carry gradients (a bag that small: all, in order)
+            orders = [torch.randperm(m) if m > self.max_patches else torch.arange(m) for m in sizes]
             keep = [min(m, self.max_patches) for m in sizes]
             with_grad = torch.cat([o[:k] + i * n for i, (o, k) in enumerate(zip(orders, keep, strict=True))])
             rest = torch.cat([o[k:] + i * n for i, (o, k) in enumerate(zip(orders, keep, strict=True))])
             with torch.no_grad():
-                frozen = self.encoder(flat[rest])
+                frozen = self.encoder(flat[_on_device(rest, flat)])
             # back in flat order: position p of the real patches holds the feature of the p-th smallest index
-            features = torch.cat([self.encoder(flat[with_grad]), frozen])[torch.cat([with_grad, rest]).argsort()]
+            order = _on_device(torch.cat([with_grad, rest]).argsort(), flat)
+            features = torch.cat([self.encoder(flat[_on_device(with_grad, flat)]), frozen])[order]
         if real is not None:  # zero-padded again to (B * N, D)
-            features = features.new_zeros(b * n, features.shape[1]).index_copy(0, real, features)
+            features = features.new_zeros(b * n, features.shape[1]).index_copy(0, _on_device(real, flat), features)
         features = features.view(b, n, -1)
         return self.head(features[0], label) if single else self.head(features, label, sizes)
 
@@ -598,7 +609,8 @@ def _fit_etc(cfg: Config, student: nn.Module, head: nn.Module, parts: Mapping[st
     model = EndToEndMIL(student, head, cfg.etc_max_patches)
     _channels_last(model, cfg.device)
     optimizer = torch.optim.Adam([{"params": student.parameters(), "lr": cfg.etc_lr_student},
-                                  {"params": head.parameters(), "lr": cfg.head_lr}], weight_decay=1e-5)
+                                  {"params": head.parameters(), "lr": cfg.head_lr}], weight_decay=1e-5,
+                                 fused=_fused(cfg.device))
     history = train_mil(model, parts["train"], parts["val"], epochs=cfg.etc_epochs, optimizer=optimizer,
                         bag_weight=cfg.bag_weight, seed=seed, device=cfg.device, amp=cfg.amp,
                         batch_size=cfg.bag_batch)
