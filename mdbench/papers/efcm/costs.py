@@ -14,7 +14,7 @@ from torch import nn
 
 from mdbench import efficiency
 from mdbench.models.clam import clam_sb
-from mdbench.papers.efcm.experiment import Config, PatchEncoder, autocast, students
+from mdbench.papers.efcm.experiment import Config, PatchEncoder, autocast, fast_teacher, students
 
 __all__ = ["TABLE2_UNITS", "cost_input_size", "measure_costs", "record_costs", "table2_costs", "throughput"]
 
@@ -69,8 +69,9 @@ def table2_costs(teacher: PatchEncoder, teacher_dim: int, cfg: Config) -> dict[s
     """Table 2 at :func:`cost_input_size`, teacher and students alike: :func:`measure_costs` of the teacher and
     each student (with a CLAM-SB head) on the CPU; the FPD + TransScan student exported to every backend of
     :data:`mdbench.efficiency.BACKENDS` (``ms_patch`` and its ``parity_max_abs_diff`` against PyTorch); the
-    teacher's feature throughput on ``cfg.device`` and the compute rate it implies (inputs/s x counted FLOPs); on
-    CUDA, the GPU latency of teacher and student."""
+    teacher's feature throughput on ``cfg.device``, run as :func:`teacher_features` runs it
+    (:func:`~mdbench.papers.efcm.experiment.fast_teacher`), and the compute rate it implies (inputs/s x counted
+    FLOPs); on CUDA, the GPU latency of teacher and student."""
     size = cost_input_size(teacher, cfg.patch_size)
     head = clam_sb(teacher_dim, hidden=tuple(cfg.head_hidden))
     encoders = {"teacher": teacher, **{f"student_{v}": s.eval() for v, s in students(cfg, teacher_dim).items()}}
@@ -82,7 +83,8 @@ def table2_costs(teacher: PatchEncoder, teacher_dim: int, cfg: Config) -> dict[s
                                                          workdir=workdir, atol=1e-4, name=f"student_{backend}")
         latency = efficiency.measure_latency(exported, (patch[:1].numpy(),), repeats=cfg.latency_repeats)
         costs[f"student_fpd_ts_{backend}"] = {"ms_patch": latency.median_ms, "parity_max_abs_diff": parity.max_abs_diff}
-    rate = throughput(teacher, size, cfg.teacher_batch, amp=cfg.amp, repeats=cfg.latency_repeats, device=cfg.device)
+    rate = throughput(fast_teacher(teacher, cfg.device, cfg.teacher_compile), size, cfg.teacher_batch, amp=cfg.amp,
+                      repeats=cfg.latency_repeats, device=cfg.device)
     costs["teacher"].update(patches_per_s=rate, tflops_achieved=rate * costs["teacher"]["gflops_patch"] / 1e3)
     if cfg.device == "cuda":
         for name in ("teacher", "student_fpd_ts"):
@@ -96,7 +98,8 @@ def record_costs(costs: dict[str, dict[str, float]], cfg: Config, input_size: in
     """Table 2's records (one measurement each) of :func:`table2_costs` at ``input_size`` (its
     :func:`cost_input_size`), with their units and how each was timed."""
     notes = {"ms_patch": "CPU, median of single-input calls", "s_bag": "CPU", "ms_patch_gpu": "CUDA, synchronised",
-             "patches_per_s": f"{cfg.device}, batches of {cfg.teacher_batch}, amp={cfg.amp}",
+             "patches_per_s": f"{cfg.device}, batches of {cfg.teacher_batch}, amp={cfg.amp}"
+                              + (", torch.compile" if cfg.teacher_compile and cfg.device == "cuda" else ""),
              "tflops_achieved": f"{cfg.device}: inputs/s x counted FLOPs per input"}
     config = {"input_size": input_size, "patch_size": cfg.patch_size, "bag_size": cfg.cost_bag_size,
               "teacher": cfg.teacher, "threads": torch.get_num_threads(), "device": cfg.device}
