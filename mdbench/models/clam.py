@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdbench.losses.mil import SmoothTop1SVM
+from mdbench.models.inputs import host_to_device
 from mdbench.models.registry import RANDOM_INIT, register_model
 
 __all__ = [
@@ -95,13 +96,8 @@ def _check_bags(h: torch.Tensor, in_dim: int, lengths: Sequence[int] | None) -> 
         raise ValueError(f"{len(h)} bags padded to {n} instances need as many lengths in [1, {n}], got {sizes}")
     mask = None
     if min(sizes) < n:
-        mask = torch.arange(n, device=h.device)[None] < _host_ints(sizes, h.device)[:, None]
+        mask = torch.arange(n, device=h.device)[None] < host_to_device(sizes, h.device)[:, None]
     return _Bags(h, mask, sizes, single)
-
-
-def _host_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Host ints as an int64 tensor on ``device``, copied without waiting for the GPU (a blocking copy would)."""
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
 def _bag_labels(label: int | Sequence[int] | torch.Tensor, n_bags: int, n_classes: int) -> list[int]:
@@ -265,7 +261,7 @@ class CLAM(nn.Module):
                     if group:
                         loss = self._branch_loss(classifier, x, attention[:, c if self.multi_branch else 0], bags.mask,
                                                  group, k, in_class)
-                        total = total.index_add(0, _host_ints(group, x.device), loss)
+                        total = total.index_add(0, host_to_device(group, x.device), loss)
         return total / self.n_classes if self.subtyping else total
 
     def _branch_loss(self, classifier: nn.Module, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None,
@@ -273,7 +269,7 @@ class CLAM(nn.Module):
         """(G,) the mean loss of one instance classifier on the pseudo-labelled instances (:func:`pseudo_labels`
         of ``rows`` (B, N)) of the bags ``group``."""
         if len(group) < len(x):
-            index = _host_ints(group, x.device)
+            index = host_to_device(group, x.device)
             x, rows, mask = x[index], rows[index], None if mask is None else mask[index]
         picked, targets = pseudo_labels(rows, k, in_class, mask)  # (G, 2k or k) each
         instances = x.gather(1, picked[..., None].expand(-1, -1, x.shape[2]))  # (G, 2k or k, width)

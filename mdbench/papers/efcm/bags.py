@@ -17,16 +17,12 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
+from mdbench.models.inputs import host_to_device
+
 if TYPE_CHECKING:  # experiment imports this module; Bag is only a type here
     from mdbench.papers.efcm.experiment import Bag
 
 __all__ = ["BagBatch", "BagSet", "row_batches"]
-
-
-def _on(values: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host values (indices, labels, masks) on ``device``, copied without waiting for the GPU (a blocking copy
-    waits for every kernel queued before it: a stall per step)."""
-    return torch.as_tensor(values).to(device, non_blocking=True)
 
 
 class BagBatch(NamedTuple):
@@ -104,7 +100,7 @@ class BagSet:
         """(sum of lengths, ...) this set's instances, bag after bag (a copy unless the set is all of them)."""
         if len(self.instances) == self.lengths.sum() and (self.starts == np.r_[0, np.cumsum(self.lengths)[:-1]]).all():
             return self.instances
-        return self.instances[_on(self.instance_index(), self.device)]
+        return self.instances[host_to_device(self.instance_index(), self.device)]
 
     def with_instances(self, instances: torch.Tensor) -> BagSet:
         """The same bags holding other instances of the same (P,) positions, e.g. features of the patches."""
@@ -124,13 +120,13 @@ class BagSet:
         width = int(lengths.max())
         offsets = np.arange(width)
         real = offsets[None] < lengths[:, None]  # (B, N)
-        index = _on(np.where(real, starts[:, None] + offsets[None], starts[:, None]), self.device)
+        index = host_to_device(np.where(real, starts[:, None] + offsets[None], starts[:, None]), self.device)
         instances = self.instances[index]  # (B, N, ...)
         if not real.all():  # zero the padding, so that no bag's instances stand in it
-            keep = _on(real, self.device).view(*real.shape, *[1] * (instances.ndim - 2))
+            keep = host_to_device(real, self.device).view(*real.shape, *[1] * (instances.ndim - 2))
             instances = instances * keep
         labels = self.labels[rows]
-        return BagBatch(instances, _on(labels, self.device), tuple(int(y) for y in labels),
+        return BagBatch(instances, host_to_device(labels, self.device), tuple(int(y) for y in labels),
                         tuple(int(n) for n in lengths))
 
     def loader(self, batch_size: int = 1, *, weighted: bool = False, shuffle: bool = False,
@@ -168,7 +164,7 @@ class _Rows(Dataset):
         return len(self.tensors[0])
 
     def __getitem__(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
-        index = _on(np.asarray(rows), self.tensors[0].device)
+        index = host_to_device(np.asarray(rows), self.tensors[0].device)
         return tuple(t[index] for t in self.tensors)
 
 

@@ -44,7 +44,7 @@ from mdbench.data.splits import kfold_splits
 from mdbench.losses.projection import fpd_loss
 from mdbench.models import build_model, freeze
 from mdbench.models.clam import MILOutput, mil_loss
-from mdbench.models.inputs import rgb_batch_at_size
+from mdbench.models.inputs import host_to_device, rgb_batch_at_size
 from mdbench.models.transscan import TransScanStudent
 from mdbench.papers.efcm.bags import BagBatch, BagSet, row_batches
 from mdbench.params import NotebookConfig
@@ -441,11 +441,6 @@ def distill(student: TransScanStudent, patches: torch.Tensor, targets: torch.Ten
 
 
 # ------------------------------------------------------------------------------------------------------ stage 2
-def _on_device(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A host index tensor on ``like``'s device, copied without waiting for the GPU."""
-    return train.move_to_device(index, like.device)
-
-
 class EndToEndMIL(nn.Module):
     """ETC: a patch encoder and a MIL head trained together on bags of patches.
 
@@ -477,9 +472,10 @@ class EndToEndMIL(nn.Module):
         b, n = bags.shape[:2]
         sizes = [n] * b if lengths is None else [int(x) for x in lengths]
         flat = bags.flatten(0, 1)  # (B * N, 3, h, w); bag i's patches at i * N + j
-        real = None if min(sizes) == n else torch.tensor([i * n + j for i, m in enumerate(sizes) for j in range(m)])
+        real = None if min(sizes) == n else host_to_device(
+            [i * n + j for i, m in enumerate(sizes) for j in range(m)], flat.device)
         if not self.training or not self.max_patches or max(sizes) <= self.max_patches:
-            features = self.encoder(flat if real is None else flat[_on_device(real, flat)])
+            features = self.encoder(flat if real is None else flat[real])
         else:
             # per bag: a random order (drawn on the host: a small randperm on CUDA would wait for the GPU), whose
             # first max_patches carry gradients (a bag that small: all, in order)
@@ -487,13 +483,14 @@ class EndToEndMIL(nn.Module):
             keep = [min(m, self.max_patches) for m in sizes]
             with_grad = torch.cat([o[:k] + i * n for i, (o, k) in enumerate(zip(orders, keep, strict=True))])
             rest = torch.cat([o[k:] + i * n for i, (o, k) in enumerate(zip(orders, keep, strict=True))])
-            with torch.no_grad():
-                frozen = self.encoder(flat[_on_device(rest, flat)])
             # back in flat order: position p of the real patches holds the feature of the p-th smallest index
-            order = _on_device(torch.cat([with_grad, rest]).argsort(), flat)
-            features = torch.cat([self.encoder(flat[_on_device(with_grad, flat)]), frozen])[order]
+            order = torch.cat([with_grad, rest]).argsort()
+            with_grad, rest, order = (host_to_device(t, flat.device) for t in (with_grad, rest, order))
+            with torch.no_grad():
+                frozen = self.encoder(flat[rest])
+            features = torch.cat([self.encoder(flat[with_grad]), frozen])[order]
         if real is not None:  # zero-padded again to (B * N, D)
-            features = features.new_zeros(b * n, features.shape[1]).index_copy(0, _on_device(real, flat), features)
+            features = features.new_zeros(b * n, features.shape[1]).index_copy(0, real, features)
         features = features.view(b, n, -1)
         return self.head(features[0], label) if single else self.head(features, label, sizes)
 
