@@ -259,23 +259,23 @@ class CLAM(nn.Module):
                 for k in sorted(set(ks) - {0}):
                     group = [b for b, label in enumerate(labels) if (label == c) == in_class and ks[b] == k]
                     if group:
+                        index = host_to_device(group, x.device)
                         loss = self._branch_loss(classifier, x, attention[:, c if self.multi_branch else 0], bags.mask,
-                                                 group, k, in_class)
-                        total = total.index_add(0, host_to_device(group, x.device), loss)
+                                                 None if len(group) == len(x) else index, k, in_class)
+                        total = total.index_add(0, index, loss)
         return total / self.n_classes if self.subtyping else total
 
     def _branch_loss(self, classifier: nn.Module, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None,
-                     group: list[int], k: int, in_class: bool) -> torch.Tensor:
+                     group: torch.Tensor | None, k: int, in_class: bool) -> torch.Tensor:
         """(G,) the mean loss of one instance classifier on the pseudo-labelled instances (:func:`pseudo_labels`
-        of ``rows`` (B, N)) of the bags ``group``."""
-        if len(group) < len(x):
-            index = host_to_device(group, x.device)
-            x, rows, mask = x[index], rows[index], None if mask is None else mask[index]
+        of ``rows`` (B, N)) of the bags ``group`` (positions on ``x``'s device; None: all of them)."""
+        if group is not None:
+            x, rows, mask = x[group], rows[group], None if mask is None else mask[group]
         picked, targets = pseudo_labels(rows, k, in_class, mask)  # (G, 2k or k) each
         instances = x.gather(1, picked[..., None].expand(-1, -1, x.shape[2]))  # (G, 2k or k, width)
         assert self.instance_loss_fn is not None  # only called with an instance loss
         loss = self.instance_loss_fn(classifier(instances).flatten(0, 1), targets.flatten())
-        return loss.view(len(group), -1).mean(dim=1)
+        return loss.view(len(x), -1).mean(dim=1)
 
 
 class MaxMIL(nn.Module):
