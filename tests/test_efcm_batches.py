@@ -15,10 +15,12 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from mdbench import notebook, results, runner
 from mdbench.data.mil import tile_fractions, tile_image
+from mdbench.efficiency import count_flops
 from mdbench.gpu_monitor import GPUMonitor
 from mdbench.models import build_model
 from mdbench.models.clam import mil_loss
 from mdbench.models.transscan import build_transscan_student
+from mdbench.papers.efcm import budget
 from mdbench.papers.efcm import experiment as efcm
 from mdbench.papers.efcm.bags import BagSet, row_batches
 
@@ -259,3 +261,23 @@ def test_the_gpu_profile_runs_end_to_end_on_the_cpu_with_its_sizes_shrunk(real_d
     assert all(len(c) == cfg.folds and len(c[0]) == 1 for c in curves.values())
     efcm.plot_curves(runs)
     efcm.plot_attention(runs["isic2017"].seeds[0], isic, cfg)
+
+
+# ------------------------------------------------------------------------------------------- cost model
+def test_the_cost_model_counts_each_stage_by_the_protocol():
+    data = {"synthetic": efcm.BagData("synthetic", [(torch.rand(4, 3, 8, 8), i % 2, None) for i in range(8)], "c",
+                                      [f"b{i}" for i in range(8)])}
+    cfg = efcm.Config(seeds=(0,), folds=2, patch_size=8, bag_batch=2, head_epochs=1, distill_epochs=1,
+                      distill_batch=4, etc_epochs=1, etc_max_patches=2, student_out_index=1, head_hidden=(8, 4))
+    rates = budget.Rates(train_tflops=1e-6, head_step_ms=1e6)  # stages compute-bound, but MIL heads launch-bound
+    frame = budget.estimate(cfg, data, efcm.PatchEncoder(nn.Flatten()), rates).set_index("stage")
+    assert frame.loc["teacher features (once, cached)", "runs"] == 8 * 4
+    # 2 folds: 4 bags outside a test fold, 2 train and 2 validate; 2 bags a step; 4 + 3 heads
+    heads = frame.loc["synthetic: 7 MIL heads x 1 epochs"]
+    assert heads["bound"] == "launch" and heads["seconds"] == pytest.approx(2 * 7 * (1 + 1) * 1e3)
+    student = {v: count_flops(s.eval(), (torch.rand(1, 3, 8, 8),)).flops / 1e9 for v, s in efcm.students(cfg, 256).items()}
+    distill = frame.loc["synthetic: stage 1, 3 students x 1 epochs"]  # 2 bags of 4 patches: 2 batches of 4
+    assert distill["tflop"] == pytest.approx(2 * 2 * 4 * 3 * sum(student.values()) / 1e3)
+    etc = frame.loc["synthetic: ETC, 3 runs x 1 epochs"]  # 2 of 4 patches a bag with gradients
+    assert etc["tflop"] == pytest.approx(2 * 3 * (2 * (3 * 2 + 2) + 2 * 4) * student["fpd_ts"] / 1e3)
+    assert 30 <= budget.utilisation(frame, rates) <= 95
