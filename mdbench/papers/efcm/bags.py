@@ -108,11 +108,6 @@ class BagSet:
             raise ValueError(f"{len(instances)} instances to replace {len(self.instances)}")
         return BagSet(instances, self.starts, self.lengths, self.labels)
 
-    def bags(self) -> list[tuple[torch.Tensor, int]]:
-        """Each bag as ``(instances (N_i, ...), label)``, views of ``instances``."""
-        return [(self.instances[s:s + n], int(y)) for s, n, y in zip(self.starts, self.lengths, self.labels,
-                                                                      strict=True)]
-
     def batch(self, positions: Sequence[int]) -> BagBatch:
         """The bags at ``positions`` (into this set) as a :class:`BagBatch` zero-padded to the largest of them."""
         rows = np.asarray(positions, dtype=np.int64)

@@ -1,7 +1,9 @@
 """EFCM experiment glue: bags and splits, MIL training, the cached teacher features, stage-1 distillation and the
 stage-2 strategies (Reuse / Retrain / End-to-end CLAM) and the figures, so that ``notebooks/efcm.ipynb`` stays a
 sequence of calls: :class:`Config`, :func:`load_data`, :func:`encode`, :func:`run`, :func:`record`,
-:func:`plot_pareto`, :func:`plot_attention`; Table 2's costs are in :mod:`mdbench.papers.efcm.costs`.
+:func:`plot_pareto`, :func:`plot_attention`, :func:`plot_curves`; Table 2's costs are in
+:mod:`mdbench.papers.efcm.costs`, the bags held on the training device and served in batches in
+:mod:`mdbench.papers.efcm.bags`, a run's GPU cost estimate in :mod:`mdbench.papers.efcm.budget`.
 
 A **bag** is a tuple ``(instances, label, instance_labels)``: instances are patches (N, 3, h, w) in [0, 1] or
 features (N, D); ``label`` an int; ``instance_labels`` an (N,) tensor or None where unknown. One protocol seed is
@@ -77,10 +79,6 @@ def _seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _labels(bags: Sequence[Bag]) -> np.ndarray:
-    return np.asarray([int(b[1]) for b in bags])
-
-
 def fold_index(labels: Sequence[int] | np.ndarray, k: int, seed: int) -> list[dict[str, np.ndarray]]:
     """One repeat (``seed``) of stratified k-fold cross-validation over all bags, CLAM's protocol (10 folds).
 
@@ -124,7 +122,7 @@ class BagData:
     @property
     def labels(self) -> np.ndarray:
         """(B,) bag labels."""
-        return _labels(self.bags)
+        return np.asarray([int(b[1]) for b in self.bags])
 
 
 def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), patch_size: int = 32,
