@@ -160,14 +160,15 @@ def test_end_to_end_mil_subsamples_gradients_and_keeps_batchnorm_statistics():
     student = build_transscan_student("fpd", 8, out_index=1)
     model = efcm.EndToEndMIL(student, clam_sb(8, hidden=(8, 4)), max_patches=2)
     running = [m.running_mean.clone() for m in student.modules() if isinstance(m, nn.BatchNorm2d)]
-    patches = torch.rand(1, 5, 3, 16, 16)
-    out = model.train()(patches, torch.tensor(1))
+    patches = torch.rand(5, 3, 16, 16)  # one bag
+    out = model.train()(patches, 1)
     assert out.logits.shape == (1, 2) and out.attention.shape == (1, 5)
     out.logits.sum().backward()
     assert student.projector[0].weight.grad.abs().sum() > 0
     after = [m.running_mean for m in student.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(torch.equal(a, b) for a, b in zip(running, after, strict=True)), "frozen BatchNorm statistics changed"
     assert model.eval()(patches).attention.shape == (1, 5)
+    assert model(patches[None]).attention.shape == (1, 1, 5)  # a batch of one bag
 
 
 def test_run_split_gives_every_row_of_table_1():

@@ -58,11 +58,12 @@ def test_pooling_puts_each_fold_output_back_at_its_bag_and_refuses_overlapping_f
     labels = np.array([0, 1, 0, 1, 1])
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3], [0.1, 0.9]])
     folds = [efcm.FoldResult(np.array(t), {"t": {"r": probs[t]}}, {"r": [np.full(2, i) for i in t]},
-                             {"kd": float(k)}) for k, t in enumerate([[1, 4], [0, 2, 3]])]
+                             {"kd": float(k)}, {"distill_kd": [k, k / 2]}) for k, t in enumerate([[1, 4], [0, 2, 3]])]
     pooled = efcm.SeedResult.pool(folds, labels)
     assert np.array_equal(pooled.probs["t"]["r"], probs) and pooled.fold.tolist() == [1, 0, 1, 1, 0]
     assert [int(s[0]) for s in pooled.instance_scores["r"]] == [0, 1, 2, 3, 4]
     assert pooled.distill_loss == {"kd": [0.0, 1.0]}
+    assert pooled.curves == {"distill_kd": [[0, 0.0], [1, 0.5]]}  # one curve per fold, in fold order
     # one wrong prediction (bag 3) among 5; AUC: positives 0.8, 0.3, 0.9 against negatives 0.1, 0.4: 5 of 6 pairs
     assert pooled.scores("t", "r") == pytest.approx({"accuracy": 80.0, "auc": 100 * 5 / 6})
     folds[1].test_index = np.array([0, 2, 4])

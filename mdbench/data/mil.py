@@ -57,17 +57,25 @@ def draw_instance_labels(
     return rng.permutation(np.r_[np.ones(keys, dtype=np.int64), np.zeros(size - keys, dtype=np.int64)])
 
 
-def tile_image(image: torch.Tensor, tile: int) -> torch.Tensor:
-    """Cut (C,H,W) into non-overlapping ``tile``-pixel squares, row-major: (H/tile * W/tile, C, tile, tile)."""
+def _windows(h: int, w: int, tile: int, stride: int | None, what: str) -> int:
+    """The stride of :func:`tile_image`'s windows (``tile`` when None), checked to cover an h x w image exactly."""
+    stride = stride or tile
+    if not 0 < stride <= tile or (h - tile) % stride or (w - tile) % stride or min(h, w) < tile:
+        raise ValueError(f"{what} of size {h}x{w} is not covered exactly by {tile}-pixel tiles at stride {stride} "
+                         f"(need 0 < stride <= tile and (side - tile) divisible by the stride)")
+    return stride
+
+
+def tile_image(image: torch.Tensor, tile: int, stride: int | None = None) -> torch.Tensor:
+    """Cut (C,H,W) into ``tile``-pixel squares every ``stride`` pixels (default ``tile``: non-overlapping),
+    row-major: (((H - tile) / stride + 1) * ((W - tile) / stride + 1), C, tile, tile)."""
     c, h, w = image.shape
-    if h % tile or w % tile:
-        raise ValueError(f"image of size {h}x{w} is not a whole number of {tile}-pixel tiles")
-    return image.unfold(1, tile, tile).unfold(2, tile, tile).permute(1, 2, 0, 3, 4).reshape(-1, c, tile, tile)
+    stride = _windows(h, w, tile, stride, "image")
+    return image.unfold(1, tile, stride).unfold(2, tile, stride).permute(1, 2, 0, 3, 4).reshape(-1, c, tile, tile)
 
 
-def tile_fractions(mask: torch.Tensor, tile: int) -> torch.Tensor:
+def tile_fractions(mask: torch.Tensor, tile: int, stride: int | None = None) -> torch.Tensor:
     """Foreground fraction of every tile of an (H,W) mask, in :func:`tile_image`'s order: (n,) float."""
     h, w = mask.shape
-    if h % tile or w % tile:
-        raise ValueError(f"mask of size {h}x{w} is not a whole number of {tile}-pixel tiles")
-    return F.avg_pool2d((mask > 0).float()[None, None], tile).flatten()
+    stride = _windows(h, w, tile, stride, "mask")
+    return F.avg_pool2d((mask > 0).float()[None, None], tile, stride).flatten()

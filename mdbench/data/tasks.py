@@ -63,9 +63,11 @@ class ISICImageBags(Dataset):
 
     Args:
         segmentation: an ISIC 2017 segmentation split (items ``{"image", "mask", "id"}``) whose
-            images are whole numbers of tiles, with ``labels`` / ``indices`` / ``classes`` as in
+            images the tiles cover exactly, with ``labels`` / ``indices`` / ``classes`` as in
             :class:`mdbench.data.isic2017.ISIC2017Dataset`.
         tile: tile side in pixels (a 256-pixel image gives a 4x4 grid of 64-pixel tiles).
+        stride: pixels between tiles (default ``tile``: non-overlapping); a 256-pixel image gives 3x3
+            128-pixel tiles at stride 64, each overlapping its neighbours by half.
         lesion_fraction: a tile of a positive bag is a key instance when at least this share of its
             pixels is lesion.
         positive_class: the diagnosis that makes a bag positive.
@@ -84,16 +86,19 @@ class ISICImageBags(Dataset):
         tile: int = 64,
         lesion_fraction: float = 0.5,
         positive_class: str = "melanoma",
+        stride: int | None = None,
     ) -> None:
         if not 0 < lesion_fraction <= 1:
             raise ValueError(f"lesion_fraction must lie in (0, 1], got {lesion_fraction}")
         if positive_class not in segmentation.classes:
             raise ValueError(f"positive_class {positive_class!r} is not one of {segmentation.classes}")
-        self.segmentation, self.tile, self.lesion_fraction = segmentation, tile, lesion_fraction
+        self.segmentation, self.tile, self.stride, self.lesion_fraction = segmentation, tile, stride, lesion_fraction
         self.split = segmentation.split
         self.bag_labels = (_split_labels(segmentation) == segmentation.classes.index(positive_class)).astype(np.int64)
         params = {"data": segmentation.checksum, "split": self.split, "tile": tile}
         params.update(lesion_fraction=lesion_fraction, positive_class=positive_class)
+        if stride not in (None, tile):  # non-overlapping tiles keep the checksum they always had
+            params["stride"] = stride
         self.checksum = params_checksum("ISICImageBags", params, 0)
 
     def __len__(self) -> int:
@@ -102,11 +107,11 @@ class ISICImageBags(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         item = self.segmentation[index]
         bag_label = int(self.bag_labels[index])
-        fractions = tile_fractions(item["mask"], self.tile)
+        fractions = tile_fractions(item["mask"], self.tile, self.stride)
         instance_labels = (fractions >= self.lesion_fraction).long() * bag_label
         if bag_label and not instance_labels.any() and fractions.max() > 0:
             instance_labels[fractions.argmax()] = 1
-        return tile_image(item["image"], self.tile), bag_label, instance_labels
+        return tile_image(item["image"], self.tile, self.stride), bag_label, instance_labels
 
 
 def isic_image_bags(
@@ -115,16 +120,19 @@ def isic_image_bags(
     tile: int = 64,
     lesion_fraction: float = 0.5,
     data_dir: str | os.PathLike | None = None,
+    stride: int | None = None,
 ) -> ISICImageBags:
-    """ISIC 2017 ``split`` as bags of ``grid x grid`` tiles of ``tile`` pixels (images resized to grid*tile).
+    """ISIC 2017 ``split`` as bags of ``grid x grid`` tiles of ``tile`` pixels every ``stride`` pixels (default
+    ``tile``), from images resized to ``(grid - 1) * stride + tile`` pixels (``grid * tile`` without overlap).
 
     Cases with an empty lesion mask are skipped (the loader logs how many). See :class:`ISICImageBags`.
     """
     # load_dataset is typed for any loader; the ISIC 2017 one has labels, indices, classes, split and checksum
     segmentation = cast(LabelledSplit, load_dataset(
-        "isic2017", split=split, data_dir=data_dir, task="segmentation", image_size=grid * tile, foreground_only=True
+        "isic2017", split=split, data_dir=data_dir, task="segmentation", image_size=(grid - 1) * (stride or tile) + tile,
+        foreground_only=True,
     ))
-    return ISICImageBags(segmentation, tile, lesion_fraction)
+    return ISICImageBags(segmentation, tile, lesion_fraction, stride=stride)
 
 
 # ----------------------------------------------------------------------------- PBC cell-set bags

@@ -40,7 +40,8 @@ def smooth_top1_svm(scores: torch.Tensor, targets: torch.Tensor, alpha: float = 
         raise ValueError(f"scores must have shape (N, C) with C >= 2, got {tuple(scores.shape)}")
     if targets.shape != scores.shape[:1]:
         raise ValueError(f"targets must have shape ({scores.shape[0]},), got {tuple(targets.shape)}")
-    if targets.numel() and (targets.min() < 0 or targets.max() >= scores.shape[1]):
+    # on a GPU the gather below refuses them (a device-side assert): reading a check back would stall every step
+    if targets.numel() and not targets.is_cuda and (targets.min() < 0 or targets.max() >= scores.shape[1]):
         raise ValueError(f"targets must lie in [0, {scores.shape[1]}), got min {int(targets.min())}, "
                          f"max {int(targets.max())}")
     if alpha < 0 or tau <= 0 or thresh <= 1:
@@ -62,14 +63,15 @@ def smooth_top1_svm(scores: torch.Tensor, targets: torch.Tensor, alpha: float = 
 
 
 class SmoothTop1SVM(nn.Module):
-    """Module form of :func:`smooth_top1_svm`: ``SmoothTop1SVM()(scores (N, C), targets (N,)) -> scalar``."""
+    """Module form of :func:`smooth_top1_svm`: ``SmoothTop1SVM()(scores (N, C), targets (N,)) -> scalar`` (or (N,)
+    with ``reduction="none"``)."""
 
-    def __init__(self, alpha: float = 1.0, tau: float = 1.0, thresh: float = 1e3) -> None:
+    def __init__(self, alpha: float = 1.0, tau: float = 1.0, thresh: float = 1e3, reduction: str = "mean") -> None:
         super().__init__()
-        self.alpha, self.tau, self.thresh = alpha, tau, thresh
+        self.alpha, self.tau, self.thresh, self.reduction = alpha, tau, thresh, reduction
 
     def forward(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return smooth_top1_svm(scores, targets, self.alpha, self.tau, self.thresh)
+        return smooth_top1_svm(scores, targets, self.alpha, self.tau, self.thresh, self.reduction)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, tau={self.tau}, thresh={self.thresh}"
+        return f"alpha={self.alpha}, tau={self.tau}, thresh={self.thresh}, reduction={self.reduction}"

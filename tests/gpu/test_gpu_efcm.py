@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 import torch
 from gpu_compare import MARKS, assert_close, assert_same
 
@@ -30,28 +31,34 @@ def test_teacher_features_alike_on_cuda_under_autocast():
     gpu = efcm.teacher_features(teacher, patches, name="t", amp=True, device="cuda", cache=False)
     assert gpu.device.type == "cpu" and gpu.dtype == cpu.dtype == torch.float32
     assert_close(gpu, cpu, 0.05, "teacher features (bf16 autocast on both)")
+    # compiled, every batch padded to one size (10 patches: batches of 4, 4 and 2 padded to 4)
+    compiled = efcm.teacher_features(teacher, patches[:10], name="t", batch_size=4, amp=True, device="cuda",
+                                     cache=False, compile=True)
+    assert_close(compiled, cpu[:10], 0.05, "teacher features, torch.compile'd on CUDA")
 
 
-def _run_split(device: str, bags: list, teacher: torch.Tensor) -> efcm.FoldResult:
+def _run_split(device: str, bags: list, teacher: torch.Tensor, bag_batch: int) -> efcm.FoldResult:
     # one epoch per stage: with more, a near-tie of validation losses could pick another best epoch per device
     cfg = efcm.Config(head_hidden=(16, 8), head_epochs=1, head_lr=1e-3, distill_epochs=1, distill_batch=32,
                       etc_epochs=1, student_out_index=1, k_sample=2, dropout=0.0, device=device,
-                          amp=device == "cuda")  # no dropout: CUDA draws other masks than the CPU
+                      amp=device == "cuda",  # no dropout: CUDA draws other masks than the CPU
+                      etc_max_patches=3, bag_batch=bag_batch)  # bags of 4-6: ETC sub-samples every bag
     index = efcm.fold_index([b[1] for b in bags], k=5, seed=0)[0]
     return efcm.run_split(bags, efcm.split_features(teacher, bags), index, cfg, seed=0)
 
 
-def test_every_row_of_table_1_alike_on_cuda(monkeypatch):
+@pytest.mark.parametrize("bag_batch", [1, 4])  # CLAM's one bag a step, and the gpu profile's padded batches
+def test_every_row_of_table_1_alike_on_cuda(monkeypatch, bag_batch):
     bags = _bags(24, "train") + _bags(24, "val")
     patches = torch.cat([b[0] for b in bags])
     teacher = patches.flatten(2).std(dim=2).repeat(1, 2)  # a cheap fixed teacher: (N, 6) texture contrast
     seen = []
     predict_bags = efcm.predict_bags
     monkeypatch.setattr(efcm, "predict_bags", lambda *a: seen.append(predict_bags(*a)) or seen[-1])
-    cpu = _run_split("cpu", bags, teacher)
+    cpu = _run_split("cpu", bags, teacher, bag_batch)
     cpu_seen = list(seen)
     seen.clear()
-    gpu = _run_split("cuda", bags, teacher)
+    gpu = _run_split("cuda", bags, teacher, bag_batch)
     assert np.array_equal(gpu.test_index, cpu.test_index)
     assert {t: set(rows) for t, rows in gpu.probs.items()} == {t: set(rows) for t, rows in cpu.probs.items()}
     assert_close(list(gpu.distill_loss.values()), list(cpu.distill_loss.values()), 0.05, "stage-1 losses")

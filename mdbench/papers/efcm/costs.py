@@ -21,7 +21,7 @@ from torch import nn
 from mdbench import efficiency
 from mdbench import samples as sample_outputs
 from mdbench.models.clam import clam_sb
-from mdbench.papers.efcm.experiment import Config, PatchEncoder, autocast, students
+from mdbench.papers.efcm.experiment import Config, PatchEncoder, autocast, fast_teacher, students
 
 __all__ = ["TABLE2_UNITS", "Costs", "cost_input_size", "measure_costs", "record_costs", "table2_costs", "throughput"]
 
@@ -81,9 +81,10 @@ def table2_costs(teacher: PatchEncoder, teacher_dim: int, cfg: Config) -> Costs:
     """Table 2 at :func:`cost_input_size`, teacher and students alike: :func:`measure_costs` of the teacher and
     each student (with a CLAM-SB head) on the CPU; the FPD + TransScan student exported to every backend of
     :data:`mdbench.efficiency.BACKENDS` (``ms_patch`` and its ``parity_max_abs_diff`` against PyTorch); the
-    teacher's feature throughput on ``cfg.device`` and the compute rate it implies (inputs/s x counted FLOPs); on
-    CUDA, the GPU latency of teacher and student (timed in shared rounds). Wall-clock metrics: one value per
-    repeat (``cfg.latency_repeats``)."""
+    teacher's feature throughput on ``cfg.device``, run as :func:`teacher_features` runs it
+    (:func:`~mdbench.papers.efcm.experiment.fast_teacher`), and the compute rate it implies (inputs/s x counted
+    FLOPs); on CUDA, the GPU latency of teacher and student (timed in shared rounds). Wall-clock metrics: one value
+    per repeat (``cfg.latency_repeats``)."""
     size = cost_input_size(teacher, cfg.patch_size)
     head = clam_sb(teacher_dim, hidden=tuple(cfg.head_hidden))
     encoders = {"teacher": teacher, **{f"student_{v}": s.eval() for v, s in students(cfg, teacher_dim).items()}}
@@ -96,7 +97,8 @@ def table2_costs(teacher: PatchEncoder, teacher_dim: int, cfg: Config) -> Costs:
         latency = efficiency.measure_latency(exported, (patch[:1].numpy(),), repeats=cfg.latency_repeats)
         costs[f"student_fpd_ts_{backend}"] = {"ms_patch": np.asarray(latency.times_ms),
                                               "parity_max_abs_diff": parity.max_abs_diff}
-    rate = throughput(teacher, size, cfg.teacher_batch, amp=cfg.amp, repeats=cfg.latency_repeats, device=cfg.device)
+    rate = throughput(fast_teacher(teacher, cfg.device, cfg.teacher_compile), size, cfg.teacher_batch, amp=cfg.amp,
+                      repeats=cfg.latency_repeats, device=cfg.device)
     costs["teacher"].update(patches_per_s=rate, tflops_achieved=rate * costs["teacher"]["gflops_patch"] / 1e3)
     if cfg.device == "cuda":
         gpu = efficiency.measure_latencies({name: (encoders[name].to("cuda"), (patch[:1],))
@@ -114,7 +116,8 @@ def record_costs(costs: Costs, cfg: Config, input_size: int) -> tuple[pd.DataFra
     rows timed in one round; ``record_frame(..., aggregate="median")``); a count has none."""
     notes = {"ms_patch": "CPU, median of single-input calls", "s_bag": "CPU, median over rounds",
              "ms_patch_gpu": "CUDA, synchronised",
-             "patches_per_s": f"{cfg.device}, batches of {cfg.teacher_batch}, amp={cfg.amp}",
+             "patches_per_s": f"{cfg.device}, batches of {cfg.teacher_batch}, amp={cfg.amp}"
+                              + (", torch.compile" if cfg.teacher_compile and cfg.device == "cuda" else ""),
              "tflops_achieved": f"{cfg.device}: inputs/s x counted FLOPs per input"}
     config = {"input_size": input_size, "patch_size": cfg.patch_size, "bag_size": cfg.cost_bag_size,
               "teacher": cfg.teacher, "threads": torch.get_num_threads(), "device": cfg.device}

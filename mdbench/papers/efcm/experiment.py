@@ -1,7 +1,9 @@
 """EFCM experiment glue: bags and splits, MIL training, the cached teacher features, stage-1 distillation and the
 stage-2 strategies (Reuse / Retrain / End-to-end CLAM) and the figures, so that ``notebooks/efcm.ipynb`` stays a
 sequence of calls: :class:`Config`, :func:`load_data`, :func:`encode`, :func:`run`, :func:`record`,
-:func:`plot_pareto`, :func:`plot_attention`; Table 2's costs are in :mod:`mdbench.papers.efcm.costs`.
+:func:`plot_pareto`, :func:`plot_attention`, :func:`plot_curves`; Table 2's costs are in
+:mod:`mdbench.papers.efcm.costs`, the bags held on the training device and served in batches in
+:mod:`mdbench.papers.efcm.bags`, a run's GPU cost estimate in :mod:`mdbench.papers.efcm.budget`.
 
 A **bag** is a tuple ``(instances, label, instance_labels)``: instances are patches (N, 3, h, w) in [0, 1] or
 features (N, D); ``label`` an int; ``instance_labels`` an (N,) tensor or None where unknown. One protocol seed is
@@ -25,17 +27,18 @@ import copy
 import hashlib
 import os
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, overload
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
 from mdbench import metrics, train
 from mdbench import samples as sample_outputs
@@ -43,8 +46,9 @@ from mdbench.data.splits import kfold_splits
 from mdbench.losses.projection import fpd_loss
 from mdbench.models import build_model, freeze
 from mdbench.models.clam import MILOutput, mil_loss
-from mdbench.models.inputs import rgb_batch_at_size
+from mdbench.models.inputs import host_to_device, rgb_batch_at_size
 from mdbench.models.transscan import TransScanStudent
+from mdbench.papers.efcm.bags import BagBatch, BagSet, row_batches
 from mdbench.params import NotebookConfig
 from mdbench.repro import seed_rngs
 
@@ -53,29 +57,19 @@ _REPO_ROOT = Path(__file__).resolve().parents[3]
 CACHE_ENV = "MDBENCH_CACHE_DIR"
 
 __all__ = [
-    "Bag", "BagData", "Config", "DatasetRun", "EndToEndMIL", "FeatureScaler", "FoldResult", "PatchEncoder",
-    "SeedResult", "autocast", "cache_dir", "distill", "encode", "fit_heads", "fold_index", "instance_auc",
-    "load_bags", "load_data", "map_instances", "mosaic", "plot_attention", "plot_pareto", "predict_bags", "record",
-    "run", "run_split", "split_features", "students", "teacher_features", "teacher_model", "texture_teacher",
-    "train_mil",
+    "CURVES", "Bag", "BagData", "Config", "DatasetRun", "EndToEndMIL", "FeatureScaler", "FoldResult",
+    "PatchEncoder", "SeedResult", "autocast", "cache_dir", "distill", "encode", "encode_bags", "fast_teacher",
+    "fit_heads", "fold_index", "instance_auc", "load_bags", "load_data", "mosaic", "plot_attention", "plot_curves",
+    "plot_pareto", "predict_bags", "record", "run", "run_split", "split_features", "students", "teacher_features",
+    "teacher_input", "teacher_model", "texture_teacher", "train_mil",
 ]
 
 
 # ----------------------------------------------------------------------------------------------- bags, splits
-class _BagSet(Dataset):
-    """Bags as items ``(instances (1, N, ...), label (1,))``: one bag per batch, weighted as one sample."""
-
-    def __init__(self, bags: Sequence[Bag]) -> None:
-        if not bags:
-            raise ValueError("no bags given")
-        self.bags = bags
-
-    def __len__(self) -> int:
-        return len(self.bags)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        instances, label = self.bags[i][0], self.bags[i][1]
-        return instances[None], torch.tensor([int(label)])
+def _fused(device: str | torch.device) -> bool | None:
+    """Adam's fused CUDA kernel (one launch per step instead of several per parameter) on CUDA; the default
+    elsewhere."""
+    return True if torch.device(device).type == "cuda" else None
 
 
 def _seeded(seed: int) -> torch.Generator:
@@ -83,14 +77,6 @@ def _seeded(seed: int) -> torch.Generator:
     mode the notebook chose is left as it is."""
     seed_rngs(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def _first(batch: list) -> Any:
-    return batch[0]
-
-
-def _labels(bags: Sequence[Bag]) -> np.ndarray:
-    return np.asarray([int(b[1]) for b in bags])
 
 
 def fold_index(labels: Sequence[int] | np.ndarray, k: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -136,17 +122,18 @@ class BagData:
     @property
     def labels(self) -> np.ndarray:
         """(B,) bag labels."""
-        return _labels(self.bags)
+        return np.asarray([int(b[1]) for b in self.bags])
 
 
 def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), patch_size: int = 32,
-              isic_grid: int = 2, data_dir: str | None = None) -> BagData:
+              isic_grid: int = 2, isic_stride: int | None = None, data_dir: str | None = None) -> BagData:
     """The bags of one dataset at the notebook's scale.
 
     - ``synthetic``: :class:`~mdbench.data.synthetic.SyntheticMILBags` of ``patch_size`` texture images.
-    - ``isic2017``: ISIC 2017 images as bags of ``isic_grid``² tiles of ``patch_size`` pixels, positive =
-      melanoma (:func:`mdbench.data.tasks.isic_image_bags`); a seeded subset of ``n_bags`` images, half of them
-      melanoma (as many as there are).
+    - ``isic2017``: ISIC 2017 images as bags of ``isic_grid``² tiles of ``patch_size`` pixels every
+      ``isic_stride`` pixels (default ``patch_size``), from the image resized to the side they cover; positive =
+      melanoma (:func:`mdbench.data.tasks.isic_image_bags`). A seeded subset of ``n_bags`` images, half of them
+      melanoma (as many as there are); all images when ``n_bags`` is at least their number.
     - ``pbc``: PBC cell sets drawn from all images, no image in two sets, positive = holds an erythroblast
       (:func:`mdbench.data.tasks.pbc_cell_set_bags` with ``disjoint``): ``n_bags``, or as many as the images
       fill (the shared subset's 120 erythroblasts fill about 60 positive sets).
@@ -162,12 +149,12 @@ def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), pat
         return BagData(name, [synthetic[i] for i in range(len(synthetic))], synthetic.checksum,
                        [f"bag{i:04d}" for i in range(len(synthetic))])
     if name == "isic2017":
-        isic = isic_image_bags("all", grid=isic_grid, tile=patch_size, data_dir=data_dir)
+        isic = isic_image_bags("all", grid=isic_grid, tile=patch_size, stride=isic_stride, data_dir=data_dir)
         rng = np.random.default_rng(0)
         positives, negatives = np.flatnonzero(isic.bag_labels == 1), np.flatnonzero(isic.bag_labels == 0)
         n_pos = min(n_bags // 2, len(positives))
         chosen = np.sort(np.r_[rng.choice(positives, n_pos, replace=False),
-                               rng.choice(negatives, n_bags - n_pos, replace=False)])
+                               rng.choice(negatives, min(n_bags - n_pos, len(negatives)), replace=False)])
         checksum = hashlib.sha256(f"{isic.checksum}|{chosen.tolist()}".encode()).hexdigest()
         # the ISIC loader behind the bags names its images (ids) and keeps its cases' positions (indices)
         images = cast(Any, isic.segmentation)
@@ -192,72 +179,72 @@ def load_bags(name: str, *, n_bags: int, bag_size: tuple[int, int] = (4, 8), pat
 def load_data(cfg: Config) -> dict[str, BagData]:
     """The bags of every dataset of ``cfg.datasets`` (:func:`load_bags` at the config's scale)."""
     return {name: load_bags(name, n_bags=cfg.n_bags, bag_size=cfg.bag_size, patch_size=cfg.patch_size,
-                            isic_grid=cfg.isic_grid, data_dir=cfg.data_dir) for name in cfg.datasets}
+                            isic_grid=cfg.isic_grid, isic_stride=cfg.isic_stride, data_dir=cfg.data_dir)
+            for name in cfg.datasets}
 
 
 # ------------------------------------------------------------------------------------------------ MIL training
 def _mil_step(bag_weight: float) -> train.StepFn:
-    def step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        instances, label = batch
-        out: MILOutput = model(instances, label[0])
-        bag_ce = F.cross_entropy(out.logits, label)
-        return mil_loss(out, label[0], bag_weight), {"bag_ce": bag_ce.detach()}
+    def step(model: nn.Module, batch: BagBatch) -> tuple[torch.Tensor, dict]:
+        out: MILOutput = model(batch.instances, batch.classes, batch.lengths)
+        bag_ce = F.cross_entropy(out.logits, batch.labels)
+        return mil_loss(out, batch.labels, bag_weight), {"bag_ce": bag_ce.detach()}
     return step
 
 
-def train_mil(model: nn.Module, train_bags: Sequence[Bag], val_bags: Sequence[Bag] | None, *, epochs: int,
-              lr: float = 2e-4, weight_decay: float = 1e-5, bag_weight: float = 0.7, seed: int = 0,
+def _bag_set(bags: Sequence[Bag] | BagSet, device: str | torch.device) -> BagSet:
+    """``bags`` as a :class:`BagSet` on ``device`` (moved there once, not per step)."""
+    return BagSet(bags.instances.to(device), bags.starts, bags.lengths, bags.labels) if isinstance(bags, BagSet) \
+        else BagSet.of(bags, device)
+
+
+def train_mil(model: nn.Module, train_bags: Sequence[Bag] | BagSet, val_bags: Sequence[Bag] | BagSet | None, *,
+              epochs: int, lr: float = 2e-4, weight_decay: float = 1e-5, bag_weight: float = 0.7, seed: int = 0,
               device: str = "cpu", optimizer: torch.optim.Optimizer | None = None, weighted_sample: bool = True,
-              amp: bool = False) -> train.History:
-    """Train a MIL model (``model(instances, label) -> MILOutput``) one bag per step, as CLAM does.
+              amp: bool = False, batch_size: int = 1) -> train.History:
+    """Train a MIL model (``model(instances, labels, lengths) -> MILOutput``) on ``batch_size`` bags per step (one,
+    as CLAM does, by default; more: the mean loss of a zero-padded batch of bags, each computed as alone).
 
     Adam (lr 2e-4, weight decay 1e-5: CLAM's README recipe) unless ``optimizer`` is given; class-balanced
     sampling (``--weighted_sample``); loss :func:`mdbench.models.clam.mil_loss` with ``bag_weight``. With
     ``val_bags`` the weights of the epoch with the lowest validation loss are restored at the end (CLAM keeps
-    its best checkpoint by validation loss).
+    its best checkpoint by validation loss). The bags are moved to ``device`` once.
     """
     generator = _seeded(seed)
-    dataset = _BagSet(train_bags)
-    sampler = None
-    if weighted_sample:
-        labels = _labels(train_bags)
-        weights = 1.0 / np.bincount(labels)[labels]
-        # WeightedRandomSampler takes a tensor of weights (it calls torch.as_tensor); its stub says Sequence[float]
-        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double),  # type: ignore[arg-type]
-                                        len(labels), generator=generator)
-    loader = DataLoader(dataset, batch_size=1, sampler=sampler, shuffle=sampler is None, generator=generator,
-                        collate_fn=_first)
-    val_loader = DataLoader(_BagSet(val_bags), batch_size=1, collate_fn=_first) if val_bags else None
+    loader = _bag_set(train_bags, device).loader(batch_size, weighted=weighted_sample, shuffle=True,
+                                                 generator=generator)
+    val_loader = _bag_set(val_bags, device).loader(batch_size) if val_bags else None
     optimizer = optimizer or torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                              weight_decay=weight_decay)
+                                              weight_decay=weight_decay, fused=_fused(device))
     stopping = train.EarlyStopping("val_loss", patience=epochs, restore_best=True) if val_loader else None
     return train.fit(model, loader, val_loader, optimizer=optimizer, epochs=epochs, device=device,
                      step_fn=_mil_step(bag_weight), early_stopping=stopping, progress=False, amp=amp)
 
 
 @torch.no_grad()
-def predict_bags(model: nn.Module, bags: Sequence[Bag], device: str = "cpu"
+def predict_bags(model: nn.Module, bags: Sequence[Bag] | BagSet, device: str = "cpu", batch_size: int = 1
                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """(bag probabilities (B, C), labels (B,), per-bag instance scores [(N_i,)]) in eval mode."""
+    """(bag probabilities (B, C), labels (B,), per-bag instance scores [(N_i,)]) in eval mode, ``batch_size``
+    bags per call; the outputs come to the host once, at the end."""
     model.to(device).eval()
+    data = _bag_set(bags, device)
     probs, scores = [], []
-    for instances, _, *_ in bags:
-        out: MILOutput = model(instances[None].to(device))
-        probs.append(out.logits.softmax(dim=1)[0].float().cpu().numpy())
-        scores.append(out.instance_scores.float().cpu().numpy())
-    return np.stack(probs), _labels(bags), scores
+    for batch in data.batches(batch_size):
+        out: MILOutput = model(batch.instances, lengths=batch.lengths)
+        probs.append(out.logits.softmax(dim=1).float())
+        scores += [row[:n] for row, n in zip(out.instance_scores.float(), batch.lengths, strict=True)]
+    flat = torch.cat(scores).cpu().numpy()
+    return torch.cat(probs).cpu().numpy(), data.labels.copy(), np.split(flat, np.cumsum(data.lengths)[:-1])
 
 
 # ---------------------------------------------------------------------------------------------------- features
 @torch.no_grad()
-def map_instances(fn: Callable[[torch.Tensor], torch.Tensor], bags: Sequence[Bag], batch_size: int = 64,
-                  device: str = "cpu") -> list[Bag]:
-    """Bags with their instances replaced by ``fn(instances)`` (e.g. a frozen encoder), run in chunks."""
-    out = []
-    for instances, label, *rest in bags:
-        chunks = [fn(chunk.to(device)).float().cpu() for chunk in instances.split(batch_size)]
-        out.append((torch.cat(chunks), label, rest[0] if rest else None))
-    return out
+def encode_bags(encoder: nn.Module, bags: BagSet, batch_size: int = 1) -> BagSet:
+    """The bags with their instances replaced by ``encoder(instances)`` (e.g. a frozen student, in eval mode),
+    ``batch_size`` whole bags per call, as float32 on the bags' device."""
+    groups = [bags.subset(range(i, min(i + batch_size, len(bags)))) for i in range(0, len(bags), batch_size)]
+    out = [encoder(group.flat()).float() for group in groups]
+    return BagSet(torch.cat(out), np.r_[0, np.cumsum(bags.lengths)[:-1]], bags.lengths, bags.labels)
 
 
 def split_features(features: torch.Tensor, bags: Sequence[Bag]) -> list[Bag]:
@@ -277,11 +264,20 @@ class FeatureScaler:
     std: torch.Tensor
 
     @classmethod
-    def fit(cls, bags: Sequence[Bag]) -> FeatureScaler:
-        feats = torch.cat([b[0] for b in bags])
+    def fit(cls, bags: Sequence[Bag] | BagSet) -> FeatureScaler:
+        """Mean and std per dimension of the bags' (N_i, D) features."""
+        feats = bags.flat() if isinstance(bags, BagSet) else torch.cat([b[0] for b in bags])
         return cls(feats.mean(dim=0), feats.std(dim=0).clamp_min(1e-6))
 
-    def __call__(self, bags: Sequence[Bag]) -> list[Bag]:
+    @overload
+    def __call__(self, bags: BagSet) -> BagSet: ...
+
+    @overload
+    def __call__(self, bags: Sequence[Bag]) -> list[Bag]: ...
+
+    def __call__(self, bags: Sequence[Bag] | BagSet) -> list[Bag] | BagSet:
+        if isinstance(bags, BagSet):
+            return bags.with_instances((bags.instances - self.mean) / self.std)
         return [((b[0] - self.mean) / self.std, b[1], b[2] if len(b) > 2 else None) for b in bags]
 
 
@@ -290,9 +286,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, _REPO_ROOT / ".cache")) / "efcm"
 
 
-def _fingerprint(teacher: PatchEncoder, patches: torch.Tensor, amp: bool) -> str:
+def _fingerprint(teacher: PatchEncoder, patches: torch.Tensor, amp: bool, compiled: bool) -> str:
     digest = hashlib.sha256()
     identity = f"{type(teacher.encoder).__name__}|{teacher.mdbench_init}|{teacher.input_size}|amp={amp}"
+    identity += "|compiled" if compiled else ""  # compiled kernels round otherwise; eager keys stay as they were
     digest.update(identity.encode())
     digest.update(str(tuple(patches.shape)).encode())
     digest.update(patches.contiguous().numpy().tobytes())
@@ -324,22 +321,61 @@ class PatchEncoder(nn.Module):
         self.mdbench_init = getattr(encoder, "mdbench_init", "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = rgb_batch_at_size(x, self.input_size, "the patch encoder")
+        return self.encode(rgb_batch_at_size(x, self.input_size, "the patch encoder"))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, s, s) inputs already at the encoder's size -> (B, D)."""
         return getattr(self.encoder, "pooled", self.encoder)(x)
+
+
+class _CompiledEncoder(nn.Module):
+    """A :class:`PatchEncoder` whose encoder runs ``torch.compile``d; the resize stays outside the compiled graph,
+    which therefore sees inputs of the encoder's size only, from :func:`teacher_features` and Table 2 alike."""
+
+    def __init__(self, teacher: PatchEncoder) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.encode = torch.compile(teacher.encode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(rgb_batch_at_size(x, self.teacher.input_size, "the patch encoder"))
+
+
+_COMPILED: weakref.WeakKeyDictionary[PatchEncoder, _CompiledEncoder] = weakref.WeakKeyDictionary()
+
+
+def fast_teacher(teacher: PatchEncoder, device: str | torch.device, compile: bool = False) -> nn.Module:
+    """The teacher as :func:`teacher_features` and Table 2's throughput run it: on ``device`` in eval mode; on CUDA
+    with channels-last weights (tensor cores take NHWC) and, with ``compile``, its encoder ``torch.compile``d
+    once per teacher (the fastest configuration of ``benchmarks/teacher_throughput.py``; give it batches of one
+    size, or it compiles again)."""
+    device = torch.device(device)
+    teacher.to(device).eval()
+    if device.type != "cuda":
+        return teacher
+    _channels_last(teacher, device)
+    if not compile:
+        return teacher
+    if teacher not in _COMPILED:
+        _COMPILED[teacher] = _CompiledEncoder(teacher)
+    return _COMPILED[teacher]
 
 
 @torch.no_grad()
 def teacher_features(teacher: PatchEncoder, patches: torch.Tensor, *, name: str, batch_size: int = 8,
-                     amp: bool = True, device: str = "cpu", cache: bool = True,
+                     amp: bool = True, device: str = "cpu", cache: bool = True, compile: bool = False,
                      progress: Callable | None = None) -> torch.Tensor:
     """Pooled teacher features of every patch, computed once and cached on disk.
 
     Args:
         teacher: the frozen teacher wrapped in :class:`PatchEncoder`.
-        patches: (N, 3, h, w) float in [0, 1] on the CPU.
+        patches: (N, 3, h, w) float in [0, 1] on the CPU; they move to ``device`` at once and are encoded there
+            ``batch_size`` at a time, the features coming back to the host once, at the end.
         name: a readable prefix of the cache file (dataset and tiling).
         amp: bf16 autocast on CPU, bf16/fp16 on CUDA (the cache key includes it).
-        cache: read/write ``cache_dir()/<name>-<hash of teacher, amp and patch bytes>.pt``.
+        cache: read/write ``cache_dir()/<name>-<hash of teacher, amp, compile and patch bytes>.pt``.
+        compile: on CUDA, run the teacher ``torch.compile``d (:func:`fast_teacher`), every batch padded to
+            ``batch_size`` so that it compiles once.
         progress: optional wrapper of the batch iterator (e.g. ``tqdm``).
 
     Returns:
@@ -347,19 +383,23 @@ def teacher_features(teacher: PatchEncoder, patches: torch.Tensor, *, name: str,
     """
     if patches.ndim != 4 or patches.shape[1] != 3:
         raise ValueError(f"patches must be (N, 3, h, w), got {tuple(patches.shape)}")
-    path = cache_dir() / f"{name}-{_fingerprint(teacher, patches, amp)}.pt"
+    dev = torch.device(device)
+    compile = compile and dev.type == "cuda"
+    path = cache_dir() / f"{name}-{_fingerprint(teacher, patches, amp, compile)}.pt"
     if cache and path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
-    dev = torch.device(device)
-    teacher.to(dev).eval()
-    # bags may share patches (PBC cell sets reuse cells): encode each distinct patch once
-    unique, inverse = torch.unique(patches.flatten(1), dim=0, return_inverse=True)
+    model = fast_teacher(teacher, dev, compile)
+    # bags may share patches (PBC cell sets drawn with replacement): encode each distinct patch once
+    unique, inverse = torch.unique(patches.to(dev).flatten(1), dim=0, return_inverse=True)
     batches = unique.view(-1, *patches.shape[1:]).split(batch_size)
     out = []
     for chunk in progress(batches) if progress else batches:
+        n = len(chunk)
+        if compile and n < batch_size:  # one shape for the compiled teacher: no recompilation for the last batch
+            chunk = torch.cat([chunk, chunk.new_zeros(batch_size - n, *chunk.shape[1:])])
         with autocast(dev, amp):
-            out.append(teacher(chunk.to(dev)).float().cpu())
-    features = torch.cat(out)[inverse]
+            out.append(model(chunk)[:n].float())
+    features = torch.cat(out)[inverse].cpu()
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         train.save_atomic(features, path)
@@ -367,23 +407,32 @@ def teacher_features(teacher: PatchEncoder, patches: torch.Tensor, *, name: str,
 
 
 # ------------------------------------------------------------------------------------------------------ stage 1
+def _channels_last(model: nn.Module, device: str | torch.device) -> None:
+    """On CUDA, ``model``'s convolution weights in channels-last (NHWC) layout, which tensor cores run fastest;
+    the CPU keeps the default layout (and with it the numbers of the committed cpu results)."""
+    if torch.device(device).type == "cuda":
+        model.to(memory_format=torch.channels_last)
+
+
 def distill(student: TransScanStudent, patches: torch.Tensor, targets: torch.Tensor, *, loss: str = "fpd",
             epochs: int, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, device: str = "cpu",
             amp: bool = False) -> train.History:
     """Stage 1: train ``student(patches)`` to match the teacher's ``targets`` (N, D), no labels involved.
 
     ``loss="fpd"``: MSE + (1 - cos) (:func:`mdbench.losses.projection.fpd_loss`); ``"mse"``: plain feature KD.
-    AdamW with cosine decay to zero over the run.
+    AdamW with cosine decay to zero over the run. Patches and targets move to ``device`` once and each batch is
+    one indexing there (:func:`~mdbench.papers.efcm.bags.row_batches`); on CUDA the student runs channels-last.
     """
     if loss not in ("fpd", "mse"):
         raise ValueError(f"distillation loss must be 'fpd' or 'mse', got {loss!r}")
     if len(patches) != len(targets):
         raise ValueError(f"{len(patches)} patches but {len(targets)} teacher features")
     generator = _seeded(seed)
-    loader = DataLoader(TensorDataset(patches, targets), batch_size=batch_size, shuffle=True, generator=generator,
-                        drop_last=len(patches) > batch_size)  # BatchNorm needs batches of more than one
+    loader = row_batches(patches.to(device), targets.to(device), batch_size=batch_size, generator=generator,
+                         drop_last=len(patches) > batch_size)  # BatchNorm needs batches of more than one
+    _channels_last(student, device)
     loss_fn = (lambda p, t: fpd_loss(p, t)) if loss == "fpd" else F.mse_loss
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.05, fused=_fused(device))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
     return train.fit(student, loader, None, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
                      scheduler_interval="step", epochs=epochs, device=device, progress=False, amp=amp)
@@ -393,10 +442,12 @@ def distill(student: TransScanStudent, patches: torch.Tensor, targets: torch.Ten
 class EndToEndMIL(nn.Module):
     """ETC: a patch encoder and a MIL head trained together on bags of patches.
 
-    ``forward(patches (N, 3, h, w) or (1, N, 3, h, w), label=None) -> MILOutput``. In training mode at most
-    ``max_patches`` randomly chosen patches per bag carry gradients; the others are encoded under ``no_grad``
-    (the memory bound of the spec), and the head sees all N in their order. With ``freeze_bn`` the encoder's
-    BatchNorm layers keep their stage-1 statistics (bags are small, correlated batches).
+    ``forward(patches, label=None, lengths=None) -> MILOutput`` on one bag (N, 3, h, w) or on B bags
+    (B, N, 3, h, w) zero-padded to N with their ``lengths`` (host ints): the encoder runs once over the real
+    patches of all B bags. In training mode at most ``max_patches`` randomly chosen patches per bag carry
+    gradients; the others are encoded under ``no_grad`` (the memory bound of the spec), and the head sees every
+    bag's patches in their order. With ``freeze_bn`` the encoder's BatchNorm layers keep their stage-1 statistics
+    (bags are small, correlated batches), so that which bags share a batch changes nothing.
     """
 
     def __init__(self, encoder: nn.Module, head: nn.Module, max_patches: int | None = None,
@@ -412,18 +463,34 @@ class EndToEndMIL(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, patches: torch.Tensor, label: int | torch.Tensor | None = None) -> MILOutput:
-        if patches.ndim == 5 and patches.shape[0] == 1:
-            patches = patches[0]
-        n = len(patches)
-        if not self.training or not self.max_patches or n <= self.max_patches:
-            return self.head(self.encoder(patches), label)
-        order = torch.randperm(n, device=patches.device)
-        with_grad, rest = order[: self.max_patches], order[self.max_patches:]
-        with torch.no_grad():
-            frozen = self.encoder(patches[rest])
-        features = torch.cat([self.encoder(patches[with_grad]), frozen])[order.argsort()]
-        return self.head(features, label)
+    def forward(self, patches: torch.Tensor, label: int | Sequence[int] | torch.Tensor | None = None,
+                lengths: Sequence[int] | None = None) -> MILOutput:
+        single = patches.ndim == 4
+        bags = patches[None] if single else patches  # (B, N, 3, h, w)
+        b, n = bags.shape[:2]
+        sizes = [n] * b if lengths is None else [int(x) for x in lengths]
+        flat = bags.flatten(0, 1)  # (B * N, 3, h, w); bag i's patches at i * N + j
+        real = None if min(sizes) == n else host_to_device(
+            [i * n + j for i, m in enumerate(sizes) for j in range(m)], flat.device)
+        if not self.training or not self.max_patches or max(sizes) <= self.max_patches:
+            features = self.encoder(flat if real is None else flat[real])
+        else:
+            # per bag: a random order (drawn on the host: a small randperm on CUDA would wait for the GPU), whose
+            # first max_patches carry gradients (a bag that small: all, in order)
+            orders = [torch.randperm(m) if m > self.max_patches else torch.arange(m) for m in sizes]
+            keep = [min(m, self.max_patches) for m in sizes]
+            with_grad = torch.cat([o[:k] + i * n for i, (o, k) in enumerate(zip(orders, keep, strict=True))])
+            rest = torch.cat([o[k:] + i * n for i, (o, k) in enumerate(zip(orders, keep, strict=True))])
+            # back in flat order: position p of the real patches holds the feature of the p-th smallest index
+            order = torch.cat([with_grad, rest]).argsort()
+            with_grad, rest, order = (host_to_device(t, flat.device) for t in (with_grad, rest, order))
+            with torch.no_grad():
+                frozen = self.encoder(flat[rest])
+            features = torch.cat([self.encoder(flat[with_grad]), frozen])[order]
+        if real is not None:  # zero-padded again to (B * N, D)
+            features = features.new_zeros(b * n, features.shape[1]).index_copy(0, real, features)
+        features = features.view(b, n, -1)
+        return self.head(features[0], label) if single else self.head(features, label, sizes)
 
 
 @dataclass(frozen=True)
@@ -439,6 +506,7 @@ class Config(NotebookConfig):
     n_bags: int = 40
     bag_size: tuple[int, int] = (4, 8)
     isic_grid: int = 2
+    isic_stride: int | None = None       # pixels between ISIC tiles; None: patch_size (non-overlapping)
     head_hidden: tuple[int, int] = (512, 256)
     k_sample: int = 8
     dropout: float = 0.25
@@ -454,9 +522,11 @@ class Config(NotebookConfig):
     etc_lr_student: float = 1e-4
     etc_max_patches: int = 16
     heads: tuple[str, ...] = ("clam_sb", "clam_mb", "abmil", "mil")
+    bag_batch: int = 1                   # bags per step of MIL training, prediction and encoding (CLAM: 1)
     device: str = "cpu"
     amp: bool = False
     teacher_batch: int = 8
+    teacher_compile: bool = False        # torch.compile the teacher on CUDA
     cost_bag_size: int = 1000            # patches per bag for Table 2's cost per bag
     latency_repeats: int = 20
 
@@ -466,12 +536,14 @@ class FoldResult:
     """One fold's outputs on its test bags: ``test_index`` (n,) positions into the dataset's bags;
     ``probs[table][row]`` (n, C) class probabilities (``table1``: Table 1's rows, ``mil_heads``: the MIL heads on
     the frozen features); ``instance_scores[row]`` the (N_i,) attention of each test bag, for the rows kept for
-    heatmaps; ``distill_loss[variant]`` stage 1's last-epoch loss."""
+    heatmaps; ``distill_loss[variant]`` stage 1's last-epoch loss; ``curves[run]`` the per-epoch loss of each
+    training run of :data:`CURVES`."""
 
     test_index: np.ndarray
     probs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     instance_scores: dict[str, list[np.ndarray]] = field(default_factory=dict)
     distill_loss: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -480,7 +552,8 @@ class SeedResult:
     that tested it, pooled into one AUC and accuracy per row (:meth:`scores`).
 
     ``labels`` (B,) and ``fold`` (B,) the fold that tested each bag; ``probs[table][row]`` (B, C);
-    ``instance_scores[row]`` one (N_i,) array per bag; ``distill_loss[variant]`` one value per fold.
+    ``instance_scores[row]`` one (N_i,) array per bag; ``distill_loss[variant]`` one value per fold;
+    ``curves[run]`` one per-epoch loss curve per fold.
     """
 
     labels: np.ndarray
@@ -488,6 +561,7 @@ class SeedResult:
     probs: dict[str, dict[str, np.ndarray]]
     instance_scores: dict[str, list[np.ndarray]]
     distill_loss: dict[str, list[float]]
+    curves: dict[str, list[list[float]]] = field(default_factory=dict)
 
     @classmethod
     def pool(cls, folds: Sequence[FoldResult], labels: Sequence[int] | np.ndarray) -> SeedResult:
@@ -501,7 +575,8 @@ class SeedResult:
                  for table, rows in folds[0].probs.items()}
         scores = {row: [s for f in folds for s in f.instance_scores[row]] for row in folds[0].instance_scores}
         return cls(np.asarray(labels), fold, probs, {row: [s[i] for i in order] for row, s in scores.items()},
-                   {v: [f.distill_loss[v] for f in folds] for v in folds[0].distill_loss})
+                   {v: [f.distill_loss[v] for f in folds] for v in folds[0].distill_loss},
+                   {run: [f.curves[run] for f in folds] for run in folds[0].curves})
 
     def scores(self, table: str, row: str) -> dict[str, float]:
         """Accuracy and AUC (%) of ``row``'s out-of-fold outputs over all bags (macro one-vs-rest AUC for more
@@ -527,41 +602,58 @@ def _student(cfg: Config, variant: str, teacher_dim: int) -> TransScanStudent:
                                               out_index=cfg.student_out_index))
 
 
-def _fit_head(cfg: Config, name: str, train_bags, val_bags, n_classes: int, seed: int) -> nn.Module:
+def _fit_head(cfg: Config, name: str, train_bags: BagSet, val_bags: BagSet, n_classes: int, seed: int
+              ) -> tuple[nn.Module, list[float]]:
+    """A fresh head trained on feature bags: (the head at its best epoch, the validation loss per epoch)."""
     seed_rngs(seed)  # fixes the head's initial weights
-    head = _head(cfg, name, train_bags[0][0].shape[1], n_classes)
-    train_mil(head, train_bags, val_bags, epochs=cfg.head_epochs, lr=cfg.head_lr, bag_weight=cfg.bag_weight,
-              seed=seed, device=cfg.device)
-    return head
+    head = _head(cfg, name, train_bags.instances.shape[1], n_classes)
+    history = train_mil(head, train_bags, val_bags, epochs=cfg.head_epochs, lr=cfg.head_lr,
+                        bag_weight=cfg.bag_weight, seed=seed, device=cfg.device, batch_size=cfg.bag_batch)
+    return head, [e["val_loss"] for e in history.epochs]
 
 
-def fit_heads(parts: Mapping[str, Sequence[Bag]], cfg: Config, n_classes: int, seed: int
-              ) -> tuple[dict[str, nn.Module], dict[str, np.ndarray]]:
+def fit_heads(parts: Mapping[str, Sequence[Bag] | BagSet], cfg: Config, n_classes: int, seed: int
+              ) -> tuple[dict[str, nn.Module], dict[str, np.ndarray], dict[str, list[float]]]:
     """Train every head of ``cfg.heads`` on ``parts["train"]`` (best epoch by ``parts["val"]`` loss) and run it
-    on ``parts["test"]``: (trained heads, ``{head: (n_test, C) class probabilities}``)."""
-    heads = {name: _fit_head(cfg, name, parts["train"], parts["val"], n_classes, seed) for name in cfg.heads}
-    return heads, {name: predict_bags(head, parts["test"], cfg.device)[0] for name, head in heads.items()}
+    on ``parts["test"]``: (trained heads, ``{head: (n_test, C) class probabilities}``, ``{head: validation loss
+    per epoch}``)."""
+    sets = {name: _bag_set(part, cfg.device) for name, part in parts.items()}
+    fitted = {name: _fit_head(cfg, name, sets["train"], sets["val"], n_classes, seed) for name in cfg.heads}
+    probs = {name: predict_bags(head, sets["test"], cfg.device, cfg.bag_batch)[0] for name, (head, _) in fitted.items()}
+    return {name: head for name, (head, _) in fitted.items()}, probs, {name: c for name, (_, c) in fitted.items()}
 
 
-def _fit_etc(cfg: Config, student: nn.Module, head: nn.Module, parts: dict, n_classes: int, seed: int
-             ) -> EndToEndMIL:
+def _fit_etc(cfg: Config, student: nn.Module, head: nn.Module, parts: Mapping[str, BagSet], seed: int
+             ) -> tuple[EndToEndMIL, list[float]]:
+    """ETC from ``student`` and ``head``: (the model at its best epoch, the validation loss per epoch)."""
     model = EndToEndMIL(student, head, cfg.etc_max_patches)
+    _channels_last(model, cfg.device)
     optimizer = torch.optim.Adam([{"params": student.parameters(), "lr": cfg.etc_lr_student},
-                                  {"params": head.parameters(), "lr": cfg.head_lr}], weight_decay=1e-5)
-    train_mil(model, parts["train"], parts["val"], epochs=cfg.etc_epochs, optimizer=optimizer,
-              bag_weight=cfg.bag_weight, seed=seed, device=cfg.device, amp=cfg.amp)
-    return model
+                                  {"params": head.parameters(), "lr": cfg.head_lr}], weight_decay=1e-5,
+                                 fused=_fused(cfg.device))
+    history = train_mil(model, parts["train"], parts["val"], epochs=cfg.etc_epochs, optimizer=optimizer,
+                        bag_weight=cfg.bag_weight, seed=seed, device=cfg.device, amp=cfg.amp,
+                        batch_size=cfg.bag_batch)
+    return model, [e["val_loss"] for e in history.epochs]
 
 
-def run_split(bags: Sequence[Bag], feature_bags: Sequence[Bag], index: Mapping[str, Sequence[int] | np.ndarray],
-              cfg: Config, seed: int, n_classes: int = 2,
+# the training runs of a fold whose per-epoch loss FoldResult.curves keeps, by kind: stage 1's training loss per
+# student, the validation loss of each Table 1 head (the MIL-head table's CLAM-SB is teacher_clam)
+CURVES = {"stage 1, training loss": ("distill_kd", "distill_fpd", "distill_fpd_ts"),
+          "CLAM on frozen features, validation loss": ("teacher_clam", "kd_retrain", "fpd_retrain", "fpd_ts_retrain"),
+          "end to end (ETC), validation loss": ("fpd_etc", "fpd_ts_etc", "no_distill_etc")}
+
+
+def run_split(bags: Sequence[Bag] | BagSet, feature_bags: Sequence[Bag] | BagSet,
+              index: Mapping[str, Sequence[int] | np.ndarray], cfg: Config, seed: int, n_classes: int = 2,
               keep_scores: Sequence[str] = ("teacher_clam", "fpd_ts_etc")) -> FoldResult:
     """The whole EFCM protocol on one fold of patch bags: everything is trained on the fold's training bags.
 
     Args:
-        bags: patch bags ``(patches (N, 3, h, w), label, instance_labels)``.
+        bags: patch bags ``(patches (N, 3, h, w), label, instance_labels)``, or all of them as a
+            :class:`~mdbench.papers.efcm.bags.BagSet` already on ``cfg.device`` (:func:`run` builds it once).
         feature_bags: the same bags with the teacher's (N, D) features as instances (:func:`split_features` of
-            :func:`teacher_features`).
+            :func:`teacher_features`), or their BagSet.
         index: ``{"train", "val", "test"}`` positions into ``bags`` (one fold of :func:`fold_index`).
         cfg: hyper-parameters; ``seed``: seeds initialisation, sampling and dropout of every model trained here.
         n_classes: bag classes (more than 2 turns on CLAM's subtyping).
@@ -570,54 +662,58 @@ def run_split(bags: Sequence[Bag], feature_bags: Sequence[Bag], index: Mapping[s
     Rows (``probs["table1"]``): ``teacher_clam`` (CLAM-SB on teacher features: the large-model baseline),
     ``no_distill_etc`` (the EFCM student from random init trained end to end, no teacher), ``kd_retrain``, and
     ``{fpd, fpd_ts}_{reuse, retrain, etc}``; ``probs["mil_heads"]``: CLAM-SB, CLAM-MB, ABMIL, max-MIL on the
-    teacher features.
+    teacher features. ``curves``: the per-epoch loss of every run of :data:`CURVES`.
 
     Stage 1 (distillation) is redone in every fold on that fold's training patches. It uses no labels, but
     distilling on all tiles would let the student see the test bags' patches (and their teacher features)
     before the fold tests it, which EFCM's deployment never does: per-fold distillation is the leak-free choice,
-    and it costs k distillations per seed.
+    and it costs k distillations per seed. MIL training, prediction and the students' features take
+    ``cfg.bag_batch`` bags at a time.
     """
-    if len(bags) != len(feature_bags):
-        raise ValueError(f"{len(bags)} patch bags but {len(feature_bags)} feature bags")
+    patches, features = _bag_set(bags, cfg.device), _bag_set(feature_bags, cfg.device)
+    if not np.array_equal(patches.lengths, features.lengths):
+        raise ValueError(f"{len(patches)} patch bags and {len(features)} feature bags do not hold the same instances")
     result = FoldResult(np.asarray(index["test"]), {"table1": {}})
-    parts = {name: [bags[i] for i in index[name]] for name in ("train", "val", "test")}
-    scaler = FeatureScaler.fit([feature_bags[i] for i in index["train"]])
-    teacher = {name: scaler([feature_bags[i] for i in index[name]]) for name in parts}
-    dim = feature_bags[0][0].shape[1]
+    splits = ("train", "val", "test")
+    parts = {name: patches.subset(index[name]) for name in splits}
+    standardised = FeatureScaler.fit(features.subset(index["train"]))(features)
+    teacher = {name: standardised.subset(index[name]) for name in splits}
+    dim = features.instances.shape[1]
 
-    def score(row: str, model: nn.Module, test_bags: Sequence[Bag]) -> None:
-        result.probs["table1"][row], _, inst = predict_bags(model, test_bags, cfg.device)
+    def score(row: str, model: nn.Module, test_bags: BagSet) -> None:
+        result.probs["table1"][row], _, inst = predict_bags(model, test_bags, cfg.device, cfg.bag_batch)
         if row in keep_scores:
             result.instance_scores[row] = inst
 
     # MIL heads on the frozen teacher features; CLAM-SB is the large-model baseline and the Reuse head
-    heads, result.probs["mil_heads"] = fit_heads(teacher, cfg, n_classes, seed)
+    heads, result.probs["mil_heads"], head_curves = fit_heads(teacher, cfg, n_classes, seed)
+    result.curves["teacher_clam"] = head_curves["clam_sb"]
     score("teacher_clam", heads["clam_sb"], teacher["test"])
 
     # stage 1 on the training bags' patches, targets = standardised teacher features
-    train_patches = torch.cat([b[0] for b in parts["train"]])
-    targets = torch.cat([b[0] for b in teacher["train"]])
+    train_patches, targets = parts["train"].flat(), teacher["train"].flat()
     for variant in ("kd", "fpd", "fpd_ts"):
         seed_rngs(seed)
         student = _student(cfg, variant, dim)
         history = distill(student, train_patches, targets, loss="mse" if variant == "kd" else "fpd",
                           epochs=cfg.distill_epochs, lr=cfg.distill_lr, batch_size=cfg.distill_batch, seed=seed,
                           device=cfg.device, amp=cfg.amp)
+        result.curves[f"distill_{variant}"] = [e["train_loss"] for e in history.epochs]
         result.distill_loss[variant] = history.epochs[-1]["train_loss"]
-        student.eval()
-        encoded = {name: map_instances(student, part, device=cfg.device) for name, part in parts.items()}
-        retrained = _fit_head(cfg, "clam_sb", encoded["train"], encoded["val"], n_classes, seed)
-        score(f"{variant}_retrain", retrained, encoded["test"])
+        encoded = encode_bags(student.eval(), patches, cfg.bag_batch)
+        retrained, result.curves[f"{variant}_retrain"] = _fit_head(
+            cfg, "clam_sb", encoded.subset(index["train"]), encoded.subset(index["val"]), n_classes, seed)
+        score(f"{variant}_retrain", retrained, encoded.subset(index["test"]))
         if variant == "kd":
             continue
-        score(f"{variant}_reuse", heads["clam_sb"], encoded["test"])
-        etc = _fit_etc(cfg, student, copy.deepcopy(heads["clam_sb"]), parts, n_classes, seed)
+        score(f"{variant}_reuse", heads["clam_sb"], encoded.subset(index["test"]))
+        etc, result.curves[f"{variant}_etc"] = _fit_etc(cfg, student, copy.deepcopy(heads["clam_sb"]), parts, seed)
         score(f"{variant}_etc", etc, parts["test"])
 
     # the same student and a fresh CLAM-SB trained end to end from random init: what bag labels alone give
     seed_rngs(seed)
     scratch = _student(cfg, "fpd_ts", dim)
-    etc = _fit_etc(cfg, scratch, _head(cfg, "clam_sb", dim, n_classes), parts, n_classes, seed)
+    etc, result.curves["no_distill_etc"] = _fit_etc(cfg, scratch, _head(cfg, "clam_sb", dim, n_classes), parts, seed)
     score("no_distill_etc", etc, parts["test"])
     return result
 
@@ -638,11 +734,11 @@ class DatasetRun:
     seeds: list[SeedResult]
 
 
-def _feature_fold(bags: Sequence[Bag], index: Mapping[str, np.ndarray], cfg: Config, seed: int) -> FoldResult:
+def _feature_fold(bags: BagSet, index: Mapping[str, np.ndarray], cfg: Config, seed: int) -> FoldResult:
     """The MIL heads of one fold of feature bags, on features z-scored with the fold's training bags."""
-    parts = {name: [bags[i] for i in index[name]] for name in ("train", "val", "test")}
-    scaler = FeatureScaler.fit(parts["train"])
-    _, probs = fit_heads({name: scaler(part) for name, part in parts.items()}, cfg, 2, seed)
+    standardised = FeatureScaler.fit(bags.subset(index["train"]))(bags)
+    _, probs, _ = fit_heads({name: standardised.subset(index[name]) for name in ("train", "val", "test")}, cfg, 2,
+                            seed)
     return FoldResult(np.asarray(index["test"]), {"mil_heads": probs})
 
 
@@ -650,17 +746,21 @@ def run(data: BagData, feature_bags: Sequence[Bag] | None, cfg: Config, progress
         ) -> DatasetRun:
     """The EFCM protocol on one dataset: per seed, a stratified ``cfg.folds``-fold cross-validation over all its
     bags (:func:`fold_index`), :func:`run_split` on every fold, the folds' test outputs pooled. Feature bags
-    (``data.kind == "features"``, ``feature_bags`` None) train the MIL heads only. ``progress`` optionally wraps
-    the iterator over (seed, fold) pairs (e.g. ``tqdm``)."""
+    (``data.kind == "features"``, ``feature_bags`` None) train the MIL heads only. The bags (and the teacher's
+    features) move to ``cfg.device`` once, for all folds and seeds. ``progress`` optionally wraps the iterator
+    over (seed, fold) pairs (e.g. ``tqdm``)."""
     folds = {seed: fold_index(data.labels, cfg.folds, seed) for seed in cfg.seeds}
     steps = [(seed, k) for seed in cfg.seeds for k in range(cfg.folds)]
     results: dict[int, list[FoldResult]] = {seed: [] for seed in cfg.seeds}
+    bags = BagSet.of(data.bags, cfg.device)
+    if data.kind != "features":
+        assert feature_bags is not None  # patch bags always come with their teacher features
+        features = BagSet.of(feature_bags, cfg.device)
     for seed, k in progress(steps) if progress else steps:
         if data.kind == "features":
-            results[seed].append(_feature_fold(data.bags, folds[seed][k], cfg, seed))
+            results[seed].append(_feature_fold(bags, folds[seed][k], cfg, seed))
         else:
-            assert feature_bags is not None  # patch bags always come with their teacher features
-            results[seed].append(run_split(data.bags, feature_bags, folds[seed][k], cfg, seed))
+            results[seed].append(run_split(bags, features, folds[seed][k], cfg, seed))
     return DatasetRun(data.name, cfg.folds, [SeedResult.pool(results[seed], data.labels) for seed in cfg.seeds])
 
 
@@ -706,6 +806,20 @@ def texture_teacher(image_size: int, *, n_images: int = 512, epochs: int = 3, ba
     return freeze(PatchEncoder(model))
 
 
+def teacher_input(data: BagData, cfg: Config) -> str:
+    """What the teacher sees of ``data``'s instances: their side and, where it resizes them (LiteMedSAM takes
+    256x256 only), the side it resizes them to and by what factor."""
+    if data.kind == "features":
+        return f"{data.bags[0][0].shape[1]}-d features (no teacher)"
+    side = data.bags[0][0].shape[-1]
+    if cfg.teacher != "litemedsam":
+        return f"{side} px, as they are"
+    from mdbench.models.litemedsam import LiteMedSAMEncoder
+
+    size = LiteMedSAMEncoder.input_size
+    return f"{side} px, resized to {size} px ({size / side:g}x)" if size != side else f"{side} px, as they are"
+
+
 def teacher_model(cfg: Config) -> PatchEncoder:
     """The frozen teacher: LiteMedSAM's image encoder, or the smoke profile's texture-pretrained stand-in."""
     if cfg.teacher == "litemedsam":
@@ -725,7 +839,7 @@ def encode(teacher: PatchEncoder, data: dict[str, BagData], cfg: Config, progres
         start = time.perf_counter()
         feats = teacher_features(teacher, patches, name=f"{name}-{cfg.patch_size}px-{cfg.teacher}",
                                  batch_size=cfg.teacher_batch, amp=cfg.amp, device=cfg.device,
-                                 cache=cfg.teacher == "litemedsam",
+                                 cache=cfg.teacher == "litemedsam", compile=cfg.teacher_compile,
                                  progress=(lambda it, name=name: progress(it, name)) if progress else None)
         seconds[name] = time.perf_counter() - start
         features[name] = split_features(feats, d.bags)
@@ -733,6 +847,28 @@ def encode(teacher: PatchEncoder, data: dict[str, BagData], cfg: Config, progres
 
 
 # ---------------------------------------------------------------------------------------------------- figures
+def plot_curves(runs: dict[str, DatasetRun]):
+    """Per patch dataset, the per-epoch loss of every training run of :data:`CURVES`, one panel per kind, mean over
+    all folds and seeds (band: ± one std). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    names = [name for name, r in runs.items() if r.seeds[0].curves]
+    fig, axes = plt.subplots(len(names), len(CURVES), figsize=(4.5 * len(CURVES), 3.2 * len(names)), squeeze=False)
+    for line, name in zip(axes, names, strict=True):
+        for ax, (kind, kept) in zip(line, CURVES.items(), strict=True):
+            for run in kept:
+                values = np.array([curve for seed in runs[name].seeds for curve in seed.curves[run]])  # (runs, epochs)
+                epochs = np.arange(1, values.shape[1] + 1)
+                mean, std = values.mean(axis=0), values.std(axis=0)
+                ax.plot(epochs, mean, label=run.removeprefix("distill_"))
+                ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+            ax.set_title(f"{name}: {kind}", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def mosaic(instances: torch.Tensor, values: Sequence[float] | np.ndarray, cols: int | None = None
            ) -> tuple[np.ndarray, np.ndarray]:
     """A bag of N patches laid out row-major on a grid, and per-instance values on the same grid.
