@@ -37,7 +37,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     try:
         results = reproduce(papers=args.paper, profile_name=args.profile, jobs=args.jobs,
                             results_dir=results_dir, data_dir=args.data_dir, progress=not args.quiet,
-                            papers_dir=args.papers_dir)
+                            papers_dir=args.papers_dir, resume=args.resume)
     except Interrupted as stopped:
         print(f"\n{summary_table(stopped.results)}\n\n{outputs_text(stopped.results, results_dir)}")
         print(f"\nmdbench: {stopped}: the running notebooks were stopped; the last good outputs are kept.",
@@ -227,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-verify-data", action="store_true",
                      help="read the datasets without checking their SHA256SUMS (for your own modified data); "
                           "recorded in every result's fingerprint")
+    rep.add_argument("--resume", action="store_true",
+                     help="load the units of work (seeds, folds, rows) that an earlier run of the same config and "
+                          "code stored under <results>/<paper>/<profile>/work/ instead of computing them again, and "
+                          "continue its interrupted trainings from their checkpoints")
     rep.add_argument("--quiet", action="store_true",
                      help="one line per notebook as it ends, no live progress (for CI logs)")
     rep.add_argument("--papers-dir", type=Path, default=PAPERS_DIR, help=argparse.SUPPRESS)  # tests run toy papers

@@ -1,10 +1,12 @@
-"""What this checkout runs on, read without importing torch: package versions, git state, CPU and NVIDIA GPUs.
+"""What this checkout runs on, read without importing torch: package versions, git state, a hash of the code, CPU and
+NVIDIA GPUs.
 
 :func:`mdbench.repro.fingerprint` records these with every result; ``mdbench doctor`` prints them and must answer in
 a second or two, which importing torch alone would not allow on a cold start.
 """
 from __future__ import annotations
 
+import hashlib
 import platform
 import shutil
 import subprocess
@@ -46,6 +48,16 @@ def git_state(repo: Path = _REPO_ROOT) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": None}
     return {"commit": commit, "dirty": dirty}
+
+
+@lru_cache(maxsize=1)
+def code_hash(package: Path = _REPO_ROOT / "mdbench") -> str:
+    """Short hash of the suite's Python source (every ``*.py`` under ``package``, by path and content): what tells
+    work cached by other code (:mod:`mdbench.work`) apart where git cannot (a copy without ``.git``, a dirty tree)."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def cpu_name() -> str:

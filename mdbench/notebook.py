@@ -3,19 +3,22 @@
 .. code-block:: python
 
     session = notebook.start("efcm", notebook.parameters(globals()), efcm.Config)   # setup cell
+    run = efcm.run(data, features, cfg, work=session.work)                           # units of work, resumable
     session.record_frame("table1", frame, dataset=..., dataset_checksum=..., config=...)
     tables = session.tables()                                                       # results cell: all tables
     session.save_figure(fig, "pareto")
     notebook.finish(session)                                                         # claims cell
 
 :func:`start` seeds, sets deterministic kernels (off only at the ``gpu`` profile, where speed matters more), the
-torch thread count (a ``threads`` parameter), opens the result store and prints what this machine is;
+torch thread count (a ``threads`` parameter), opens the result store and the cache of the run's units of work
+(``session.work``, :mod:`mdbench.work`; a ``resume`` parameter loads the units a former run stored) and prints what
+this machine is;
 :func:`finish` judges the paper's claims on the records and prints them.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -23,10 +26,11 @@ import torch
 
 from mdbench import repro, results, verdicts
 from mdbench import samples as sample_outputs
-from mdbench.params import NotebookConfig
+from mdbench.params import MACHINE_FIELDS, SELECTORS, NotebookConfig
+from mdbench.work import Work, WorkCache, uncached
 
 # parameters the session consumes; every other parameter belongs to the paper's Config
-SESSION_PARAMS = ("profile", "threads")
+SESSION_PARAMS = ("profile", "threads", "resume")
 _NOT_PARAMETERS = {"In", "Out"}  # IPython's history, in every kernel's namespace
 _PARAMETER_TYPES = (type(None), bool, int, float, str, list, tuple, dict)
 
@@ -42,7 +46,8 @@ def parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
 @dataclass
 class Session:
     """One notebook run: its paper and profile, the paper's ``config`` (None for a walkthrough without one), the
-    result store and the environment fingerprint."""
+    result store, the environment fingerprint and ``work``, through which the experiment runs its units of work
+    (:class:`mdbench.work.WorkCache` under ``store.dir / "work"``; :func:`mdbench.work.uncached` by default)."""
 
     paper: str
     profile: str
@@ -50,6 +55,7 @@ class Session:
     store: results.ResultStore
     deterministic: bool
     fingerprint: dict[str, Any]
+    work: Work = field(default=uncached)
 
     def record_frame(self, table: str, frame: pd.DataFrame, *, dataset: str | None = None,
                      dataset_checksum: str | None = None, config: dict[str, Any] | None = None, unit: str = "",
@@ -133,9 +139,11 @@ def start(paper: str, params: Mapping[str, Any], config_type: type[NotebookConfi
     """Set up a notebook run from its parameters (:func:`parameters`).
 
     Seeds every RNG with the first seed, turns deterministic kernels on unless the profile is ``gpu``, sets the
-    torch thread count to ``threads`` where given, opens ``ResultStore(paper, profile)``, prints a one-line
-    banner (``packages``' versions, cores, threads, GPU, git commit) and builds ``config_type.from_params`` of
-    every parameter but ``profile`` and ``threads``.
+    torch thread count to ``threads`` where given, opens ``ResultStore(paper, profile)`` and the cache of the units
+    of work beside it (loading stored units where ``resume`` is true; the units' config is the Config's
+    ``work_config()``, or the parameters but the session's, the machine's and ``seeds`` without a Config), prints a
+    one-line banner (``packages``' versions, cores, threads, GPU, git commit) and builds ``config_type.from_params``
+    of every parameter but ``profile``, ``threads`` and ``resume``.
     """
     profile = params["profile"]
     if params.get("threads"):
@@ -143,6 +151,9 @@ def start(paper: str, params: Mapping[str, Any], config_type: type[NotebookConfi
     config = None
     if config_type is not None:
         config = config_type.from_params({k: v for k, v in params.items() if k not in SESSION_PARAMS})
+        work_config = config.work_config()
+    else:
+        work_config = {k: v for k, v in params.items() if k not in (*SESSION_PARAMS, *MACHINE_FIELDS, *SELECTORS)}
     deterministic = profile != "gpu"
     seeds = params.get("seeds") or [0]
     repro.seed_everything(seeds[0], deterministic=deterministic)
@@ -150,7 +161,9 @@ def start(paper: str, params: Mapping[str, Any], config_type: type[NotebookConfi
     versions = ", ".join(f"{name} {fp['packages'].get(name, '?')}" for name in packages)
     print(f"{versions}; {fp['hardware']['cpu_count']} CPU cores, {torch.get_num_threads()} threads, "
           f"GPU: {fp['hardware']['gpu'] or 'none'}; git {fp['git']['commit'][:8]} (dirty: {fp['git']['dirty']})")
-    return Session(paper, profile, config, results.ResultStore(paper, profile), deterministic, fp)
+    store = results.ResultStore(paper, profile)
+    work = WorkCache(store.dir / "work", work_config, resume=bool(params.get("resume")))
+    return Session(paper, profile, config, store, deterministic, fp, work)
 
 
 def finish(session: Session) -> pd.DataFrame:

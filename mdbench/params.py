@@ -14,6 +14,8 @@ C = TypeVar("C", bound="NotebookConfig")
 
 # where the data lies on this machine: not part of what decides a number, so never written into a record
 MACHINE_FIELDS = ("data_dir", "cases_dir")
+# parameters that only pick which units of work run, each unit being keyed by its own value (mdbench.work)
+SELECTORS = ("seeds",)
 
 
 def _frozen(value: Any) -> Any:
@@ -24,7 +26,14 @@ def _frozen(value: Any) -> Any:
 
 
 class NotebookConfig:
-    """Base of each paper's ``Config`` dataclass."""
+    """Base of each paper's ``Config`` dataclass.
+
+    ``selectors``: the fields that only pick which units of work run (seeds, datasets, ...: each unit is keyed by
+    its own seed or dataset), left out of :meth:`work_config`, so that a run over more seeds, or a shard over some
+    of them, reuses the units another run made (:mod:`mdbench.work`).
+    """
+
+    selectors: ClassVar[tuple[str, ...]] = SELECTORS
 
     if TYPE_CHECKING:  # every subclass is a @dataclass: tells mypy that fields() and asdict() apply to it
         __dataclass_fields__: ClassVar[dict[str, Any]]
@@ -45,3 +54,7 @@ class NotebookConfig:
     def as_record(self) -> dict[str, Any]:
         """What each record stores as its config: every field except where the data lies on this machine."""
         return {k: v for k, v in self.as_dict().items() if k not in MACHINE_FIELDS}
+
+    def work_config(self) -> dict[str, Any]:
+        """What decides a unit of work's result: :meth:`as_record` without the :attr:`selectors`."""
+        return {k: v for k, v in self.as_record().items() if k not in self.selectors}

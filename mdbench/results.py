@@ -124,7 +124,9 @@ class Record:
         return record
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """``text`` as a file-name part: every run of other characters than letters, digits, ``.``, ``+`` and ``-`` becomes
+    ``_``."""
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "_"
 
 
@@ -139,10 +141,10 @@ class ResultStore:
         self._fingerprint: dict[str, Any] | None = None
 
     def record_path(self, table: str, dataset: str, row: str, metric: str) -> Path:
-        return self.records_dir / f"{_slug(table)}__{_slug(dataset)}__{_slug(row)}__{_slug(metric)}.json"
+        return self.records_dir / f"{slug(table)}__{slug(dataset)}__{slug(row)}__{slug(metric)}.json"
 
     def samples_path(self, table: str, dataset: str, row: str) -> Path:
-        return self.records_dir / f"{_slug(table)}__{_slug(dataset)}__{_slug(row)}{sample_outputs.SUFFIX}"
+        return self.records_dir / f"{slug(table)}__{slug(dataset)}__{slug(row)}{sample_outputs.SUFFIX}"
 
     def write_samples(self, table: str, dataset: str, row: str, frame: pd.DataFrame) -> str:
         """Write a row's per-sample outputs (:mod:`mdbench.samples`) atomically; returns the file name that

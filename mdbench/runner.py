@@ -28,6 +28,10 @@ Run control (Linux first; where noted, other platforms get less):
   (``[Errno 28] No space left on device: '<path>'``), not the last line of a cut-off traceback.
   Temporary files a killed run left (its own and half-written records of its kernel) are removed by the next run that
   holds the folder's lock, and by each run when it ends.
+* **Resume.** With ``resume`` every notebook gets the parameter ``resume=True``: its session loads the units of work
+  (seeds, folds, rows) a former run of the same config and code stored under ``<folder>/work/`` instead of computing
+  them (:mod:`mdbench.work`). Every run stores its units there, and neither a failure nor a signal removes them, so an
+  interrupted run started again with ``resume`` loses only its unfinished units.
 * **Nothing to run is an error.** When every selected notebook would be skipped (no GPU, no data), ``reproduce``
   raises :class:`RunnerError` with the reason and the command lines that would run, instead of succeeding having run
   nothing.
@@ -47,7 +51,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -621,18 +625,20 @@ def result_line(result: RunResult) -> str:
 
 def reproduce(papers: list[str] | None = None, profile_name: str = "cpu", jobs: int = 1,
               results_dir: Path | None = None, data_dir: Path | None = None, progress: bool = True,
-              papers_dir: Path = PAPERS_DIR, log=print) -> list[RunResult]:
+              papers_dir: Path = PAPERS_DIR, log=print, resume: bool = False) -> list[RunResult]:
     """Run the selected notebooks at a profile; returns one result per notebook (ok, failed or skipped).
 
     ``data_dir`` (``--data-dir``) wins over ``MDBENCH_DATA_DIR``; the notebooks get it as their ``data_dir`` parameter
     and in their environment. Raises :class:`RunnerError` for bad input, a results folder held by another run, or
     when every notebook would be skipped; :class:`~mdbench.paper_yaml.PaperFileError` for a paper.yaml that lacks a
     key; :class:`Interrupted` when SIGINT or SIGTERM stopped the run. ``papers_dir`` holds the papers (tests point
-    it at toy ones).
+    it at toy ones). ``resume`` passes ``resume=True`` to every notebook (its stored units of work are loaded).
     """
     if jobs < 1:
         raise RunnerError(f"--jobs must be at least 1, got {jobs}")
     profile = load_profile(profile_name)
+    if resume:  # a shared parameter, so that every notebook gets it (and one that does not declare it is refused)
+        profile = replace(profile, parameters={**profile.parameters, "resume": True})
     entries = select(load_papers(papers_dir), papers)
     data_dir = resolve_data_dir(data_dir)
     results_dir = resolve_results_dir(results_dir)

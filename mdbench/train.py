@@ -10,7 +10,8 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -153,6 +154,36 @@ def _set_rng_state(state: Mapping[str, Any], loader: Iterable) -> None:
     generator = getattr(loader, "generator", None)
     if state["loader"] is not None and generator is not None:
         generator.set_state(state["loader"])
+
+
+@dataclass
+class _Checkpointing:
+    """Where the ``fit`` calls inside :func:`checkpointing` checkpoint: ``folder/fit-<n>``, n counting the calls."""
+
+    folder: Path
+    every_s: float
+    calls: int = 0
+
+    def next_dir(self) -> Path:
+        self.calls += 1
+        return self.folder / f"fit-{self.calls - 1}"
+
+
+_CHECKPOINTING: ContextVar[_Checkpointing | None] = ContextVar("mdbench_checkpointing", default=None)
+
+
+@contextlib.contextmanager
+def checkpointing(folder: str | Path, every_s: float = 60.0) -> Iterator[None]:
+    """Inside this context every :func:`fit` without a ``checkpoint_dir`` of its own checkpoints into
+    ``folder/fit-<n>`` (n: 0 for the first call made inside, 1 for the next, ...) at most every ``every_s`` seconds
+    and when it ends, and resumes from there. Run the same code inside it again after an interruption and each
+    finished training is loaded instead of repeated, and the interrupted one continues from its last checkpoint:
+    this is how a unit of work (:mod:`mdbench.work`) picks up a long training."""
+    token = _CHECKPOINTING.set(_Checkpointing(Path(folder), every_s))
+    try:
+        yield
+    finally:
+        _CHECKPOINTING.reset(token)
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -341,6 +372,7 @@ def fit(
     early_stopping: EarlyStopping | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
+    checkpoint_every_s: float = 0.0,
     progress: bool = True,
     step_fn: StepFn | None = None,
     eval_fn: EvalFn | None = None,
@@ -370,6 +402,9 @@ def fit(
             one, else ``val_loss`` (with a val loader) or ``train_loss``, minimised.
         resume: continue from ``checkpoint_dir/last.pt`` when it exists; with the same seed and loaders the
             resumed run ends with the weights of an uninterrupted one.
+        checkpoint_every_s: write the checkpoints at most this often (0: every epoch), and always after the last
+            epoch; a resumed run then repeats at most this many seconds of training. Inside :func:`checkpointing`,
+            a fit without ``checkpoint_dir`` checkpoints into the context's folder at the context's pace.
         progress: show tqdm bars (epochs, and batches within an epoch).
         step_fn: ``step_fn(model, batch) -> (loss, logs)`` replacing the default step; ``logs`` is a dict of
             scalars averaged per epoch into ``train_<key>``/``val_<key>``. The batch is already on ``device``.
@@ -405,6 +440,8 @@ def fit(
     monitor = early_stopping or EarlyStopping(monitor="val_loss" if val_loader is not None else "train_loss")
     scheduler_monitor = scheduler_monitor or ("val_loss" if val_loader is not None else "train_loss")
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt_dir is None and (ambient := _CHECKPOINTING.get()) is not None:
+        ckpt_dir, checkpoint_every_s = ambient.next_dir(), ambient.every_s
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if resume and (ckpt_dir / "last.pt").exists():
@@ -419,6 +456,7 @@ def fit(
         )
 
     epoch_bar = tqdm(total=epochs, initial=len(history.epochs), desc="epochs", disable=not progress)
+    saved_at, best_saved = time.monotonic(), True
     while not finished():
         epoch, start = len(history.epochs) + 1, time.perf_counter()
         record: dict[str, float] = {"epoch": epoch}
@@ -446,9 +484,7 @@ def fit(
         value = _lookup(record, monitor.monitor)
         if monitor.improved(value, history.best_value):
             history.best_value, history.best_epoch, state.bad_epochs = value, epoch, 0
-            state.best_model = _cpu_state_dict(model)
-            if ckpt_dir is not None:
-                save_atomic({"model": state.best_model, "epoch": epoch, "value": value}, ckpt_dir / "best.pt")
+            state.best_model, best_saved = _cpu_state_dict(model), False
         else:
             state.bad_epochs += 1
         if early_stopping is not None and state.bad_epochs >= early_stopping.patience:
@@ -460,8 +496,14 @@ def fit(
         else:
             history.stop_reason = None
 
-        if ckpt_dir is not None:
+        if ckpt_dir is not None and (history.stop_reason is not None
+                                     or time.monotonic() - saved_at >= checkpoint_every_s):
+            if not best_saved:  # written with last.pt, so that the two always describe the same epoch
+                save_atomic({"model": state.best_model, "epoch": history.best_epoch, "value": history.best_value},
+                            ckpt_dir / "best.pt")
+                best_saved = True
             state.save(ckpt_dir, train_loader)
+            saved_at = time.monotonic()
         epoch_bar.update(1)
         epoch_bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.endswith("loss")})
     epoch_bar.close()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mdbench.train import EarlyStopping, History, fit, move_to_device, predict, save_atomic
+from mdbench.train import EarlyStopping, History, checkpointing, fit, move_to_device, predict, save_atomic
 
 
 def make_data(n: int = 64, seed: int = 0) -> TensorDataset:
@@ -104,6 +104,72 @@ def test_resume_continues_and_matches_uninterrupted_run(tmp_path: Path, generato
 
     again = run(make_model(seed=5, dropout=0.3), 4, tmp_path)  # a finished run is not trained further
     assert again.global_step == 16 and all(torch.equal(v, ref[k]) for k, v in resumed_model.state_dict().items())
+
+
+class Interruption(Exception):
+    pass
+
+
+def stop_at_epoch(epoch: int):
+    """An eval_fn that interrupts the run when it reaches ``epoch`` (before that epoch is checkpointed)."""
+    seen = []
+
+    def eval_fn(model, val_loader, device):
+        seen.append(1)
+        if len(seen) == epoch:
+            raise Interruption
+        return {}
+
+    return eval_fn
+
+
+def test_checkpoints_are_written_at_most_every_few_seconds_and_after_the_last_epoch(tmp_path: Path):
+    ds = make_data()
+    with pytest.raises(Interruption):
+        fit(make_model(), loader(ds), loader(ds), loss_fn=CE, epochs=4, checkpoint_dir=tmp_path,
+            checkpoint_every_s=3600, eval_fn=stop_at_epoch(3), progress=False)
+    assert not (tmp_path / "last.pt").exists()  # epochs 1 and 2 were within the hour: nothing written yet
+    history = fit(make_model(), loader(ds), loader(ds), loss_fn=CE, epochs=4, checkpoint_dir=tmp_path,
+                  checkpoint_every_s=3600, progress=False)
+    last = torch.load(tmp_path / "last.pt", weights_only=False)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert len(last["history"]["epochs"]) == 4 and best["epoch"] == history.best_epoch  # the same epoch's pair
+
+
+def test_fits_inside_checkpointing_resume_in_call_order(tmp_path: Path):
+    """Two trainings in a row, interrupted in the second and run again: the first is loaded, not repeated, and the
+    second continues from its last epoch; the weights are those of an uninterrupted run."""
+    ds = make_data()
+    steps = collections.Counter()
+
+    def count(name):
+        def step(model, batch):
+            steps[name] += model.training  # training steps, not validation ones
+            x, y = batch
+            return CE(model(x), y), {}
+        return step
+
+    def two_fits(eval_fn=None):
+        first, second = make_model(seed=1, dropout=0.3), make_model(seed=2, dropout=0.3)
+        fit(first, loader(ds, generator_seed=1), step_fn=count("first"), epochs=3, seed=1, progress=False)
+        fit(second, loader(ds, generator_seed=2), loader(ds), step_fn=count("second"), epochs=3, seed=2,
+            eval_fn=eval_fn, progress=False)
+        return first, second
+
+    reference = two_fits()
+    steps.clear()
+    with checkpointing(tmp_path, every_s=0), pytest.raises(Interruption):
+        two_fits(stop_at_epoch(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit-0", "fit-1"]
+    assert steps == {"first": 12, "second": 12}
+    steps.clear()
+    with checkpointing(tmp_path, every_s=0):
+        resumed = two_fits()
+    assert steps == {"second": 4}  # the first training was loaded; the second repeated only its third epoch
+    for model, ref in zip(resumed, reference, strict=True):
+        assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+    fit(make_model(), loader(ds), loss_fn=CE, epochs=1, progress=False)  # outside the context: no checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit-0", "fit-1"]
 
 
 def test_save_atomic_leaves_no_partial_file(tmp_path: Path, monkeypatch):
