@@ -175,10 +175,11 @@ _CHECKPOINTING: ContextVar[_Checkpointing | None] = ContextVar("mdbench_checkpoi
 @contextlib.contextmanager
 def checkpointing(folder: str | Path, every_s: float = 60.0) -> Iterator[None]:
     """Inside this context every :func:`fit` without a ``checkpoint_dir`` of its own checkpoints into
-    ``folder/fit-<n>`` (n: 0 for the first call made inside, 1 for the next, ...) at most every ``every_s`` seconds
-    and when it ends, and resumes from there. Run the same code inside it again after an interruption and each
-    finished training is loaded instead of repeated, and the interrupted one continues from its last checkpoint:
-    this is how a unit of work (:mod:`mdbench.work`) picks up a long training."""
+    ``folder/fit-<n>`` (n: 0 for the first call made inside, 1 for the next, ...) once ``every_s`` seconds have passed
+    since its last checkpoint (``checkpoint_every_s``), and resumes from there. Run the same code inside it again
+    after an interruption and each training continues from its last checkpoint, one that had finished by loading
+    it, losing at most about ``every_s`` seconds each, while trainings shorter than that write nothing: this is how
+    a unit of work (:mod:`mdbench.work`) picks up its long trainings."""
     token = _CHECKPOINTING.set(_Checkpointing(Path(folder), every_s))
     try:
         yield
@@ -402,9 +403,10 @@ def fit(
             one, else ``val_loss`` (with a val loader) or ``train_loss``, minimised.
         resume: continue from ``checkpoint_dir/last.pt`` when it exists; with the same seed and loaders the
             resumed run ends with the weights of an uninterrupted one.
-        checkpoint_every_s: write the checkpoints at most this often (0: every epoch), and always after the last
-            epoch; a resumed run then repeats at most this many seconds of training. Inside :func:`checkpointing`,
-            a fit without ``checkpoint_dir`` checkpoints into the context's folder at the context's pace.
+        checkpoint_every_s: checkpoint after an epoch only when this many seconds have passed since the last
+            checkpoint (or the start; 0: after every epoch), so that a resumed run repeats at most about this much
+            training and a short one writes nothing. Inside :func:`checkpointing`, a fit without
+            ``checkpoint_dir`` checkpoints into the context's folder at the context's pace.
         progress: show tqdm bars (epochs, and batches within an epoch).
         step_fn: ``step_fn(model, batch) -> (loss, logs)`` replacing the default step; ``logs`` is a dict of
             scalars averaged per epoch into ``train_<key>``/``val_<key>``. The batch is already on ``device``.
@@ -496,8 +498,7 @@ def fit(
         else:
             history.stop_reason = None
 
-        if ckpt_dir is not None and (history.stop_reason is not None
-                                     or time.monotonic() - saved_at >= checkpoint_every_s):
+        if ckpt_dir is not None and time.monotonic() - saved_at >= checkpoint_every_s:
             if not best_saved:  # written with last.pt, so that the two always describe the same epoch
                 save_atomic({"model": state.best_model, "epoch": history.best_epoch, "value": history.best_value},
                             ckpt_dir / "best.pt")

@@ -79,11 +79,14 @@ def run(tmp_path_factory):
                       synthetic_image_size=(64, 64), synthetic_volume_shape=(8, 32, 32))
     cases = daft.load_data(cfg, tmp_path_factory.mktemp("daft_cases"))
     routers = daft.fit_routers(cases, cfg)
-    models = {seed: {"KD only": BoxFill(3 + seed), "+ general FT": BoxFill(1 + seed),
-                     "experts": {"Endoscopy": BoxFill(0), "Dermoscopy": BoxFill(seed), "3D": BoxFill(0, True)}}
-              for seed in cfg.seeds}
-    lineages = daft.Lineages(models, {"stand-ins": True})
-    table = daft.run(BoxFill(2), lineages, routers, cases, cfg)
+    by_seed = {}
+    for seed in cfg.seeds:
+        models = {"KD only": BoxFill(3 + seed), "+ general FT": BoxFill(1 + seed),
+                  "experts": {"Endoscopy": BoxFill(0), "Dermoscopy": BoxFill(seed), "3D": BoxFill(0, True)}}
+        per_case, evaluator = daft.evaluate_seed(models, routers, cases, seed)
+        by_seed[seed] = daft.Lineage({}, [], per_case, evaluator.predictions)
+    lineages = daft.Lineages(by_seed, {"stand-ins": True})
+    table = daft.run(BoxFill(2), lineages, cases, cfg)
     return cfg, cases, routers, lineages, table
 
 
@@ -94,7 +97,7 @@ def test_table_a_per_case_lines_give_back_every_record_per_seed(run, tmp_path):
     per_case.loc[us, "nsd"] = np.nan  # no NSD of one modality: that row and seed records no nsd_US
     endoscopy = per_case.index[(per_case.row == "+ general FT") & (per_case.modality == "Endoscopy")]
     per_case.loc[endoscopy[0], "nsd"] = np.nan  # one NSD of two: its modality weighs as much as the others
-    table = daft.TableA(per_case, table.evaluators)
+    table = daft.TableA(per_case, table.predictions)
     records, lines = daft.record_table_a(table, lineages, cases)
     session = _session(tmp_path)
     session.record_frame("table_a", records, dataset=cases.name, dataset_checksum=cases.checksum, samples=lines)
@@ -156,7 +159,7 @@ def test_table_b_seconds_and_mask_agreement_per_timed_case(run, tmp_path):
     cfg, cases, routers, _, table = run
     timed = [c for c in cases.test if c["modality"] in ("Endoscopy", "US")][:2]
     stages = timing.table_b_stages()
-    predictions = table.evaluators[cfg.seeds[0]].predictions
+    predictions = table.predictions[cfg.seeds[0]]
     rows = []
     for i, stage in enumerate(stages):
         for k, case in enumerate(timed):
@@ -188,7 +191,8 @@ def test_kd_mse_per_input_gives_back_the_recorded_mse(tmp_path):
     units = ["2DBox_US_a.npz", "3DBox_MR_b.npz@z2", "3DBox_MR_b.npz@z4"]
     kd_mse = {"before KD": {0: np.array([0.5, 0.25, 0.75]), 1: np.array([0.4, 0.2, 0.3])},
               "after KD": {0: np.array([0.1, 0.05, 0.15]), 1: np.array([0.2, 0.1, 0.0])}}
-    lineages = daft.Lineages({}, {"epochs": 1}, kd_mse=kd_mse, kd_units=units)
+    by_seed = {seed: daft.Lineage({row: kd_mse[row][seed] for row in kd_mse}, [], pd.DataFrame()) for seed in (0, 1)}
+    lineages = daft.Lineages(by_seed, {"epochs": 1}, kd_units=units)
     records, lines = daft.record_kd(lineages)
     session = _session(tmp_path)
     session.record_frame("kd", records, dataset="synthetic", dataset_checksum="x", samples=lines)

@@ -2,10 +2,11 @@
 their routes, and averaged).
 
 This module wires DAFT's helpers together, one function per step of ``notebooks/daft.ipynb``: :class:`Config`,
-:func:`load_data` (:mod:`~mdbench.papers.daft.cases`), :func:`model_costs`, :func:`baseline`, :func:`distill`,
-:func:`general_finetune` and :func:`expert_finetune` (:mod:`~.training`), :func:`fit_routers` (:mod:`~.routing`),
-:func:`run` (Table A through :mod:`~.inference` and :mod:`~.evaluation`), :func:`deploy` and :func:`time_cases`
-(:mod:`~.deploy`: export, runtime, fresh-process timing), the ``record_*`` functions and the ``plot_*`` figures.
+:func:`load_data` (:mod:`~mdbench.papers.daft.cases`), :func:`model_costs`, :func:`baseline`, :func:`fit_routers`
+(:mod:`~.routing`), :func:`lineages` (per seed, :func:`lineage`: KD, general and data-aware fine-tuning through
+:mod:`~.training`, and the seed's rows of Table A through :mod:`~.inference` and :mod:`~.evaluation`; each seed a
+unit of work that a resumed run loads), :func:`run` (Table A), :func:`deploy` and :func:`time_cases` (:mod:`~.deploy`:
+export, runtime, fresh-process timing), the ``record_*`` functions and the ``plot_*`` figures.
 
 :class:`CaseEvaluator` segments each (model, case) pair once and reuses it for every row of Table A that routes
 that case to that model (e.g. DAFT sends an unseen modality to the general model, whose masks are already known).
@@ -24,6 +25,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +44,12 @@ from mdbench.papers.daft.evaluation import case_lines, modality_summary, score_c
 from mdbench.papers.daft.inference import Predictor, segment_case
 from mdbench.papers.daft.routing import GENERAL, FileNameRouter, LearnedRouter
 from mdbench.params import NotebookConfig
+from mdbench.work import Work, uncached
 
-__all__ = ["ROWS", "CaseEvaluator", "Cases", "Config", "Lineages", "Routers", "TableA", "Timings", "baseline",
-           "build_student", "deploy", "distill", "expert_finetune", "fit_routers", "general_finetune", "load_data",
-           "model_costs", "plot_overlays", "plot_scores", "record_kd", "record_routers", "record_table_a",
-           "record_table_b", "run", "time_cases", "wide_table_a"]
+__all__ = ["ROWS", "CaseEvaluator", "Cases", "Config", "KDSet", "Lineage", "Lineages", "Routers", "TableA", "Timings",
+           "baseline", "build_student", "deploy", "evaluate_seed", "expert_subsets", "fit_routers", "kd_set", "lineage",
+           "lineages", "load_data", "model_costs", "plot_overlays", "plot_scores", "record_kd", "record_routers",
+           "record_table_a", "record_table_b", "run", "shown_cases", "time_cases", "timed_cases", "wide_table_a"]
 
 log = logging.getLogger(__name__)
 COLUMNS = ["case", "modality", "model", "dsc", "nsd", "seconds", "error"]
@@ -241,42 +244,151 @@ def baseline(teacher: LiteMedSAM, cases: Cases, cfg: Config, work: Path
 
 
 @dataclass
-class Lineages:
-    """One KD -> general FT -> DAFT lineage per seed: ``models[seed]`` has ``"KD only"``, ``"+ general FT"`` and
-    ``"experts"`` (expert name -> model); ``config`` is what decided them so far (recorded with their numbers);
-    ``curves`` the training histories (one frame per run, with ``seed`` and ``stage``); ``kd_mse[row][seed]`` the
-    (N,) embedding MSE of each KD input (``kd_units``, N names) before and after KD."""
+class KDSet:
+    """The KD inputs (N, 3, 256, 256), their N names (``<case>`` or ``<case>@z<slice>``) and the teacher's (N, 256, 64,
+    64) embeddings of them as ``targets``, computed on first use (a run whose lineages are all stored needs none)."""
 
-    models: dict[int, dict[str, Any]]
-    config: dict[str, Any]
-    curves: list[pd.DataFrame] = field(default_factory=list)
-    kd_mse: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
-    kd_units: list[str] = field(default_factory=list)
-    subsets: dict[str, tuple[list[dict], list[dict]]] = field(default_factory=dict)
+    inputs: torch.Tensor
+    names: list[str]
+    encode: Callable
+    device: str
+
+    @cached_property
+    def targets(self) -> torch.Tensor:
+        return daft_training.embed_images(self.encode, self.inputs, device=self.device)
 
 
-def distill(teacher: LiteMedSAM, teacher_encode: Callable, cases: Cases, cfg: Config, deterministic: bool
-            ) -> Lineages:
-    """Step 1: per seed, a student whose image encoder is distilled into the teacher's embeddings of the training
-    images (and slices), with its embedding MSE per input before and after (``kd_mse``)."""
+def kd_set(teacher_encode: Callable, cases: Cases, cfg: Config) -> KDSet:
+    """The training images and slices KD distils on (at most ``kd_images``, drawn with a fixed seed)."""
     inputs, names = daft_training.encoder_inputs(cases.train, slices_per_volume=cfg.kd_slices_per_volume)
     if cfg.kd_images is not None and len(inputs) > cfg.kd_images:
         picks = np.random.default_rng(0).permutation(len(inputs))[:cfg.kd_images]
         inputs, names = inputs[picks], [names[i] for i in picks]
-    targets = daft_training.embed_images(teacher_encode, inputs, device=cfg.device)
-    config = {"student": cfg.student, "images": len(inputs), "epochs": cfg.kd_epochs, "lr": cfg.kd_lr,
-              "batch": cfg.kd_batch, "teacher_backend": cfg.teacher_backend}
-    lineages = Lineages({}, config, kd_mse={"before KD": {}, "after KD": {}}, kd_units=names)
-    for seed in cfg.seeds:
-        repro.seed_everything(seed, deterministic=deterministic)
-        model = build_student(teacher, cfg)
-        encoder = model.image_encoder
-        lineages.kd_mse["before KD"][seed] = daft_training.embedding_mse(encoder, inputs, targets, device=cfg.device)
-        daft_training.distill_encoder(encoder, inputs, targets, epochs=cfg.kd_epochs, lr=cfg.kd_lr,
-                                      batch_size=cfg.kd_batch, device=cfg.device, seed=seed)
-        lineages.kd_mse["after KD"][seed] = daft_training.embedding_mse(encoder, inputs, targets, device=cfg.device)
-        lineages.models[seed] = {"KD only": model}
-    return lineages
+    return KDSet(inputs, names, teacher_encode, cfg.device)
+
+
+def expert_subsets(cases: Cases, cfg: Config) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Expert name -> (train, val) cases the file-name router sends to it, for the experts with training cases."""
+    router = FileNameRouter(list(cfg.experts))
+    subsets = {name: ([c for c in cases.train if router.route(c["name"]) == name],
+                      [c for c in cases.val if router.route(c["name"]) == name]) for name in cfg.experts}
+    return {name: split for name, split in subsets.items() if split[0]}
+
+
+@dataclass
+class Lineage:
+    """What one seed's KD -> general FT -> DAFT lineage keeps (a unit of work): the embedding MSE of each KD input
+    ``before KD`` and ``after KD`` (``kd_mse``, (N,) each), the fine-tuning ``curves`` (one frame per run, with
+    ``seed`` and ``stage``), Table A's rows of the seed (``per_case``, :meth:`CaseEvaluator.evaluate`'s columns
+    with ``row`` and ``seed``), the masks (``predictions[(model, case)]``) and the CPU ``models`` (``"+ general FT"``
+    and ``"experts"``) that the deployment, Table B and the figures use: those of the first seed only."""
+
+    kd_mse: dict[str, np.ndarray]
+    curves: list[pd.DataFrame]
+    per_case: pd.DataFrame
+    predictions: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Lineages:
+    """Every seed's :class:`Lineage` (``by_seed``) and what they share: ``config``, what decided them (recorded with
+    their numbers), the names of the KD inputs (``kd_units``) and each expert's (train, val) cases (``subsets``)."""
+
+    by_seed: dict[int, Lineage]
+    config: dict[str, Any]
+    kd_units: list[str] = field(default_factory=list)
+    subsets: dict[str, tuple[list[dict], list[dict]]] = field(default_factory=dict)
+
+    @property
+    def models(self) -> dict[int, dict[str, Any]]:
+        """Seed -> the models its lineage kept (the first seed's deployed ones)."""
+        return {seed: lineage.models for seed, lineage in self.by_seed.items() if lineage.models}
+
+    @property
+    def curves(self) -> list[pd.DataFrame]:
+        return [curve for lineage in self.by_seed.values() for curve in lineage.curves]
+
+    @property
+    def kd_mse(self) -> dict[str, dict[int, np.ndarray]]:
+        """Row (``before KD`` / ``after KD``) -> seed -> (N,) MSE of each KD input."""
+        rows = next(iter(self.by_seed.values())).kd_mse if self.by_seed else {}
+        return {row: {seed: lineage.kd_mse[row] for seed, lineage in self.by_seed.items()} for row in rows}
+
+
+def timed_cases(cases: Cases, cfg: Config) -> list[dict]:
+    """The test cases Table B times: the first ``timing_per_modality`` of each of ``timing_modalities``."""
+    return [c for modality in sorted({c["modality"] for c in cases.test})
+            if cfg.timing_modalities is None or modality in cfg.timing_modalities
+            for c in [c for c in cases.test if c["modality"] == modality][:cfg.timing_per_modality]]
+
+
+def shown_cases(cases: Cases) -> list[dict]:
+    """The test case per modality that :func:`plot_overlays` shows (the last one of each)."""
+    return list({c["modality"]: c for c in cases.test}.values())
+
+
+def evaluate_seed(models: Mapping[str, Any], routers: Routers, cases: Cases, seed: int
+                  ) -> tuple[pd.DataFrame, CaseEvaluator]:
+    """Table A's rows of one seed's models (``"KD only"``, ``"+ general FT"`` and ``"experts"``, name -> model) on
+    the test cases, both routers' DAFT rows included, and the evaluator that holds their masks."""
+    evaluator = CaseEvaluator({"KD only": models["KD only"], GENERAL: models["+ general FT"], **models["experts"]})
+    routes: dict[str, str | Callable[[dict], str]] = {
+        "KD only": "KD only", "+ general FT": GENERAL,
+        "+ DAFT (file-name router)": lambda c: routers.file_name.route(c["name"]),
+        "+ DAFT (learned router)": lambda c: routers.routes[c["name"]]}
+    frames = [evaluator.evaluate(cases.test, route).assign(row=row, seed=seed) for row, route in routes.items()]
+    return pd.concat(frames, ignore_index=True), evaluator
+
+
+def lineage(seed: int, teacher: LiteMedSAM, kd: KDSet, routers: Routers, cases: Cases, cfg: Config,
+            deterministic: bool) -> Lineage:
+    """One seed: a student whose image encoder is distilled into the teacher's embeddings of the KD inputs (step 1),
+    a copy fine-tuned on all training cases (step 2, ``"+ general FT"``), one copy of that per expert fine-tuned on
+    the cases the file-name router sends to it (step 3, DAFT proper), and Table A's rows of these models."""
+    repro.seed_everything(seed, deterministic=deterministic)
+    model = build_student(teacher, cfg)
+    encoder = model.image_encoder
+    kd_mse = {"before KD": daft_training.embedding_mse(encoder, kd.inputs, kd.targets, device=cfg.device)}
+    daft_training.distill_encoder(encoder, kd.inputs, kd.targets, epochs=cfg.kd_epochs, lr=cfg.kd_lr,
+                                  batch_size=cfg.kd_batch, device=cfg.device, seed=seed)
+    kd_mse["after KD"] = daft_training.embedding_mse(encoder, kd.inputs, kd.targets, device=cfg.device)
+
+    general = build_student(teacher, cfg)
+    general.load_state_dict(model.state_dict())
+    finetuning: dict[str, Any] = {"lr": cfg.ft_lr, "batch_size": cfg.ft_batch, "patience": cfg.patience, "num_workers": cfg.workers,
+                  "device": cfg.device, "seed": seed}
+    history = daft_training.finetune(general, cases.train, cases.val, epochs=cfg.ft_epochs, **finetuning)
+    curves = [history.to_frame().assign(seed=seed, stage="general FT")]
+    tuned = daft_training.data_aware_finetune(general, expert_subsets(cases, cfg), epochs=cfg.daft_epochs,
+                                              max_slices_per_volume=cfg.daft_slices_per_volume, **finetuning)
+    experts = {name: expert for name, (expert, _) in tuned.items()}
+    curves += [h.to_frame().assign(seed=seed, stage=f"DAFT {name}") for name, (_, h) in tuned.items()]
+
+    per_case, evaluator = evaluate_seed({"KD only": model, "+ general FT": general, "experts": experts}, routers,
+                                        cases, seed)
+    if seed != cfg.seeds[0]:
+        return Lineage(kd_mse, curves, per_case)
+    kept = [c["name"] for c in shown_cases(cases) + timed_cases(cases, cfg)]
+    routes = {name: routers.file_name.route(name) for name in kept}
+    predictions = {key: labels for key, labels in evaluator.predictions.items() if routes.get(key[1]) == key[0]}
+    deployed = {name: expert.cpu() for name, expert in experts.items() if name in set(routes.values())}
+    return Lineage(kd_mse, curves, per_case, predictions, {"+ general FT": general.cpu(), "experts": deployed})
+
+
+def lineages(teacher: LiteMedSAM, teacher_encode: Callable, routers: Routers, cases: Cases, cfg: Config,
+             deterministic: bool, work: Work = uncached) -> Lineages:
+    """Every seed's :func:`lineage`, each a unit of ``work``; KD's targets are the teacher's embeddings
+    (``teacher_encode``) of the training images and slices (:func:`kd_set`)."""
+    kd = kd_set(teacher_encode, cases, cfg)
+    subsets = expert_subsets(cases, cfg)
+    config = {"student": cfg.student, "images": len(kd.inputs), "epochs": cfg.kd_epochs, "lr": cfg.kd_lr,
+              "batch": cfg.kd_batch, "teacher_backend": cfg.teacher_backend, "ft_epochs": cfg.ft_epochs,
+              "ft_lr": cfg.ft_lr, "ft_batch": cfg.ft_batch, "patience": cfg.patience, "experts": sorted(subsets),
+              "daft_epochs": cfg.daft_epochs, "daft_slices_per_volume": cfg.daft_slices_per_volume}
+    by_seed = {seed: work("lineage", partial(lineage, seed, teacher, kd, routers, cases, cfg, deterministic),
+                          seed=seed) for seed in cfg.seeds}
+    return Lineages(by_seed, config, kd.names, subsets)
 
 
 def record_kd(lineages: Lineages) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -289,38 +401,6 @@ def record_kd(lineages: Lineages) -> tuple[pd.DataFrame, pd.DataFrame]:
                          for row, by_seed in lineages.kd_mse.items() for seed, errors in by_seed.items()],
                         ignore_index=True)
     return records.assign(config=[lineages.config] * len(records)), samples
-
-
-def general_finetune(lineages: Lineages, teacher: LiteMedSAM, cases: Cases, cfg: Config) -> None:
-    """Step 2: per seed, a copy of the KD student fine-tuned on all training cases (``"+ general FT"``)."""
-    lineages.config = {**lineages.config, "ft_epochs": cfg.ft_epochs, "ft_lr": cfg.ft_lr, "ft_batch": cfg.ft_batch,
-                       "patience": cfg.patience}
-    for seed, models in lineages.models.items():
-        general = build_student(teacher, cfg)
-        general.load_state_dict(models["KD only"].state_dict())
-        history = daft_training.finetune(general, cases.train, cases.val, epochs=cfg.ft_epochs, lr=cfg.ft_lr,
-                                         batch_size=cfg.ft_batch, patience=cfg.patience, num_workers=cfg.workers,
-                                         device=cfg.device, seed=seed)
-        models["+ general FT"] = general
-        lineages.curves.append(history.to_frame().assign(seed=seed, stage="general FT"))
-
-
-def expert_finetune(lineages: Lineages, cases: Cases, cfg: Config) -> None:
-    """Step 3 (DAFT proper): per seed, one copy of the general model per expert with training cases, fine-tuned
-    on the cases the file-name router sends to it (``"experts"``)."""
-    router = FileNameRouter(list(cfg.experts))
-    subsets = {name: ([c for c in cases.train if router.route(c["name"]) == name],
-                      [c for c in cases.val if router.route(c["name"]) == name]) for name in cfg.experts}
-    lineages.subsets = {name: split for name, split in subsets.items() if split[0]}
-    lineages.config = {**lineages.config, "experts": sorted(lineages.subsets), "daft_epochs": cfg.daft_epochs,
-                       "daft_slices_per_volume": cfg.daft_slices_per_volume}
-    for seed, models in lineages.models.items():
-        tuned = daft_training.data_aware_finetune(
-            models["+ general FT"], lineages.subsets, epochs=cfg.daft_epochs, lr=cfg.ft_lr, batch_size=cfg.ft_batch,
-            patience=cfg.patience, num_workers=cfg.workers, device=cfg.device, seed=seed,
-            max_slices_per_volume=cfg.daft_slices_per_volume)
-        models["experts"] = {name: model for name, (model, _) in tuned.items()}
-        lineages.curves += [h.to_frame().assign(seed=seed, stage=f"DAFT {name}") for name, (_, h) in tuned.items()]
 
 
 ROUTER_SCORES = ("accuracy", "accuracy_seen", "fallback_unseen")
@@ -377,27 +457,21 @@ def record_routers(routers: Routers, cfg: Config) -> tuple[pd.DataFrame, pd.Data
 
 @dataclass
 class TableA:
-    """Every (row, seed, case) score (``per_case``) and, per seed, the evaluator whose masks they came from."""
+    """Every (row, seed, case) score (``per_case``) and, per seed, the masks kept (``predictions[seed][(model,
+    case)]``: the first seed's of the cases shown and timed)."""
 
     per_case: pd.DataFrame
-    evaluators: dict[int, CaseEvaluator]
+    predictions: dict[int, dict[tuple[str, str], np.ndarray]]
 
 
-def run(baseline_model: Predictor, lineages: Lineages, routers: Routers, cases: Cases, cfg: Config) -> TableA:
-    """Table A: the baseline (once) and each seed's KD, general and DAFT rows (both routers) on the test cases."""
-    frames = [CaseEvaluator({"LiteMedSAM": baseline_model}).evaluate(cases.test, "LiteMedSAM")
-              .assign(row="LiteMedSAM", seed=cfg.seeds[0])]
-    evaluators = {}
-    for seed, models in lineages.models.items():
-        evaluator = evaluators[seed] = CaseEvaluator({"KD only": models["KD only"], GENERAL: models["+ general FT"],
-                                                      **models["experts"]})
-        routes: dict[str, str | Callable[[dict], str]] = {
-            "KD only": "KD only", "+ general FT": GENERAL,
-            "+ DAFT (file-name router)": lambda c: routers.file_name.route(c["name"]),
-            "+ DAFT (learned router)": lambda c: routers.routes[c["name"]]}
-        for row, route in routes.items():
-            frames.append(evaluator.evaluate(cases.test, route).assign(row=row, seed=seed))
-    return TableA(pd.concat(frames, ignore_index=True), evaluators)
+def run(baseline_model: Predictor, lineages: Lineages, cases: Cases, cfg: Config, work: Work = uncached) -> TableA:
+    """Table A: the baseline on the test cases (once, a unit of ``work``) and each seed's rows from its lineage."""
+    baseline = work("baseline", partial(CaseEvaluator({"LiteMedSAM": baseline_model}).evaluate, cases.test,
+                                        "LiteMedSAM"))
+    frames = [baseline.assign(row="LiteMedSAM", seed=cfg.seeds[0])]
+    frames += [lineage.per_case for lineage in lineages.by_seed.values()]
+    return TableA(pd.concat(frames, ignore_index=True),
+                  {seed: lineage.predictions for seed, lineage in lineages.by_seed.items()})
 
 
 def record_table_a(table: TableA, lineages: Lineages, cases: Cases) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -428,9 +502,7 @@ def deploy(lineages: Lineages, routers: Routers, cases: Cases, cfg: Config, fold
     first seed's lineage to ``folder`` (ONNX and OpenVINO IR, parity-checked). Returns the timed cases
     (``timing_per_modality`` per modality of ``timing_modalities``), the deployment manifest and its parity
     checks, one line per (expert, part, backend)."""
-    timed = [c for modality in sorted({c["modality"] for c in cases.test})
-             if cfg.timing_modalities is None or modality in cfg.timing_modalities
-             for c in [c for c in cases.test if c["modality"] == modality][:cfg.timing_per_modality]]
+    timed = timed_cases(cases, cfg)
     lineage = lineages.models[cfg.seeds[0]]
     all_experts = {GENERAL: lineage["+ general FT"], **lineage["experts"]}
     needed = {GENERAL, *(routers.file_name.route(c["name"]) for c in timed)}
@@ -477,7 +549,7 @@ def record_table_b(timings: Timings, table: TableA, routers: Routers, timed: Seq
     """Table B's records (seconds per case overall and per 2D / 3D, speedup over the baseline, per stage; the
     agreement (%) of the last stage's deployed masks with Table A's in-process masks of the same expert) and the
     per-case lines they are means of (unit: the case name; the speedup, a ratio of means, has none)."""
-    in_process = table.evaluators[cfg.seeds[0]].predictions
+    in_process = table.predictions[cfg.seeds[0]]
     last = timing.table_b_stages()[-1]
     outputs = timings.frame[timings.frame.stage == last.name].set_index("case").output
     agreement = [{"row": last.name, "unit": c["name"], "metric": "mask_agreement",
@@ -552,8 +624,8 @@ def plot_overlays(table: TableA, routers: Routers, cases: Cases, seed: int):
     expert it went to and its DSC. Returns the figure."""
     import matplotlib.pyplot as plt
 
-    shown = {c["modality"]: c for c in cases.test}
-    in_process = table.evaluators[seed].predictions
+    shown = {c["modality"]: c for c in shown_cases(cases)}
+    in_process = table.predictions[seed]
     scores = table.per_case[(table.per_case.seed == seed) & (table.per_case.row == "+ DAFT (file-name router)")]
     dsc = dict(zip(scores.case, scores.dsc, strict=True))
     fig, axes = plt.subplots(1, len(shown), figsize=(3 * len(shown), 3), squeeze=False)

@@ -30,8 +30,9 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, cast, overload
+from typing import Any, ClassVar, cast, overload
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,7 @@ from mdbench.models.transscan import TransScanStudent
 from mdbench.papers.efcm.bags import BagBatch, BagSet, row_batches
 from mdbench.params import NotebookConfig
 from mdbench.repro import seed_rngs
+from mdbench.work import Work, uncached
 
 Bag = tuple[torch.Tensor, int, "torch.Tensor | None"]
 _REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -497,6 +499,8 @@ class EndToEndMIL(nn.Module):
 class Config(NotebookConfig):
     """The notebook's parameters: the data, the teacher, both stages, the MIL heads and Table 2's measurement."""
 
+    selectors: ClassVar[tuple[str, ...]] = ("seeds", "datasets")  # each fold's unit of work names both
+
     datasets: tuple[str, ...] = ("isic2017", "pbc", "ucsb_breast")
     data_dir: str | None = None
     seeds: tuple[int, ...] = (0, 1, 2)   # one repeat of the k-fold cross-validation per seed
@@ -742,13 +746,13 @@ def _feature_fold(bags: BagSet, index: Mapping[str, np.ndarray], cfg: Config, se
     return FoldResult(np.asarray(index["test"]), {"mil_heads": probs})
 
 
-def run(data: BagData, feature_bags: Sequence[Bag] | None, cfg: Config, progress: Callable | None = None
-        ) -> DatasetRun:
+def run(data: BagData, feature_bags: Sequence[Bag] | None, cfg: Config, progress: Callable | None = None,
+        work: Work = uncached) -> DatasetRun:
     """The EFCM protocol on one dataset: per seed, a stratified ``cfg.folds``-fold cross-validation over all its
     bags (:func:`fold_index`), :func:`run_split` on every fold, the folds' test outputs pooled. Feature bags
     (``data.kind == "features"``, ``feature_bags`` None) train the MIL heads only. The bags (and the teacher's
     features) move to ``cfg.device`` once, for all folds and seeds. ``progress`` optionally wraps the iterator
-    over (seed, fold) pairs (e.g. ``tqdm``)."""
+    over (seed, fold) pairs (e.g. ``tqdm``); each pair is a unit of ``work`` (dataset, seed, fold)."""
     folds = {seed: fold_index(data.labels, cfg.folds, seed) for seed in cfg.seeds}
     steps = [(seed, k) for seed in cfg.seeds for k in range(cfg.folds)]
     results: dict[int, list[FoldResult]] = {seed: [] for seed in cfg.seeds}
@@ -758,9 +762,10 @@ def run(data: BagData, feature_bags: Sequence[Bag] | None, cfg: Config, progress
         features = BagSet.of(feature_bags, cfg.device)
     for seed, k in progress(steps) if progress else steps:
         if data.kind == "features":
-            results[seed].append(_feature_fold(bags, folds[seed][k], cfg, seed))
+            compute = partial(_feature_fold, bags, folds[seed][k], cfg, seed)
         else:
-            results[seed].append(run_split(bags, features, folds[seed][k], cfg, seed))
+            compute = partial(run_split, bags, features, folds[seed][k], cfg, seed)
+        results[seed].append(work("fold", compute, dataset=data.name, seed=seed, fold=k))
     return DatasetRun(data.name, cfg.folds, [SeedResult.pool(results[seed], data.labels) for seed in cfg.seeds])
 
 

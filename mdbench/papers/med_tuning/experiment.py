@@ -18,7 +18,8 @@ import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, cast
+from functools import partial
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
@@ -38,6 +39,7 @@ from mdbench.models.slicewise import MedAdapterConfig
 from mdbench.params import NotebookConfig
 from mdbench.repro import seed_rngs
 from mdbench.tuning import apply_method, trainable_report
+from mdbench.work import Work, uncached
 
 CLASSES = ("background", "anterior", "posterior")
 TABLE1_ROWS = ("scratch_unet3d", "full", "head", "lora", "vpt", "adaptformer", "med_tuning")
@@ -47,17 +49,19 @@ ABLATION_SWITCHES = {"no_3x3": {"branch3": False}, "no_5x5": {"branch5": False},
 
 RESIZE = ("resample", "pad")
 
-__all__ = ["ABLATION_SWITCHES", "CLASSES", "PER_VOLUME", "PET_ROWS", "RESIZE", "TABLE1_ROWS", "Config", "RowResult",
-           "Volumes", "ablation_adapters", "build_row_model", "cv_folds", "dice_loss", "draw_framework", "evaluate",
-           "load_data", "load_volumes", "mean_curves", "per_volume_lines", "plot_curves", "plot_dice_vs_params",
-           "plot_slices", "protocol", "record", "run", "run_config", "summary_frame", "training_memory_mb",
-           "volume_means", "wide_table"]
+__all__ = ["ABLATION_SWITCHES", "CLASSES", "PER_VOLUME", "PET_ROWS", "RESIZE", "TABLE1_ROWS", "Config", "FoldRun",
+           "RowResult", "Volumes", "ablation_adapters", "build_row_model", "cv_folds", "dice_loss", "draw_framework",
+           "evaluate", "load_data", "load_volumes", "mean_curves", "per_volume_lines", "plot_curves",
+           "plot_dice_vs_params", "plot_slices", "protocol", "record", "run", "run_config", "run_fold",
+           "summary_frame", "training_memory_mb", "volume_means", "wide_table"]
 
 
 @dataclass(frozen=True)
 class Config(NotebookConfig):
     """The notebook's parameters: everything that decides a run's numbers (recorded as each record's config).
     The deterministic mode is the session's (:func:`mdbench.notebook.start`)."""
+
+    selectors: ClassVar[tuple[str, ...]] = ("seeds", "ablation_seeds", "ablation_ratios")  # name the units (row, seed)
 
     dataset: str = "msd_hippocampus"
     data_dir: str | None = None
@@ -438,62 +442,90 @@ def protocol(volumes: Volumes, folds: int | None) -> str:
             "volume scored once per seed by the fold that held it out")
 
 
+@dataclass
+class FoldRun:
+    """One row trained with one seed on one fold's training volumes and scored on its test volumes (a unit of work):
+    the per-volume lines (with ``fold``), the training curve (with ``row``, ``seed``, ``fold``), each epoch's seconds,
+    the trainable parameters (``trainable`` and ``percent`` of the model), the training memory and how it was
+    measured (fold 0 only; nan otherwise), the prediction on the fold's first test volume (T, S, S) and that volume's
+    position in the run's volumes, and where the weights came from."""
+
+    per_volume: pd.DataFrame
+    curve: pd.DataFrame
+    seconds: list[float]
+    trainable: int
+    percent: float
+    memory: float
+    memory_method: str
+    example_pred: torch.Tensor
+    example_index: int
+    init: str
+
+
+def run_fold(row: str, cfg: Config, volumes: Volumes, train_index: np.ndarray, test_index: np.ndarray, seed: int,
+             fold: int, adapter: MedAdapterConfig | None = None, progress: bool = False) -> FoldRun:
+    """Train one row with one seed on ``volumes[train_index]`` and score it on ``volumes[test_index]``; every fold's
+    model starts from the seed's initialisation."""
+    seed_rngs(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_row_model(row, cfg, adapter).to(cfg.device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay, amsgrad=True)
+    train_set = volumes.subset(train_index)
+    loader = _batches(train_set.images, train_set.labels, cfg.batch_size, generator)
+    history = train.fit(model, loader, step_fn=_step(dice_loss()), optimizer=optimizer, epochs=cfg.epochs,
+                        scheduler=_paper_schedule(optimizer, cfg.epochs, cfg.warmup_epochs),
+                        device=cfg.device, amp=cfg.amp, progress=progress, seed=seed)
+    curve = history.to_frame()[["epoch", "train_loss", "lr", "seconds"]].assign(row=row, seed=seed, fold=fold)
+    scores = evaluate(model, volumes.subset(test_index), cfg.device, cfg.batch_size)
+    memory, memory_method = math.nan, ""
+    if fold == 0:
+        # after scoring: the measured step runs in train mode and would move BatchNorm statistics
+        memory, memory_method = training_memory_mb(model, next(iter(loader)), optimizer, cfg.device, cfg.amp)
+    report = trainable_report(model)
+    # every model that build_model makes carries its mdbench_init, a str (mdbench.models)
+    return FoldRun(scores["per_volume"].assign(fold=fold), curve, [epoch["seconds"] for epoch in history.epochs],
+                   report.trainable, report.percent, memory, memory_method, scores["pred"][0], int(test_index[0]),
+                   cast(str, model.mdbench_init))
+
+
 def run(row: str, cfg: Config, volumes: Volumes, seeds: list[int], adapter: MedAdapterConfig | None = None,
-        progress: bool = False) -> RowResult:
-    """Train and score one row once per seed and fold (:func:`cv_folds`): Table 1/2 metrics per seed, each over the
-    test volumes of every fold of that seed (all of ``volumes`` under cross-validation).
+        progress: bool = False, work: Work = uncached) -> RowResult:
+    """Train and score one row once per seed and fold (:func:`cv_folds`; :func:`run_fold`, each a unit of ``work``
+    keyed by row, seed and fold, so a row name must decide its ``adapter``, as in :func:`ablation_adapters`): Table
+    1/2 metrics per seed, each over the test volumes of every fold of that seed (all of ``volumes`` under
+    cross-validation).
 
     Metrics: ``dice_anterior``, ``dice_posterior``, ``dice_mean`` (%), ``hd95`` (mm), each the mean of per-volume
     values (kept in ``per_volume``), ``tuned_params_m`` (trainable parameters, millions), ``tuned_params_pct`` (% of
     the row's model), ``train_memory_mb`` (a training step of the seed's first fold), ``s_per_epoch`` (wall seconds
-    of one training epoch, mean over the seed's folds). Every fold's model starts from the seed's initialisation.
-    The volumes are moved to ``cfg.device`` once; batches are indexed there (:func:`_batches`).
+    of one training epoch, mean over the seed's folds). The volumes are moved to ``cfg.device`` once; batches are
+    indexed there (:func:`_batches`).
     """
     on_device = volumes.to(cfg.device)
     values: dict[str, list[float]] = {}
     per_volume: list[pd.DataFrame] = []
     curves: list[pd.DataFrame] = []
-    example: torch.Tensor | None = None
-    example_index, init, memory_method = -1, "", ""
+    first: FoldRun | None = None
     for seed in seeds:
-        seed_lines, seconds, memory, report = [], [], math.nan, None
-        for fold, (train_index, test_index) in enumerate(cv_folds(volumes, cfg.folds, seed)):
-            seed_rngs(seed)
-            generator = torch.Generator().manual_seed(seed)
-            model = build_row_model(row, cfg, adapter).to(cfg.device)
-            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                         weight_decay=cfg.weight_decay, amsgrad=True)
-            train_set = on_device.subset(train_index)
-            loader = _batches(train_set.images, train_set.labels, cfg.batch_size, generator)
-            history = train.fit(model, loader, step_fn=_step(dice_loss()), optimizer=optimizer, epochs=cfg.epochs,
-                                scheduler=_paper_schedule(optimizer, cfg.epochs, cfg.warmup_epochs),
-                                device=cfg.device, amp=cfg.amp, progress=progress, seed=seed)
-            curve = history.to_frame()[["epoch", "train_loss", "lr", "seconds"]]
-            curves.append(curve.assign(row=row, seed=seed, fold=fold))
-            seconds += [epoch["seconds"] for epoch in history.epochs]
-            scores = evaluate(model, on_device.subset(test_index), cfg.device, cfg.batch_size)
-            seed_lines.append(scores["per_volume"].assign(fold=fold))
-            if fold == 0:
-                # after scoring: the measured step runs in train mode and would move BatchNorm statistics
-                memory, memory_method = training_memory_mb(model, next(iter(loader)), optimizer, cfg.device,
-                                                           cfg.amp)
-                report = trainable_report(model)
-            if example is None:
-                # every model that build_model makes carries its mdbench_init, a str (mdbench.models)
-                example, example_index, init = scores["pred"][0], int(test_index[0]), cast(str, model.mdbench_init)
-            del model, optimizer
-        lines = pd.concat(seed_lines, ignore_index=True)
+        folds = [work("fold", partial(run_fold, row, cfg, on_device, train_index, test_index, seed, fold, adapter,
+                                      progress), row=row, seed=seed, fold=fold)
+                 for fold, (train_index, test_index) in enumerate(cv_folds(volumes, cfg.folds, seed))]
+        first = first or folds[0]
+        lines = pd.concat([f.per_volume for f in folds], ignore_index=True)
         per_volume.append(lines.assign(row=row, seed=seed))
-        assert report is not None  # cv_folds gives at least one fold
-        seed_values = {**volume_means(lines), "tuned_params_m": report.trainable / 1e6,
-                       "tuned_params_pct": report.percent, "train_memory_mb": memory,
-                       "s_per_epoch": float(np.mean(seconds))}
+        curves += [f.curve for f in folds]
+        seed_values = {**volume_means(lines), "tuned_params_m": folds[0].trainable / 1e6,
+                       "tuned_params_pct": folds[0].percent, "train_memory_mb": folds[0].memory,
+                       "s_per_epoch": float(np.mean([s for f in folds for s in f.seconds]))}
         for key, value in seed_values.items():
             values.setdefault(key, []).append(value)
     empty = pd.DataFrame(columns=["row", "seed", "fold", "unit", "metric", "value", "weight"])
     return RowResult(row, list(seeds), values, pd.concat(per_volume, ignore_index=True) if per_volume else empty,
-                     pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(), example, example_index,
-                     init, memory_method, protocol(volumes, cfg.folds))
+                     pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(),
+                     first.example_pred if first else None, first.example_index if first else -1,
+                     first.init if first else "", first.memory_method if first else "",
+                     protocol(volumes, cfg.folds))
 
 
 # ---------------------------------------------------------------------------------------------------- records

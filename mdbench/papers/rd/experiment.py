@@ -26,7 +26,8 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar, cast
+from functools import partial
+from typing import Any, ClassVar, NamedTuple, TypeVar, cast
 
 import numpy as np
 import pandas as pd
@@ -60,6 +61,7 @@ from mdbench.models.reprogramming import (
 )
 from mdbench.params import NotebookConfig
 from mdbench.repro import seed_rngs
+from mdbench.work import Work, uncached
 
 FM_METHODS = ("fm_linear_probe", "fm_full_ft", "fm_lora", "fm_vpt")
 STUDENT_METHODS = ("student", "kd", "fitnet", "rkd", "rd_no_cka", "rd_no_reprogramming", "rd")
@@ -254,6 +256,8 @@ def make_task(data: ClassificationData, fm: FrozenFM, fraction: float, seed: int
 @dataclass(frozen=True)
 class Config(NotebookConfig):
     """The notebook's parameters; the training settings are shared by every method (recorded with each result)."""
+
+    selectors: ClassVar[tuple[str, ...]] = ("seeds", "datasets", "fractions")  # name the units of work
 
     datasets: tuple[str, ...] = ("pneumoniamnist", "pbc", "isic2017")
     data_dir: str | None = None
@@ -596,14 +600,15 @@ def unavailable_methods(methods: Iterable[str], fm: FrozenFM) -> dict[str, str]:
 
 
 def run(data: ClassificationData, fm: FrozenFM, fraction: float, methods: Iterable[str], cfg: Config,
-        progress: bool = True) -> pd.DataFrame:
+        progress: bool = True, work: Work = uncached) -> pd.DataFrame:
     """Every method of ``methods`` for every seed and student of ``cfg`` on ``data`` at one label fraction.
 
     Each seed draws its own label subset (:func:`make_task`). Hinton KD's teacher is the fully fine-tuned FM when
     ``fm_full_ft`` runs, else the linear probe; it trains once per seed and its logits serve every student. The
     ``students`` train every student method of ``methods``, the ``claim_students`` (where ``claim_datasets`` holds
-    ``data``) only those of :data:`CLAIM_METHODS`. The data move to ``cfg.device`` once. With ``progress``, a bar
-    and one line per seed say how far the grid is.
+    ``data``) only those of :data:`CLAIM_METHODS`. The data move to ``cfg.device`` once. Each seed is one unit of
+    ``work`` (dataset, fraction, seed: :func:`run_seed`). With ``progress``, a bar and one line per seed say how far
+    the grid is.
 
     Returns:
         One row per (method, student, seed): ``dataset`` (the task label), ``name`` (the dataset's), ``fraction``,
@@ -627,38 +632,50 @@ def run(data: ClassificationData, fm: FrozenFM, fraction: float, methods: Iterab
     rows: list[dict[str, Any]] = []
     seeds, label = cfg.seeds, fraction_label(data.name, fraction)
     on_device = data.to(cfg.device)
-    bar = tqdm(total=len(seeds) * (len(fm_methods) + sum(len(m) for _, m in grid)), desc=label,
-               disable=not progress)
+    per_seed = len(fm_methods) + sum(len(m) for _, m in grid)
+    bar = tqdm(total=len(seeds) * per_seed, desc=label, disable=not progress)
     start = time.perf_counter()
     for done, seed in enumerate(seeds, 1):
-        seed_task = make_task(on_device, fm, fraction, seed)
-        base = {"dataset": seed_task.label, "name": data.name, "fraction": fraction, "seed": seed,
-                "kd_teacher": teacher_method or "—"}
-        teacher_logits = None
-        for method in fm_methods:
-            bar.set_postfix_str(f"seed {seed} {method}")
-            result = run_fm_method(method, seed_task, seed, cfg, teacher=method == teacher_method)
-            if method == teacher_method:
-                teacher_logits = result.train_logits
-            rows.append({**base, "method": method, "student": "—", "init": fm.encoder.mdbench_init,
-                         **result.test.metrics, "probs": result.test.probs, **_training(result.history)})
-            bar.update()
-        for student, methods_of_student in grid:
-            initial = initial_student(student, seed_task, seed, cfg)
-            for method in methods_of_student:
-                bar.set_postfix_str(f"seed {seed} {student} {method}")
-                result = run_student_method(method, seed_task, initial, seed, cfg, teacher_logits)
-                row = {**base, "student": student, "init": initial.mdbench_init}
-                rows.append({**row, "method": method, **result.test.metrics, "probs": result.test.probs,
-                             **_training(result.history)})
-                for name, scores in result.extra.items():
-                    rows.append({**row, "method": f"{method}_{name}", **scores.metrics, "probs": scores.probs,
-                                 **_training(None)})
-                bar.update()
+        rows += work("seed", partial(run_seed, on_device, fm, fraction, fm_methods, grid, teacher_method, cfg, seed,
+                                     bar), dataset=data.name, fraction=fraction, seed=seed)
+        bar.update(per_seed)
         if progress:
             _report_progress(label, done, len(seeds), time.perf_counter() - start, rows)
     bar.close()
     return pd.DataFrame(rows)
+
+
+def run_seed(data: ClassificationData, fm: FrozenFM, fraction: float, fm_methods: list[str],
+             grid: list[tuple[str, list[str]]], teacher_method: str | None, cfg: Config, seed: int,
+             bar: Any = None) -> list[dict[str, Any]]:
+    """The rows of :func:`run` of one seed (a unit of work): every FM method, then every (student, its methods) of
+    ``grid``; ``bar`` (a tqdm bar) shows which is training."""
+    seed_task = make_task(data, fm, fraction, seed)
+    base = {"dataset": seed_task.label, "name": data.name, "fraction": fraction, "seed": seed,
+            "kd_teacher": teacher_method or "—"}
+    rows: list[dict[str, Any]] = []
+    teacher_logits = None
+    for method in fm_methods:
+        if bar is not None:
+            bar.set_postfix_str(f"seed {seed} {method}")
+        result = run_fm_method(method, seed_task, seed, cfg, teacher=method == teacher_method)
+        if method == teacher_method:
+            teacher_logits = result.train_logits
+        rows.append({**base, "method": method, "student": "—", "init": fm.encoder.mdbench_init,
+                     **result.test.metrics, "probs": result.test.probs, **_training(result.history)})
+    for student, methods_of_student in grid:
+        initial = initial_student(student, seed_task, seed, cfg)
+        for method in methods_of_student:
+            if bar is not None:
+                bar.set_postfix_str(f"seed {seed} {student} {method}")
+            result = run_student_method(method, seed_task, initial, seed, cfg, teacher_logits)
+            row = {**base, "student": student, "init": initial.mdbench_init}
+            rows.append({**row, "method": method, **result.test.metrics, "probs": result.test.probs,
+                         **_training(result.history)})
+            for name, scores in result.extra.items():
+                rows.append({**row, "method": f"{method}_{name}", **scores.metrics, "probs": scores.probs,
+                             **_training(None)})
+    return rows
 
 
 def _training(history: train.History | None) -> dict[str, Any]:
