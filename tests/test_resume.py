@@ -14,8 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
-from mdbench import samples
+from mdbench import runner, samples
 
 from toy_papers import write_notebook, write_paper
 
@@ -46,6 +47,24 @@ reference = results.load_reference("_template")
 session.save_table(results.build_table(reference, session.store.records(), "table1"), "table1")
 session.save_table(verdicts.evaluate_claims(reference, session.store.records(), session.store.samples), "claims")
 """
+
+
+def test_resume_reaches_every_notebook_as_a_parameter_it_must_declare(tmp_path, monkeypatch):
+    # a fake papermill that keeps the parameters it was given
+    script = "import shutil, sys; shutil.copy(sys.argv[2], sys.argv[1] + '.params')"
+    monkeypatch.setattr(runner, "papermill_command", lambda notebook, output, params_file: [
+        sys.executable, "-c", script, str(tmp_path / "given"), str(params_file)])
+    papers = write_paper(tmp_path / "papers", write_notebook(tmp_path / "toy.ipynb", "pass", PARAMS))
+    runner.reproduce(profile_name="smoke", results_dir=tmp_path / "results", papers_dir=papers, progress=False,
+                     log=lambda line: None, resume=True)
+    assert yaml.safe_load((tmp_path / "given.params").read_text()) == {"profile": "smoke", "device": "cpu",
+                                                                       "resume": True}
+    runner.reproduce(profile_name="smoke", results_dir=tmp_path / "results", papers_dir=papers, progress=False,
+                     log=lambda line: None)
+    assert "resume" not in yaml.safe_load((tmp_path / "given.params").read_text())
+    old = write_paper(tmp_path / "old", write_notebook(tmp_path / "old.ipynb", "pass"))  # declares no resume
+    with pytest.raises(runner.RunnerError, match=r"unknown parameter\(s\) \['resume'\]"):
+        runner.reproduce(profile_name="smoke", results_dir=tmp_path / "results", papers_dir=old, resume=True)
 
 
 def _reproduce(papers: Path, results: Path, unit_s: float, *resume: str) -> subprocess.Popen:
