@@ -110,7 +110,8 @@ class WorkCache:
                 self.loaded.append(path)
                 return value
         scratch = path.with_name(f"{path.stem}.{self.identity}.scratch")
-        for other in path.parent.glob(f"{path.stem}.*.scratch"):  # another config's, or a run not resumed
+        stale = path.parent.glob(f"{path.stem}.{'?' * len(self.identity)}.scratch")
+        for other in stale:  # another config's, or this one's when the run is not resumed
             if other != scratch or not self.resume:
                 shutil.rmtree(other, ignore_errors=True)
         start = time.perf_counter()
