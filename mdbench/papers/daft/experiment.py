@@ -369,10 +369,10 @@ def lineage(seed: int, teacher: LiteMedSAM, kd: KDSet, routers: Routers, cases: 
                                         cases, seed)
     if seed != cfg.seeds[0]:
         return Lineage(kd_mse, curves, per_case)
-    kept = [c["name"] for c in shown_cases(cases) + timed_cases(cases, cfg)]
-    routes = {name: routers.file_name.route(name) for name in kept}
+    routes = {c["name"]: routers.file_name.route(c["name"]) for c in shown_cases(cases) + timed_cases(cases, cfg)}
     predictions = {key: labels for key, labels in evaluator.predictions.items() if routes.get(key[1]) == key[0]}
-    deployed = {name: expert.cpu() for name, expert in experts.items() if name in set(routes.values())}
+    needed = {routers.file_name.route(c["name"]) for c in timed_cases(cases, cfg)}  # what deploy() exports
+    deployed = {name: expert.cpu() for name, expert in experts.items() if name in needed}
     return Lineage(kd_mse, curves, per_case, predictions, {"+ general FT": general.cpu(), "experts": deployed})
 
 
