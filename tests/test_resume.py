@@ -110,7 +110,7 @@ def _outcome(folder: Path) -> dict:
     for path in sorted((folder / "records").glob(f"*{samples.SUFFIX}")):
         outcome[path.name] = samples.read(path).to_dict("list")
     for name in ("table1.csv", "claims.csv"):
-        outcome[name] = pd.read_csv(folder / name).to_dict("list")
+        outcome[name] = pd.read_csv(folder / name, keep_default_na=False).to_dict("list")  # empty cells stay ""
     return outcome
 
 
