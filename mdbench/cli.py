@@ -201,6 +201,13 @@ def _execute_notebooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_stored_results_arguments(parser: argparse.ArgumentParser, profiles: list[str]) -> None:
+    """--paper, --profile and --results-dir of the commands that rework stored records (judge, tables)."""
+    parser.add_argument("--paper", action="append", help="paper (repeatable; default: every paper with records)")
+    parser.add_argument("--profile", default="cpu", choices=profiles, help="default: cpu")
+    parser.add_argument("--results-dir", type=Path, default=None, help="default: results/ or MDBENCH_RESULTS_DIR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mdbench`` command line: one sub-command per job."""
     from mdbench.paper_yaml import PAPERS_DIR
@@ -246,9 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     jud = sub.add_parser("judge", help="re-judge the claims on the stored records and per-sample outputs (no "
                          "retraining) and rewrite results/summary.csv")
-    jud.add_argument("--paper", action="append", help="paper (repeatable; default: every paper with records)")
-    jud.add_argument("--profile", default="cpu", choices=available_profiles(), help="default: cpu")
-    jud.add_argument("--results-dir", type=Path, default=None, help="default: results/ or MDBENCH_RESULTS_DIR")
+    _add_stored_results_arguments(jud, available_profiles())
     jud.set_defaults(func=_judge)
 
     rpt = sub.add_parser("report", help="build a static HTML site of the results for reviewers: claim tallies, tables, "
@@ -261,9 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tab = sub.add_parser("tables", help="rebuild every table of each paper (those its paper.yaml reports) from the "
                          "stored records and per-sample outputs (no retraining)")
-    tab.add_argument("--paper", action="append", help="paper (repeatable; default: every paper with records)")
-    tab.add_argument("--profile", default="cpu", choices=available_profiles(), help="default: cpu")
-    tab.add_argument("--results-dir", type=Path, default=None, help="default: results/ or MDBENCH_RESULTS_DIR")
+    _add_stored_results_arguments(tab, available_profiles())
     tab.set_defaults(func=_tables)
 
     data = sub.add_parser("data", help="the dataset registry")
