@@ -109,6 +109,19 @@ def test_clam_instance_loss_and_gradients(multi_branch, subtyping, n_classes):
         assert trained == (c == 1 or subtyping), f"instance classifier {c}"
 
 
+def test_batched_instance_loss_under_bf16_autocast_is_fp32_and_near_the_fp32_one():
+    # The gpu profile trains EFCM's heads under autocast; the batched instance loss once summed fp32 branch losses
+    # into a bf16 buffer and failed (found by tests/gpu on an H200, reproduced here on the CPU).
+    torch.manual_seed(0)
+    model = clam_sb(in_dim=6, hidden=(16, 8), k_sample=2).eval()
+    h = torch.randn(2, 6, 6)
+    full = model(h, label=[0, 1], lengths=[6, 5]).instance_loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(h, label=[0, 1], lengths=[6, 5]).instance_loss
+    assert mixed.dtype == torch.float32 and mixed.shape == (2,)
+    assert torch.allclose(mixed, full, rtol=0.05), (mixed, full)
+
+
 def test_small_bags_use_half_the_bag_and_single_instances_skip_clustering():
     model = clam_sb(in_dim=4, hidden=(8, 4), k_sample=8).eval()
     x = torch.randn(5, 4)

@@ -252,7 +252,7 @@ class CLAM(nn.Module):
         """(B,) per bag: the sum over the instance branches CLAM trains for a bag of its class (mean over classes
         when subtyping), each the mean loss of its pseudo-labelled instances. Bags that take as many instances
         (``k``) and train a branch the same way go through it together."""
-        total = x.new_zeros(len(x))
+        total = x.new_zeros(len(x), dtype=torch.float32)  # fp32 under autocast too, where x is bf16/fp16
         ks = [min(self.k_sample, n // 2) for n in bags.lengths]
         for c, classifier in enumerate(self.instance_classifiers):
             for in_class in (True, False) if self.subtyping else (True,):
@@ -262,7 +262,7 @@ class CLAM(nn.Module):
                         index = host_to_device(group, x.device)
                         loss = self._branch_loss(classifier, x, attention[:, c if self.multi_branch else 0], bags.mask,
                                                  None if len(group) == len(x) else index, k, in_class)
-                        total = total.index_add(0, index, loss)
+                        total = total.index_add(0, index, loss.float())
         return total / self.n_classes if self.subtyping else total
 
     def _branch_loss(self, classifier: nn.Module, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None,

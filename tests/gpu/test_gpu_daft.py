@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gpu_compare import MARKS, assert_close, assert_scores_close
+from gpu_compare import MARKS, assert_close, assert_scores_close, full_fp32
 from torch import nn
 
 from mdbench.data.synthetic import SyntheticBoxPromptCases
@@ -36,12 +36,16 @@ def _kd(device: str) -> tuple[training.History, torch.Tensor, float]:
 
 
 def test_encoder_kd_alike_on_cuda():
-    (cpu_history, cpu_targets, cpu_mse), (history, targets, mse) = _kd("cpu"), _kd("cuda")
+    # Full fp32: with TF32 convolutions the student's first Adam steps drift apart (this test failed so on an H200),
+    # and a tolerance wide enough for that drift would hide a real device-path bug.
+    cpu_history, cpu_targets, cpu_mse = _kd("cpu")
+    with full_fp32():
+        history, targets, mse = _kd("cuda")
     assert targets.device.type == "cpu" and targets.dtype == cpu_targets.dtype == torch.float16
     assert_close(targets, cpu_targets, 1e-2, "teacher embeddings (float16 cache)")
-    assert_close([r["train_loss"] for r in history.epochs], [r["train_loss"] for r in cpu_history.epochs], 0.05,
+    assert_close([r["train_loss"] for r in history.epochs], [r["train_loss"] for r in cpu_history.epochs], 0.02,
                  "KD losses")
-    assert_close(mse, cpu_mse, 0.1, "embedding MSE after KD (TF32 convolutions on CUDA)")
+    assert_close(mse, cpu_mse, 0.05, "embedding MSE after KD")
 
 
 @pytest.fixture(scope="module")
