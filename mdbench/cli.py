@@ -148,6 +148,17 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_register(args: argparse.Namespace) -> int:
+    """Check a folder in a standard layout and register it under a name that notebooks take as ``dataset``."""
+    from mdbench.data import own
+
+    entry = own.register(args.name, args.path, args.layout)
+    print(f"registered {entry.name!r}: {entry.layout} at {entry.path}, classes {', '.join(entry.classes)} (in "
+          f"{own.datasets_file()})\nrun a notebook on it with `papermill notebooks/<notebook>.ipynb out.ipynb -p "
+          f"dataset {entry.name} -p profile cpu` (README, \"Use your own dataset\", says which notebooks take it)")
+    return 0
+
+
 def _stores(args: argparse.Namespace) -> list[ResultStore] | None:
     """The result stores of ``--paper`` (default: every paper with records) at ``--profile`` under
     ``--results-dir``; None, with the reason on stderr, where one of them holds no records. An unknown paper is a
@@ -342,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="trust cached digests of files whose size and mtime are unchanged, as loading does "
                           "(default: re-read every byte)")
     chk.set_defaults(func=_data_check)
+    reg = data_sub.add_parser("register", help="register your own dataset in a standard layout so that a notebook "
+                              "runs on it with -p dataset NAME",
+                              description="Check PATH with the layout's loader and store it as NAME in "
+                                          "~/.config/mdbench/datasets.yaml (MDBENCH_CONFIG_DIR overrides the folder). "
+                                          "classfolders: PATH/<class>/<image>.png, one sub-folder per class; "
+                                          "decathlon: PATH/dataset.json with imagesTr/ and labelsTr/ NIfTI volumes.")
+    reg.add_argument("name", help="lower-case letters, digits and _, not a built-in dataset's name")
+    reg.add_argument("path", type=Path, help="the dataset's folder")
+    reg.add_argument("--layout", required=True, choices=["classfolders", "decathlon"])
+    reg.set_defaults(func=_data_register)
     return parser
 
 
