@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Compare the records (table cells) and claim verdicts of the results folder RUN "
                                      "with those of REF. A cell agrees when RUN's mean is within a relative tolerance "
                                      "of REF's (a paper's paper.yaml can set rerun_tolerance: {TABLE: {relative: R}}); "
-                                     "wall-clock times (ms, s, min) are listed but not judged; a claim agrees when "
+                                     "wall-clock times (ms, s, min), speed-ups (x) and rates (.../s) are listed but not judged; a claim agrees when "
                                      "both give it the same verdict.",
                          epilog="exit status: 0 all agree; 1 some differ; 2 bad input (a missing folder, no records)")
     cmp.add_argument("reference", type=Path, metavar="REF", help="the reference results folder, e.g. results")

@@ -2,8 +2,8 @@
 
 A cell agrees when the rerun's mean is within a relative tolerance of the reference's (default 5 %; a paper's
 ``rerun_tolerance: {table: {relative: r}}`` section in its paper.yaml overrides it per table). Wall-clock
-measurements (times in ms, s or min, rates per second) depend on the machine and its load: they are listed but
-not judged. A claim agrees when both folders give it the same verdict. A cell or claim present on one side only
+measurements (times in ms, s or min, speed-ups in x, rates per second) depend on the machine and its load: they are
+listed but not judged. A claim agrees when both folders give it the same verdict. A cell or claim present on one side only
 does not agree.
 
     mdbench compare results runs/20260102T030405Z-cpu [--paper P] [--profile cpu] [--relative 0.05]
@@ -22,7 +22,7 @@ from mdbench.results import Record, load_records
 DEFAULT_RELATIVE = 0.05
 AGREES, DIFFERS, NOT_JUDGED = "agrees", "differs", "not judged (machine-dependent)"
 ONLY_REF, ONLY_RUN = "only in reference", "only in run"
-MACHINE_UNITS = ("ms", "s", "min")
+MACHINE_UNITS = ("ms", "s", "min", "x")  # times, and speed-ups (ratios of times)
 CELL_COLUMNS = ["paper", "profile", "table", "dataset", "row", "metric", "unit", "reference", "run", "relative_diff",
                 "tolerance", "status"]
 CLAIM_COLUMNS = ["paper", "profile", "claim", "dataset", "reference", "run", "status"]
@@ -33,8 +33,9 @@ class CompareError(ValueError):
 
 
 def machine_dependent(rec: Record) -> bool:
-    """Whether ``rec`` measures wall-clock time or a rate per second (units ms, s, min or ``…/s``; a metric named
-    ``latency…`` or ``…_ms`` whose unit was left empty), which varies with the machine and its load."""
+    """Whether ``rec`` measures wall-clock time, a speed-up (a ratio of times) or a rate per second (units ms, s, min,
+    x or ``…/s``; a metric named ``latency…`` or ``…_ms`` whose unit was left empty), which varies with the machine
+    and its load."""
     if rec.unit:
         return rec.unit in MACHINE_UNITS or rec.unit.endswith("/s")
     return "latency" in rec.metric or rec.metric.endswith(("_ms", "_s", "_min"))

@@ -178,6 +178,8 @@ def test_machine_dependent_units():
                       profile="smoke", config={})
     assert compare.machine_dependent(Record(metric="time", unit="min", **store_args))
     assert compare.machine_dependent(Record(metric="throughput", unit="patches/s", **store_args))
+    assert compare.machine_dependent(Record(metric="speedup", unit="x", **store_args))
     assert compare.machine_dependent(Record(metric="latency_ms", unit="", **store_args))  # unit left empty
     assert not compare.machine_dependent(Record(metric="dice", unit="%", **store_args))
+    assert not compare.machine_dependent(Record(metric="train_memory_mb", unit="MiB", **store_args))
     assert not compare.machine_dependent(Record(metric="params", unit="", **store_args))
