@@ -40,12 +40,13 @@ def new_run_folder(profile: str, root: Path | None = None, now: datetime | None 
 
 
 def run_folders(profile: str, root: Path | None = None) -> list[Path]:
-    """The run folders of ``profile`` under ``root`` (default :func:`runs_root`), oldest first."""
+    """The run folders of ``profile`` under ``root`` (default :func:`runs_root`) that hold anything, oldest first (a
+    run refused before its first notebook, e.g. with nothing to run, leaves an empty one)."""
     root = Path(root) if root is not None else runs_root()
     found = []
     for path in root.glob(f"*-{profile}") if root.is_dir() else ():
         match = _RUN_NAME.match(path.name)
-        if path.is_dir() and match and match["profile"] == profile:
+        if path.is_dir() and match and match["profile"] == profile and any(path.iterdir()):
             found.append(((match["stamp"], int(match["n"] or 1)), path))
     return [path for _, path in sorted(found)]
 

@@ -20,12 +20,13 @@ NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 def test_run_folders_are_stamped_per_profile_and_the_latest_is_found(tmp_path):
     first = runs.new_run_folder("cpu", tmp_path, now=NOW)
     assert first == tmp_path / "20260102T030405Z-cpu" and not first.exists()  # the runner creates it
-    first.mkdir()
+    (first / "quickstart").mkdir(parents=True)
     second = runs.new_run_folder("cpu", tmp_path, now=NOW)  # same second: told apart
     assert second.name == "20260102T030405Z.2-cpu"
-    second.mkdir()
-    (tmp_path / "20991231T000000Z-smoke").mkdir()  # newer, but another profile
-    (tmp_path / "notes-cpu").mkdir()  # not a run folder
+    (second / "quickstart").mkdir(parents=True)
+    (tmp_path / "20991231T000000Z-smoke" / "quickstart").mkdir(parents=True)  # newer, but another profile
+    (tmp_path / "20991231T000000Z-cpu").mkdir()  # newer, but empty: a run refused before it began
+    (tmp_path / "notes-cpu" / "quickstart").mkdir(parents=True)  # not a run folder
     assert runs.run_folders("cpu", tmp_path) == [first, second]
     assert runs.latest_run_folder("cpu", tmp_path) == second
     with pytest.raises(runs.RunsError, match="no earlier run of profile 'gpu'.*--results-dir"):
@@ -44,7 +45,7 @@ def test_run_folder_choice(tmp_path, monkeypatch):
     assert chosen("--results-dir", str(tmp_path / "mine"), "--update-reference") == tmp_path / "mine"
     with pytest.raises(runs.RunsError):
         chosen("--resume")
-    (tmp_path / "runs" / "20260102T030405Z-smoke").mkdir(parents=True)
+    (tmp_path / "runs" / "20260102T030405Z-smoke" / "toy").mkdir(parents=True)
     assert chosen("--resume") == tmp_path / "runs" / "20260102T030405Z-smoke"
     assert cli.main(["reproduce", "--profile", "cpu", "--resume"]) == 2  # said in one line, not a traceback
 
