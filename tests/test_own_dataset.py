@@ -120,6 +120,7 @@ def test_msd_hippocampus_is_read_by_the_decathlon_loader(real_data_dir):
     assert ds.indices[:5].tolist() == [2, 7, 8, 10, 22]
 
 
+@pytest.mark.slow
 def test_the_quickstart_notebook_runs_on_a_registered_dataset(tmp_path, monkeypatch):
     papermill = pytest.importorskip("papermill")
     own.register("pets", class_folders(tmp_path / "pets", per_class=20), "classfolders")

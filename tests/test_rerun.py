@@ -50,6 +50,7 @@ def test_run_folder_choice(tmp_path, monkeypatch):
     assert cli.main(["reproduce", "--profile", "cpu", "--resume"]) == 2  # said in one line, not a traceback
 
 
+@pytest.mark.slow
 def test_a_rerun_leaves_the_reference_untouched_unless_asked(tmp_path, monkeypatch, capsys):
     reference, runs_root = tmp_path / "reference", tmp_path / "runs"
     monkeypatch.setenv("MDBENCH_RUNS_DIR", str(runs_root))
