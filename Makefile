@@ -16,7 +16,7 @@ PROFILE  ?= $(if $(MDBENCH_DATA_DIR),cpu,smoke)
 PAPER    ?=
 JOBS     ?= 1
 
-.PHONY: reproduce test unit test-gpu nbval lint doctor clean-venv execute-notebooks report browser
+.PHONY: reproduce compare test unit test-gpu nbval lint doctor clean-venv execute-notebooks report browser
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,18 @@ $(STAMP): pyproject.toml requirements/lock.txt
 
 $(VENV): $(STAMP)
 
+# Outputs go to a new run folder runs/<UTC stamp>-<profile>/; UPDATE_REFERENCE=1 refreshes the committed results/.
+UPDATE_REFERENCE ?=
 reproduce: $(STAMP)
-	$(BIN)/mdbench reproduce --profile $(PROFILE) --jobs $(JOBS) $(foreach p,$(PAPER),--paper $(p))
+	$(BIN)/mdbench reproduce --profile $(PROFILE) --jobs $(JOBS) $(foreach p,$(PAPER),--paper $(p)) \
+		$(if $(UPDATE_REFERENCE),--update-reference)
+
+# Does a rerun agree with the reference?  make compare RUN=runs/<stamp>-<profile>  (REF defaults to results)
+REF ?= results
+RUN ?=
+compare: $(STAMP)
+	@test -n "$(RUN)" || { echo "make compare needs RUN=<run folder>, e.g. RUN=runs/20260101T000000Z-cpu"; exit 2; }
+	$(BIN)/mdbench compare $(REF) $(RUN) $(foreach p,$(PAPER),--paper $(p))
 
 test: $(STAMP) lint unit nbval
 

@@ -22,6 +22,7 @@ Reproduce four papers on efficient adaptation and compression of medical foundat
   mdbench reproduce --data-dir DIR        every notebook on the real datasets under DIR (profile cpu)
   mdbench data list --data-dir DIR        which datasets DIR holds
   mdbench report                          a static HTML site of the results (offline)
+  mdbench compare results runs/RUN        does a rerun (written to runs/<stamp>-<profile>/) agree with results/?
 
 `mdbench COMMAND --help` says more; `mdbench reproduce --help` lists the papers and profiles."""
 
@@ -33,7 +34,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     if args.no_verify_data:  # the notebooks' processes inherit it; their records' fingerprints say so
         os.environ["MDBENCH_VERIFY_DATA"] = "0"
-    results_dir = resolve_results_dir(args.results_dir)
+    results_dir = resolve_results_dir(_run_folder(args))
     try:
         results = reproduce(papers=args.paper, profile_name=args.profile, jobs=args.jobs,
                             results_dir=results_dir, data_dir=args.data_dir, progress=not args.quiet,
@@ -45,11 +46,36 @@ def _reproduce(args: argparse.Namespace) -> int:
         return 128 + stopped.signum
     ran = [r.paper for r in results if r.status in ("ok", "failed")]
     print(f"\n{summary_table(results)}\n\n{outputs_text(results, results_dir)}\n\n"
-          f"{tally_text(results_dir, args.profile, ran)}")
+          f"{tally_text(results_dir, args.profile, ran)}\n\n{_where_text(args, results_dir)}")
     failed = [r for r in results if r.status == "failed"]
     if failed:
         print(f"\n{len(failed)} notebook(s) failed: their failed notebooks and logs are listed above.")
     return 1 if failed else 0
+
+
+def _run_folder(args: argparse.Namespace) -> Path:
+    """Where ``reproduce`` writes: ``--results-dir`` if given; the reference (results/ or MDBENCH_RESULTS_DIR) with
+    ``--update-reference``; with ``--resume``, the newest run folder of the profile; else a new run-stamped folder
+    ``<runs>/<UTC stamp>-<profile>/`` (:mod:`mdbench.runs`), so that a rerun never overwrites the reference."""
+    from mdbench import runs
+
+    if args.results_dir is not None:
+        return args.results_dir
+    if args.update_reference:
+        from mdbench.results import results_root
+
+        return results_root()
+    return runs.latest_run_folder(args.profile) if args.resume else runs.new_run_folder(args.profile)
+
+
+def _where_text(args: argparse.Namespace, results_dir: Path) -> str:
+    """The folder the run wrote to, and for a run beside the reference, how to compare the two."""
+    from mdbench.results import results_root
+
+    if results_dir == results_root().absolute():
+        return f"outputs of this run: {results_dir} (the reference results)"
+    return (f"outputs of this run: {results_dir}\ncompare with the reference: mdbench compare {results_root()} "
+            f"{results_dir} --profile {args.profile}")
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -122,6 +148,17 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_register(args: argparse.Namespace) -> int:
+    """Check a folder in a standard layout and register it under a name that notebooks take as ``dataset``."""
+    from mdbench.data import own
+
+    entry = own.register(args.name, args.path, args.layout)
+    print(f"registered {entry.name!r}: {entry.layout} at {entry.path}, classes {', '.join(entry.classes)} (in "
+          f"{own.datasets_file()})\nrun a notebook on it with `papermill notebooks/<notebook>.ipynb out.ipynb -p "
+          f"dataset {entry.name} -p profile cpu` (README, \"Use your own dataset\", says which notebooks take it)")
+    return 0
+
+
 def _stores(args: argparse.Namespace) -> list[ResultStore] | None:
     """The result stores of ``--paper`` (default: every paper with records) at ``--profile`` under
     ``--results-dir``; None, with the reason on stderr, where one of them holds no records. An unknown paper is a
@@ -191,6 +228,19 @@ def _tables(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    """Compare a rerun's records and claims with the reference's: 0 all agree, 1 some differ, 2 bad input."""
+    from mdbench.compare import CompareError, compare
+
+    try:
+        found = compare(args.reference, args.run, papers=args.paper, profiles=args.profile, relative=args.relative)
+    except CompareError as err:
+        print(f"mdbench: {err}", file=sys.stderr)
+        return 2
+    print(found.text())
+    return 0 if found.all_agree else 1
+
+
 def _execute_notebooks(args: argparse.Namespace) -> int:
     from mdbench.runner import NOTEBOOKS_DIR, execute_in_place
 
@@ -227,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="see below (default: cpu, which needs --data-dir)")
     rep.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1)")
     rep.add_argument("--results-dir", type=Path, default=None, metavar="DIR",
-                     help="default: results/ or MDBENCH_RESULTS_DIR")
+                     help="write here (default: a new run folder runs/<UTC stamp>-<profile>/, under MDBENCH_RUNS_DIR "
+                          "if set, so that the committed reference results/ is left as it is)")
+    rep.add_argument("--update-reference", action="store_true",
+                     help="write to the reference results/ (or MDBENCH_RESULTS_DIR) instead of a new run folder")
     rep.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
                      help="the folder that holds the real datasets (pbc/, isic2017/, ...); wins over "
                           "MDBENCH_DATA_DIR (the default)")
@@ -237,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--resume", action="store_true",
                      help="load the units of work (seeds, folds, rows) that an earlier run of the same config and "
                           "code stored under <results>/<paper>/<profile>/work/ instead of computing them again, and "
-                          "continue its interrupted trainings from their checkpoints")
+                          "continue its interrupted trainings from their checkpoints; without --results-dir or "
+                          "--update-reference, in the newest run folder of the profile")
     rep.add_argument("--quiet", action="store_true",
                      help="one line per notebook as it ends, no live progress (for CI logs)")
     rep.add_argument("--papers-dir", type=Path, default=PAPERS_DIR, help=argparse.SUPPRESS)  # tests run toy papers
@@ -269,6 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stored_results_arguments(tab, available_profiles())
     tab.set_defaults(func=_tables)
 
+    cmp = sub.add_parser("compare", help="does a rerun agree with the reference? every table cell and claim of two "
+                         "results folders side by side",
+                         description="Compare the records (table cells) and claim verdicts of the results folder RUN "
+                                     "with those of REF. A cell agrees when RUN's mean is within a relative tolerance "
+                                     "of REF's (a paper's paper.yaml can set rerun_tolerance: {TABLE: {relative: R}}); "
+                                     "wall-clock times (ms, s, min), speed-ups (x) and rates (.../s) are listed but not judged; a claim agrees when "
+                                     "both give it the same verdict.",
+                         epilog="exit status: 0 all agree; 1 some differ; 2 bad input (a missing folder, no records)")
+    cmp.add_argument("reference", type=Path, metavar="REF", help="the reference results folder, e.g. results")
+    cmp.add_argument("run", type=Path, metavar="RUN", help="the rerun's folder, e.g. runs/20260102T030405Z-cpu")
+    cmp.add_argument("--paper", action="append", help="paper (repeatable; default: every paper RUN has records of)")
+    cmp.add_argument("--profile", action="append", choices=available_profiles(),
+                     help="profile (repeatable; default: every profile RUN has records of)")
+    cmp.add_argument("--relative", type=float, default=0.05,
+                     help="relative tolerance of tables their paper.yaml does not set (default 0.05, i.e. 5 %%)")
+    cmp.set_defaults(func=_compare)
+
     data = sub.add_parser("data", help="the dataset registry")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     lst = data_sub.add_parser("list", help="each dataset, its task and licence, and whether it is present")
@@ -282,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="trust cached digests of files whose size and mtime are unchanged, as loading does "
                           "(default: re-read every byte)")
     chk.set_defaults(func=_data_check)
+    reg = data_sub.add_parser("register", help="register your own dataset in a standard layout so that a notebook "
+                              "runs on it with -p dataset NAME",
+                              description="Check PATH with the layout's loader and store it as NAME in "
+                                          "~/.config/mdbench/datasets.yaml (MDBENCH_CONFIG_DIR overrides the folder). "
+                                          "classfolders: PATH/<class>/<image>.png, one sub-folder per class; "
+                                          "decathlon: PATH/dataset.json with imagesTr/ and labelsTr/ NIfTI volumes.")
+    reg.add_argument("name", help="lower-case letters, digits and _, not a built-in dataset's name")
+    reg.add_argument("path", type=Path, help="the dataset's folder")
+    reg.add_argument("--layout", required=True, choices=["classfolders", "decathlon"])
+    reg.set_defaults(func=_data_register)
     return parser
 
 
@@ -321,9 +402,11 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
     from mdbench.data.errors import DataError
     from mdbench.paper_yaml import PaperFileError
     from mdbench.runner import RunnerError
+    from mdbench.runs import RunsError
 
     results = sys.modules.get("mdbench.results")
-    return (RunnerError, DataError, PaperFileError, OSError, *([results.RecordError] if results else []))
+    return (RunnerError, DataError, PaperFileError, RunsError, OSError,
+            *([results.RecordError] if results else []))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real-data root, a session cache folder, and torch threads (1 unless told otherwise)."""
+"""Shared fixtures: the real-data root, session cache, run and config folders, and torch threads (1 unless told
+otherwise)."""
 from __future__ import annotations
 
 import os
@@ -25,6 +26,16 @@ def _session_cache_dir(tmp_path_factory):
     (~/.cache/mdbench) or the checkout's .cache/."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MDBENCH_CACHE_DIR", str(tmp_path_factory.mktemp("mdbench-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_runs_and_config_dirs(tmp_path_factory):
+    """Run folders of ``mdbench reproduce`` (:mod:`mdbench.runs`) and registered datasets (``datasets.yaml``) go to
+    session folders, never to the checkout's runs/ or the user's ~/.config/mdbench."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MDBENCH_RUNS_DIR", str(tmp_path_factory.mktemp("mdbench-runs")))
+        patch.setenv("MDBENCH_CONFIG_DIR", str(tmp_path_factory.mktemp("mdbench-config")))
         yield
 
 

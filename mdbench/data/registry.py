@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mdbench.data import own
 from mdbench.data.checksums import SUMS_FILE, VERIFY_ENV, note_unverified, verification_enabled, verify_sha256sums
 from mdbench.data.errors import DataIntegrityError, DataNotFoundError, UnknownDatasetError
 
@@ -50,6 +51,7 @@ class DatasetSpec:
     loader_name: str
     marker: str = ""
     data_classes: tuple[str, ...] = ()
+    path: str = ""  # a registered dataset's own folder (:mod:`mdbench.data.own`), read without a data root
 
     @property
     def loader(self) -> Any:
@@ -120,12 +122,30 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
 )}
 
 
+def own_specs() -> dict[str, DatasetSpec]:
+    """The datasets registered with ``mdbench data register`` (:mod:`mdbench.data.own`), as specs."""
+    return {name: DatasetSpec(name=name, folder=entry.path, task=entry.task, modality="your own",
+                              licence="your own", citation="", source=f"registered in {own.datasets_file()}",
+                              card="", loader_name=entry.loader_name, data_classes=entry.classes, path=entry.path)
+            for name, entry in own.registered().items()}
+
+
 def get_spec(name: str) -> DatasetSpec:
-    """The :class:`DatasetSpec` called ``name``; :class:`UnknownDatasetError` lists the known names."""
-    try:
+    """The :class:`DatasetSpec` called ``name``, built in or registered; :class:`UnknownDatasetError` lists the known
+    names."""
+    if name in DATASETS:
         return DATASETS[name]
-    except KeyError:
-        raise UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}") from None
+    mine = own_specs()
+    if name not in mine:
+        raise UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}"
+                                  + (f"; registered: {', '.join(sorted(mine))}" if mine else "")
+                                  + "; register your own with `mdbench data register NAME PATH --layout LAYOUT`")
+    return mine[name]
+
+
+def dataset_folder(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -> Path:
+    """Where ``spec``'s files are: a registered dataset's own folder, else ``<data root>/<spec.folder>``."""
+    return Path(spec.path) if spec.path else data_root(data_dir) / spec.folder
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
@@ -144,21 +164,25 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def is_present(name: str, data_dir: str | os.PathLike | None = None) -> bool:
-    """Whether dataset ``name`` is downloaded under the data root (False when no root is set)."""
+    """Whether dataset ``name`` is downloaded under the data root (False when no root is set), or for a registered
+    one, whether its folder exists."""
     return _present(get_spec(name), _root_or_none(data_dir))
 
 
 def dataset_table(data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """One row per dataset (name, task, modality, licence, present, path) for ``mdbench data list``."""
+    """One row per dataset, built in then registered (name, task, modality, licence, present, path) for
+    ``mdbench data list``."""
     root = _root_or_none(data_dir)
     return [{"name": s.name, "task": s.task, "modality": s.modality, "licence": s.licence,
              "present": _present(s, root),
-             "path": None if root is None else str(root / s.folder)} for s in DATASETS.values()]
+             "path": s.path or (None if root is None else str(root / s.folder))}
+            for s in [*DATASETS.values(), *own_specs().values()]]
 
 
 def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
                  verify: bool | None = None, **kwargs: Any) -> Dataset:
-    """Build dataset ``name``'s ``split`` from ``<data root>/<folder>``; ``kwargs`` go to its loader.
+    """Build dataset ``name``'s ``split`` from ``<data root>/<folder>`` (a registered dataset, :mod:`mdbench.data.own`:
+    from its own folder, verified only where it holds a ``SHA256SUMS``); ``kwargs`` go to its loader.
 
     Before the loader reads anything, the folder is checked against its ``SHA256SUMS`` (once per process; digests
     of unchanged files come from the hash cache, see :func:`mdbench.data.checksums.verify_sha256sums`).
@@ -173,10 +197,15 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
         DataNotFoundError: the data root or the dataset's folder does not exist.
     """
     spec = get_spec(name)
-    folder = data_root(data_dir) / spec.folder
+    folder = dataset_folder(spec, data_dir)
+    if spec.path and not folder.is_dir():
+        raise DataNotFoundError(f"dataset {name!r} is registered at {folder}, which is not a folder (any more): "
+                                f"register it again with `mdbench data register {name} PATH --layout LAYOUT`")
     # an absent folder is left to the loader, whose error says what is missing and how to point at the data
     if folder.is_dir():
-        if verification_enabled(verify):
+        if spec.path and not (folder / SUMS_FILE).is_file():  # your own data, as you registered it
+            note_unverified(name, folder, f"registered without a {SUMS_FILE}")
+        elif verification_enabled(verify):
             _verify_once(spec, folder)
         else:
             reason = "verify=False" if verify is not None else f"{VERIFY_ENV}={os.environ[VERIFY_ENV]}"
@@ -223,4 +252,6 @@ def _root_or_none(data_dir: str | os.PathLike | None) -> Path | None:
 
 
 def _present(spec: DatasetSpec, root: Path | None) -> bool:
+    if spec.path:
+        return Path(spec.path).is_dir()
     return root is not None and (root / spec.folder / spec.marker).exists()

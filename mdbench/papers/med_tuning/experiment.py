@@ -30,7 +30,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 from mdbench import metrics, train
 from mdbench.data.base import RealDataset
-from mdbench.data.registry import is_present, load_dataset
+from mdbench.data.registry import get_spec, is_present, load_dataset
 from mdbench.data.splits import kfold_splits
 from mdbench.data.synthetic import SyntheticVolumes
 from mdbench.efficiency import peak_memory
@@ -172,13 +172,27 @@ class Volumes:
 def load_data(cfg: Config) -> Volumes:
     """Every volume of the run: the fixed split's ``cfg.n_train`` training and ``cfg.n_test`` test volumes (in that
     order), or with ``cfg.folds`` the first ``cfg.n_volumes`` of the whole dataset (:func:`cv_folds` cuts them)."""
-    if cfg.dataset != "synthetic" and not is_present(cfg.dataset, cfg.data_dir):
-        raise FileNotFoundError(f"{cfg.dataset} is not under {cfg.data_dir or '$MDBENCH_DATA_DIR'}: see "
-                                f"data_cards/{cfg.dataset}.md, or run the smoke profile on synthetic volumes")
+    if cfg.dataset != "synthetic":
+        check_classes(cfg.dataset)
+        if not is_present(cfg.dataset, cfg.data_dir):
+            raise FileNotFoundError(f"{cfg.dataset} is not under {cfg.data_dir or '$MDBENCH_DATA_DIR'}: see "
+                                    f"data_cards/{cfg.dataset}.md, or run the smoke profile on synthetic volumes")
     if cfg.folds is not None:
         return load_volumes(cfg.dataset, "all", cfg.n_volumes, cfg, cfg.data_dir)
     return Volumes.concat([load_volumes(cfg.dataset, "train", cfg.n_train, cfg, cfg.data_dir),
                            load_volumes(cfg.dataset, "test", cfg.n_test, cfg, cfg.data_dir)])
+
+
+def check_classes(dataset: str) -> None:
+    """Refuse a dataset whose labels are not the hippocampus' (background, anterior, posterior): the rows, their
+    per-class Dice records and the claims name those two structures. A registered Decathlon dataset
+    (``mdbench data register``) with other labels is an error saying so."""
+    classes = tuple(get_spec(dataset).classes)
+    if classes != CLASSES:
+        raise ValueError(f"dataset {dataset!r} has the labels {list(classes)}, and the Med-Tuning notebook segments "
+                         f"the hippocampus' {list(CLASSES)} (its per-class Dice and claims name them): use a "
+                         "Decathlon-layout dataset whose dataset.json labels are 0 background, 1 anterior, "
+                         "2 posterior")
 
 
 def load_volumes(dataset: str, split: str, n: int | None, cfg: Config, data_dir: str | None = None) -> Volumes:
