@@ -244,10 +244,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _execute_notebooks(args: argparse.Namespace) -> int:
     from mdbench.runner import NOTEBOOKS_DIR, execute_in_place
 
-    paths = args.notebooks or sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
-    for path in paths:
-        print(f"executing {path} ...", flush=True)
-        execute_in_place(Path(path))
+    execute_in_place([Path(p) for p in args.notebooks] or sorted(NOTEBOOKS_DIR.glob("*.ipynb")), progress=True)
     return 0
 
 

@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -714,18 +714,27 @@ def tally_text(results_dir: Path, profile: str, papers: list[str]) -> str:
     return f"claims at profile {profile}:\n" + tally(claims).drop(columns="profile").to_string(index=False)
 
 
-def execute_in_place(path: Path, timeout_s: float = 600) -> None:
-    """Re-run a notebook with its own (smoke) defaults and store the outputs in it, without widget state, as
-    committed for nbval."""
+def execute_in_place(paths: Sequence[Path], timeout_s: float = 600, progress: bool = False) -> None:
+    """Re-run notebooks with their own (smoke) defaults and store the outputs in them, without widget state, as
+    committed for nbval. Each is written back only once all have run (those done before a failure, then the error):
+    a notebook written back earlier would make the tree dirty for the next one's banner."""
     import nbformat
     from nbclient import NotebookClient
 
     from mdbench.io import atomic_write
 
-    notebook_parameters(path)  # refuses a notebook without a parameters cell
-    nb = nbformat.read(path, as_version=4)
-    if nb.metadata.get("kernelspec", {}).get("name") != KERNEL:
-        raise RunnerError(f"{path}: kernelspec must be {KERNEL!r}")
-    NotebookClient(nb, kernel_name=KERNEL, timeout=timeout_s,
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    atomic_write(path, nbformat.writes(without_widgets(nb)) + "\n")
+    executed = []
+    try:
+        for path in paths:
+            notebook_parameters(path)  # refuses a notebook without a parameters cell
+            nb = nbformat.read(path, as_version=4)
+            if nb.metadata.get("kernelspec", {}).get("name") != KERNEL:
+                raise RunnerError(f"{path}: kernelspec must be {KERNEL!r}")
+            if progress:
+                print(f"executing {path} ...", flush=True)
+            NotebookClient(nb, kernel_name=KERNEL, timeout=timeout_s,
+                           resources={"metadata": {"path": str(path.parent)}}).execute()
+            executed.append((path, nb))
+    finally:
+        for path, nb in executed:
+            atomic_write(path, nbformat.writes(without_widgets(nb)) + "\n")

@@ -231,12 +231,22 @@ def test_a_real_run_logs_every_cell_and_keeps_no_widget_state(tmp_path, capsys):
     assert "bar.ipynb | Training the toy | cell " in out
 
 
-def test_execute_in_place_stores_no_widget_state(tmp_path):
-    notebook = write_notebook(tmp_path / "bar.ipynb", TOY_WITH_BAR)
-    runner.execute_in_place(notebook)
-    executed = nbformat.read(notebook, as_version=4)
-    assert "widgets" not in executed.metadata
-    assert [out.output_type for out in executed.cells[-1].outputs] == ["stream"]
+def test_execute_in_place_stores_no_widget_state_and_writes_after_the_last_run(tmp_path, monkeypatch):
+    first, second = (write_notebook(tmp_path / f"{name}.ipynb", TOY_WITH_BAR) for name in ("a", "b"))
+    before = first.read_bytes()
+    from nbclient import NotebookClient
+
+    execute = NotebookClient.execute
+    unchanged_while_running = []
+    monkeypatch.setattr(NotebookClient, "execute",
+                        lambda self, **kw: unchanged_while_running.append(first.read_bytes() == before)
+                        or execute(self, **kw))
+    runner.execute_in_place([first, second])
+    assert unchanged_while_running == [True, True]  # the second notebook ran beside an unchanged first one
+    for notebook in (first, second):
+        executed = nbformat.read(notebook, as_version=4)
+        assert "widgets" not in executed.metadata
+        assert [out.output_type for out in executed.cells[-1].outputs] == ["stream"]
 
 
 # ---------------------------------------------------------------------------------------- licence and citation
