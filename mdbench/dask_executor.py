@@ -138,7 +138,8 @@ def _gather(client, tasks: list[Task], results_dir: Path, data_dir: Path | None,
             done += [RunResult(by_name[n].entry.paper, by_name[n].label, "interrupted",
                                detail=f"stopped by {signal.Signals(stop[0]).name}") for n in pending]
             raise Interrupted(stop[0], done)
-    return done
+    order = {task.label: i for i, task in enumerate(tasks)}
+    return sorted(done, key=lambda r: order[r.notebook])  # as planned: a notebook's shards, then their merge
 
 
 def _collect(task: Task, future, results_dir: Path) -> RunResult:

@@ -74,13 +74,13 @@ def write_paper(papers_dir: Path, notebook: Path, paper: str = "toy", datasets=(
     return papers_dir
 
 
-def run_here(results: Path, monkeypatch, paper: str = "toy") -> Path:
+def run_here(results: Path, monkeypatch, paper: str = "toy", params: str = PARAMS) -> Path:
     """The toy notebook's code run to its end in this process (no papermill, no kernel: seconds); its folder."""
     results.mkdir()
     monkeypatch.setenv("MDBENCH_RESULTS_DIR", str(results))
     monkeypatch.setenv("TOY_UNIT_S", "0")
     namespace: dict = {}
-    exec(PARAMS, namespace)  # noqa: S102 - the test's own notebook
+    exec(params, namespace)  # noqa: S102 - the test's own notebook
     try:
         exec(body(paper), namespace)  # noqa: S102
     finally:
