@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mdbench import dask_executor, runner, tasks
+from mdbench import cli, dask_executor, runner, tasks
 
 from toy_papers import PARAMS, body, outcome, run_here, write_notebook, write_paper
 
@@ -92,14 +92,22 @@ def _kill_a_worker_mid_task(cluster, papers, tmp_path, monkeypatch):
     assert "work seed seed=0: loaded" in (folder / "toy.executed.ipynb").read_text()  # the retry resumed
 
 
-def test_a_task_past_its_timeout_is_stopped_and_reported_with_nothing_half_written(cluster, tmp_path):
+def test_the_command_on_a_cluster_of_its_own_stops_a_task_past_its_timeout_with_nothing_half_written(tmp_path,
+                                                                                                      capsys):
     notebook = write_notebook(tmp_path / "slow.ipynb", "import time\ntime.sleep(600)", PARAMS)
     papers = write_paper(tmp_path / "papers", notebook, paper="slow", timeout_minutes=0.1)
-    [result] = _reproduce(cluster, papers, tmp_path / "r", "slow")
-    assert (result.status, result.detail) == ("failed", "timed out after 0.1 min")
+    status = cli.main(["reproduce", "--executor", "dask", "--profile", "smoke", "--papers-dir", str(papers),
+                       "--results-dir", str(tmp_path / "r"), "--quiet"])
+    out = capsys.readouterr().out
+    assert status == 1 and "slow.ipynb                   failed" in out and "timed out after 0.1 min" in out, out
     folder = tmp_path / "r" / "slow" / "smoke"
     left = {p.name for p in folder.iterdir()} - {runner.LOCK_NAME}
     assert "slow.log" in left and left <= {"slow.log", "slow.failed.ipynb"}  # no records, no executed notebook
+
+
+def test_address_and_shards_need_the_dask_executor(capsys):
+    assert cli.main(["reproduce", "--profile", "smoke", "--shards", "2"]) == 2
+    assert "--address and --shards need --executor dask" in capsys.readouterr().err
 
 
 def test_a_task_no_worker_can_run_is_refused_before_anything_runs(papers):
