@@ -35,7 +35,7 @@ from typing import Any
 from mdbench import runner
 from mdbench.progress import Display
 from mdbench.runner import Interrupted, PaperNotebook, Profile, RunnerError, RunResult, result_line
-from mdbench.tasks import Task, TaskOutput, plan, run_task, stored_units, write_outputs
+from mdbench.tasks import STOP_POLL_S, Task, TaskOutput, plan, run_task, stored_units, write_outputs
 
 POLL_S = 0.2
 RETRIES = 2
@@ -57,9 +57,10 @@ def local_cluster(profile: Profile, n_workers: int | None = None, threads: int =
     else:
         count = n_workers or max(1, (os.cpu_count() or 1) // threads)
         specs = [({"CPU": threads}, {"OMP_NUM_THREADS": str(threads)})] * count
-    workers = {f"mdbench-{i}": {"cls": Nanny, "options": {"nthreads": 1, "resources": resources, "env": env}}
+    workers = {f"mdbench-{i}": {"cls": Nanny, "options": {"nthreads": 1, "resources": resources, "env": env,
+                                                         "silence_logs": logging.ERROR, "dashboard": False}}
                for i, (resources, env) in enumerate(specs)}
-    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}},
+    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard": False}},
                        silence_logs=logging.ERROR)
 
 
@@ -74,8 +75,21 @@ def check_resources(workers: dict[str, dict[str, Any]], tasks: list[Task], addre
                               f"needs ({len(have)} worker(s)); start workers with --resources {needs}")
 
 
+class StopEvent:
+    """Whether the run's ``distributed.Event`` named ``name`` is set: what a task asks to know that the run that
+    dispatched it was stopped (a thread on a worker cannot be cancelled; its notebook can be stopped)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self) -> bool:
+        from distributed import Event
+
+        return Event(self.name).is_set()
+
+
 def merge_task(task: Task, notebook: bytes, units: dict[str, bytes], run_id: str, data_dir: Path | None,
-               *shards: TaskOutput) -> TaskOutput:
+               stopped: StopEvent, *shards: TaskOutput) -> TaskOutput:
     """Run the merge ``task`` over the units of work its ``shards`` made, or say which shard did not end well."""
     bad = [s.task.label for s in shards if s.result.status != "ok"]
     if bad:
@@ -84,7 +98,7 @@ def merge_task(task: Task, notebook: bytes, units: dict[str, bytes], run_id: str
     for shard in shards:
         units = {**units, **{path.split("/", 1)[1]: data for path, data in shard.files.items()
                              if path.startswith("work/")}}
-    return run_task(task, notebook, units, run_id, data_dir, resume=True)
+    return run_task(task, notebook, units, run_id, data_dir, resume=True, stopped=stopped)
 
 
 def run_all(todo: list[PaperNotebook], profile: Profile, results_dir: Path, data_dir: Path | None, jobs: int,
@@ -111,7 +125,10 @@ def run_all(todo: list[PaperNotebook], profile: Profile, results_dir: Path, data
 def _gather(client, tasks: list[Task], results_dir: Path, data_dir: Path | None, resume: bool,
             retries: int) -> list[RunResult]:
     """Submit the tasks, write each one's outputs into the results folder as it ends, and return their results."""
+    from distributed import Event, wait
+
     run_id = uuid.uuid4().hex[:12]
+    stop_event = StopEvent(f"mdbench-{run_id}-stop")
     futures: dict[str, Any] = {}
     for task in tasks:
         folder = results_dir / task.entry.paper / task.profile.name
@@ -119,9 +136,10 @@ def _gather(client, tasks: list[Task], results_dir: Path, data_dir: Path | None,
         common = {"key": f"mdbench-{run_id}-{task.name}", "resources": task.resources, "retries": retries,
                   "pure": False}
         if task.shards:
-            futures[task.name] = client.submit(merge_task, *args, *(futures[s] for s in task.shards), **common)
+            futures[task.name] = client.submit(merge_task, *args, stop_event, *(futures[s] for s in task.shards),
+                                               **common)
         else:
-            futures[task.name] = client.submit(run_task, *args, resume, **common)
+            futures[task.name] = client.submit(run_task, *args, resume, stopped=stop_event, **common)
     by_name = {task.name: task for task in tasks}
     pending, done = dict(futures), []
     display = Display(live=False)  # a line per task as it ends: its notebook's log is on the worker until then
@@ -133,7 +151,9 @@ def _gather(client, tasks: list[Task], results_dir: Path, data_dir: Path | None,
                     done.append(_collect(by_name[name], future, results_dir))
                     display.finished(name, result_line(done[-1]))
             time.sleep(POLL_S)
-        if stop:
+        if stop:  # the running tasks stop their notebooks (and keep no records), then the rest is cancelled
+            Event(stop_event.name, client=client).set()
+            wait(list(pending.values()), timeout=STOP_POLL_S + runner.STOP_WAIT_S + 5)
             client.cancel(list(pending.values()), force=True)
             done += [RunResult(by_name[n].entry.paper, by_name[n].label, "interrupted",
                                detail=f"stopped by {signal.Signals(stop[0]).name}") for n in pending]

@@ -30,6 +30,7 @@ import ast
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from mdbench.runner import (
 
 WORK = "work"  # the units of work's folder in a paper's results folder (mdbench.notebook.start)
 POLL_S = 0.5  # how often a task looks whether its notebook has ended
+STOP_POLL_S = 2.0  # how often it asks whether it is to stop
 
 
 @dataclass(frozen=True)
@@ -127,13 +129,14 @@ def plan(entry: PaperNotebook, profile: Profile, shards: int = 1) -> list[Task]:
 
 
 def run_task(task: Task, notebook: bytes, units: dict[str, bytes], run_id: str, data_dir: Path | None,
-             resume: bool, base: Path | None = None) -> TaskOutput:
+             resume: bool, base: Path | None = None, stopped: Callable[[], bool] | None = None) -> TaskOutput:
     """Run ``task`` in its workspace under ``base`` (default: the system's temporary folder) and return its outputs.
 
     ``notebook``: the notebook file's bytes. ``units``: stored units of work (paths under ``work/``: bytes) to load:
     the shards' for a merge, the results folder's with ``--resume``. ``resume``: the run loads stored units (always
     for a merge, and for a retry that finds its first attempt's units). The workspace is removed once the outputs are
-    read; a worker that dies leaves it for the retry.
+    read; a worker that dies leaves it for the retry. ``stopped``: asked every few seconds; once it says True the
+    notebook is stopped and the task ends ``interrupted`` (the caller was stopped by a signal).
     """
     workspace = Path(base or tempfile.gettempdir()) / "mdbench-tasks" / run_id / task.name
     folder = workspace / task.entry.paper / task.profile.name
@@ -157,10 +160,16 @@ def run_task(task: Task, notebook: bytes, units: dict[str, bytes], run_id: str, 
         except RunnerError as err:
             return TaskOutput(task, replace(run.discard("failed", str(err)), notebook=task.label), {})
         try:
-            result = run.poll()
+            result, asked = run.poll(), time.monotonic()
             while result is None:
                 time.sleep(POLL_S)
                 result = run.poll()
+                if result is None and stopped is not None and time.monotonic() - asked > STOP_POLL_S:
+                    if stopped():
+                        run.stop()
+                        run.wait_stopped()
+                        result = run.discard("interrupted", "stopped: the run that dispatched it was stopped")
+                    asked = time.monotonic()
         finally:  # the worker's task was cancelled: nothing may outlive it
             run.stop()
             run.wait_stopped()
