@@ -60,8 +60,8 @@ def local_cluster(profile: Profile, n_workers: int | None = None, threads: int =
     workers = {f"mdbench-{i}": {"cls": Nanny, "options": {"nthreads": 1, "resources": resources, "env": env,
                                                          "silence_logs": logging.ERROR, "dashboard": False}}
                for i, (resources, env) in enumerate(specs)}
-    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard": False}},
-                       silence_logs=logging.ERROR)
+    scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": ":0"}}  # any free port
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR)
 
 
 def check_resources(workers: dict[str, dict[str, Any]], tasks: list[Task], address: str) -> None:
