@@ -16,7 +16,6 @@ from mdbench import cli, dask_executor, runner, tasks
 
 from toy_papers import PARAMS, body, outcome, run_here, write_notebook, write_paper
 
-pytestmark = pytest.mark.slow
 ONE_SEED = PARAMS.replace("seeds = [0, 1, 2]", "seeds = [0]")  # "other": a notebook that --shards leaves whole
 
 
@@ -45,6 +44,7 @@ def _reproduce(cluster, papers: Path, results: Path, *names: str, shards: int = 
                                    log=lambda line: None)
 
 
+@pytest.mark.slow
 def test_two_notebooks_at_once_one_of_them_sharded_give_the_outcome_of_unsharded_runs(cluster, papers, tmp_path,
                                                                                        monkeypatch):
     done = _reproduce(cluster, papers, tmp_path / "r", "toy", "other", shards=2)
@@ -63,6 +63,7 @@ def test_two_notebooks_at_once_one_of_them_sharded_give_the_outcome_of_unsharded
     assert not list((tmp_path / "r").rglob(".tmp-run-*"))
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_task_ends_with_complete_results(cluster, papers, tmp_path, monkeypatch):
     cluster.run(os.environ.__setitem__, "TOY_UNIT_S", "2")  # two seconds a unit: time to kill its worker
     try:
@@ -92,6 +93,7 @@ def _kill_a_worker_mid_task(cluster, papers, tmp_path, monkeypatch):
     assert "work seed seed=0: loaded" in (folder / "toy.executed.ipynb").read_text()  # the retry resumed
 
 
+@pytest.mark.slow
 def test_the_command_on_a_cluster_of_its_own_stops_a_task_past_its_timeout_with_nothing_half_written(tmp_path,
                                                                                                       capsys):
     notebook = write_notebook(tmp_path / "slow.ipynb", "import time\ntime.sleep(600)", PARAMS)
