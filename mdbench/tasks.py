@@ -27,6 +27,7 @@ resumes from them (where the notebook declares ``resume``).
 from __future__ import annotations
 
 import ast
+import contextlib
 import shutil
 import tempfile
 import time
@@ -175,6 +176,8 @@ def run_task(task: Task, notebook: bytes, units: dict[str, bytes], run_id: str, 
             run.wait_stopped()
         files = _outputs(folder, keep_all=result.status == "ok" and task.seeds is None)
     shutil.rmtree(workspace, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the run's folder goes with its last task
+        workspace.parent.rmdir()
     result = replace(result, notebook=task.label, output=None, log=None)
     return TaskOutput(task, result, files)
 
