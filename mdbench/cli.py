@@ -30,13 +30,13 @@ Reproduce four papers on efficient adaptation and compression of medical foundat
 def _reproduce(args: argparse.Namespace) -> int:
     """Exit status: 0 every notebook that ran is ok; 1 one failed or timed out; 2 (from ``main``) bad input, a results
     folder in use by another run, or nothing to run; 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM."""
-    from mdbench.runner import Interrupted, outputs_text, reproduce, resolve_results_dir, summary_table, tally_text
+    from mdbench.runner import Interrupted, outputs_text, resolve_results_dir, summary_table, tally_text
 
     if args.no_verify_data:  # the notebooks' processes inherit it; their records' fingerprints say so
         os.environ["MDBENCH_VERIFY_DATA"] = "0"
     results_dir = resolve_results_dir(_run_folder(args))
     try:
-        results = reproduce(papers=args.paper, profile_name=args.profile, jobs=args.jobs,
+        results = _executor(args)(papers=args.paper, profile_name=args.profile, jobs=args.jobs,
                             results_dir=results_dir, data_dir=args.data_dir, progress=not args.quiet,
                             papers_dir=args.papers_dir, resume=args.resume)
     except Interrupted as stopped:
@@ -76,6 +76,22 @@ def _where_text(args: argparse.Namespace, results_dir: Path) -> str:
         return f"outputs of this run: {results_dir} (the reference results)"
     return (f"outputs of this run: {results_dir}\ncompare with the reference: mdbench compare {results_root()} "
             f"{results_dir} --profile {args.profile}")
+
+
+def _executor(args: argparse.Namespace):
+    """The ``reproduce`` of ``--executor``: :func:`mdbench.runner.reproduce` (local, the default), or
+    :func:`mdbench.dask_executor.reproduce` with ``--address`` and ``--shards``, which only it takes."""
+    from mdbench.runner import RunnerError, reproduce
+
+    if args.executor == "local":
+        if args.address is not None or args.shards != 1:
+            raise RunnerError("--address and --shards need --executor dask")
+        return reproduce
+    from functools import partial
+
+    from mdbench.dask_executor import reproduce as on_dask
+
+    return partial(on_dask, address=args.address, shards=args.shards)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -289,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "code stored under <results>/<paper>/<profile>/work/ instead of computing them again, and "
                           "continue its interrupted trainings from their checkpoints; without --results-dir or "
                           "--update-reference, in the newest run folder of the profile")
+    rep.add_argument("--executor", choices=("local", "dask"), default="local",
+                     help="local: papermill processes on this machine (default); dask: tasks on a Dask cluster "
+                          "(--address, else a local one of one worker per GPU, or per core on CPU profiles)")
+    rep.add_argument("--address", default=None, metavar="tcp://HOST:PORT", help="the Dask scheduler (--executor dask)")
+    rep.add_argument("--shards", type=int, default=1, metavar="N",
+                     help="split each notebook's seeds into N tasks whose units of work a last task merges "
+                          "(--executor dask; default 1)")
     rep.add_argument("--quiet", action="store_true",
                      help="one line per notebook as it ends, no live progress (for CI logs)")
     rep.add_argument("--papers-dir", type=Path, default=PAPERS_DIR, help=argparse.SUPPRESS)  # tests run toy papers

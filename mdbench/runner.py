@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -625,7 +625,8 @@ def result_line(result: RunResult) -> str:
 
 def reproduce(papers: list[str] | None = None, profile_name: str = "cpu", jobs: int = 1,
               results_dir: Path | None = None, data_dir: Path | None = None, progress: bool = True,
-              papers_dir: Path = PAPERS_DIR, log=print, resume: bool = False) -> list[RunResult]:
+              papers_dir: Path = PAPERS_DIR, log=print, resume: bool = False,
+              run_all: Callable[..., list[RunResult]] | None = None) -> list[RunResult]:
     """Run the selected notebooks at a profile; returns one result per notebook (ok, failed or skipped).
 
     ``data_dir`` (``--data-dir``) wins over ``MDBENCH_DATA_DIR``; the notebooks get it as their ``data_dir`` parameter
@@ -633,6 +634,9 @@ def reproduce(papers: list[str] | None = None, profile_name: str = "cpu", jobs: 
     when every notebook would be skipped; :class:`~mdbench.paper_yaml.PaperFileError` for a paper.yaml that lacks a
     key; :class:`Interrupted` when SIGINT or SIGTERM stopped the run. ``papers_dir`` holds the papers (tests point
     it at toy ones). ``resume`` passes ``resume=True`` to every notebook (its stored units of work are loaded).
+    ``run_all`` runs the notebooks once the checks pass and their folders are locked, with :func:`_run_all`'s
+    arguments (default: that function, papermill processes on this machine; :mod:`mdbench.dask_executor` passes its
+    own).
     """
     if jobs < 1:
         raise RunnerError(f"--jobs must be at least 1, got {jobs}")
@@ -670,7 +674,7 @@ def reproduce(papers: list[str] | None = None, profile_name: str = "cpu", jobs: 
         expected = sum(float(e.minutes.get(profile.name, 0)) for e in todo)
         log(f"profile {profile.name}: {len(todo)} notebook(s) to run, about {expected:.0f} min expected, jobs={jobs}")
         try:
-            results.extend(_run_all(todo, profile, results_dir, data_dir, jobs, progress))
+            results.extend((run_all or _run_all)(todo, profile, results_dir, data_dir, jobs, progress))
         except Interrupted as stopped:
             stopped.results = sorted(results + stopped.results, key=lambda r: order[r.paper])
             raise
