@@ -191,6 +191,16 @@ def _tables(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figures(args: argparse.Namespace) -> int:
+    """Redraw the Pareto figures of each paper at a profile, and the cross-paper one, from the stored records (no
+    retraining)."""
+    from mdbench import pareto
+
+    paths = pareto.regenerate(args.paper, args.profile, args.results_dir, args.papers_dir)
+    print("\n".join(f"wrote {path}" for path in paths))
+    return 0
+
+
 def _execute_notebooks(args: argparse.Namespace) -> int:
     from mdbench.runner import NOTEBOOKS_DIR, execute_in_place
 
@@ -268,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "stored records and per-sample outputs (no retraining)")
     _add_stored_results_arguments(tab, available_profiles())
     tab.set_defaults(func=_tables)
+
+    fig = sub.add_parser("figures", help="redraw the Pareto figures (each paper's and, without --paper, the cross-paper "
+                         "one in results/pareto/) from the stored records (no retraining)")
+    _add_stored_results_arguments(fig, available_profiles())
+    fig.add_argument("--papers-dir", type=Path, default=PAPERS_DIR, help=argparse.SUPPRESS)  # tests run toy papers
+    fig.set_defaults(func=_figures)
 
     data = sub.add_parser("data", help="the dataset registry")
     data_sub = data.add_subparsers(dest="data_command", required=True)

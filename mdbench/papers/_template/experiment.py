@@ -19,7 +19,7 @@ from scipy.special import softmax
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mdbench import metrics, samples, train
+from mdbench import figures, metrics, samples, train
 from mdbench.data.synthetic import SyntheticClassification
 from mdbench.params import NotebookConfig
 from mdbench.repro import seed_rngs
@@ -99,6 +99,7 @@ def record(outputs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
+@figures.styled
 def plot_accuracy(frame: pd.DataFrame):
     """Each seed's accuracy per row (the frame of :func:`record`). Returns the figure."""
     import matplotlib.pyplot as plt
