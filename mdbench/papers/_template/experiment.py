@@ -108,6 +108,7 @@ def plot_accuracy(frame: pd.DataFrame):
     for i, row in enumerate(ROWS):
         values = frame[frame.row == row].value
         ax.scatter([i] * len(values), values, color="black")
-    ax.set_xticks(range(len(ROWS)), ROWS)
+    names = figures.method_names("_template")
+    ax.set_xticks(range(len(ROWS)), [figures.human(names, row) for row in ROWS])
     ax.set_ylabel("test accuracy (%)")
     return fig
