@@ -192,11 +192,12 @@ def _tables(args: argparse.Namespace) -> int:
 
 
 def _figures(args: argparse.Namespace) -> int:
-    """Redraw the Pareto figures of each paper at a profile, and the cross-paper one, from the stored records (no
-    retraining)."""
-    from mdbench import pareto
+    """Redraw, from the stored records (no retraining), the Pareto figures of each paper at a profile and the
+    cross-paper one, and each paper's figures that its records alone make."""
+    from mdbench import figures, pareto
 
     paths = pareto.regenerate(args.paper, args.profile, args.results_dir, args.papers_dir)
+    paths += figures.regenerate(args.paper, args.profile, args.results_dir, args.papers_dir)
     print("\n".join(f"wrote {path}" for path in paths))
     return 0
 

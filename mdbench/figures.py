@@ -22,6 +22,7 @@ from mdbench.paper_yaml import PAPERS_DIR, PaperFileError, paper_file, read_pape
 
 PNG_DPI = 300
 FORMATS = ("svg", "png")  # every figure is written in each, as <stem>.<format>
+ADJUST_ITERATIONS = 300  # adjustText's iterations to move labels apart
 LOG_MIN_DECADES = 1.0  # a positive range spanning fewer decades than this is shown on a linear axis
 THEME: dict[str, Any] = {
     "context": "paper", "style": "whitegrid", "palette": "colorblind", "font_scale": 1.1,
@@ -41,11 +42,20 @@ def apply_style() -> None:
 
 
 def styled(plot: F) -> F:
-    """Decorator for a plotting function: :func:`apply_style` before it draws."""
+    """Decorator for a plotting function: :func:`apply_style` before it draws, and numpy's global random state
+    seeded while it draws (seaborn's strip-plot jitter draws from it) and given back after, so that the same data
+    make the same figure without changing any random draw outside it."""
     @functools.wraps(plot)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import numpy as np
+
         apply_style()
-        return plot(*args, **kwargs)
+        state = np.random.get_state()
+        np.random.seed(0)
+        try:
+            return plot(*args, **kwargs)
+        finally:
+            np.random.set_state(state)
     return wrapper  # type: ignore[return-value]
 
 
@@ -159,7 +169,8 @@ def label_points(ax, xs: Sequence[float], ys: Sequence[float], labels: Sequence[
         texts.append(ax.text(xs[group[0]], ys[group[0]], "\n".join(labels[i] for i in group),
                              fontsize=text_kwargs.get("fontsize", 7), **{k: v for k, v in text_kwargs.items()
                                                                           if k != "fontsize"}))
-    adjust_text(texts, x=list(xs), y=list(ys), ax=ax, expand=(1.2, 1.4),
+    # a fixed number of iterations, not adjustText's default time limit: the same figure on any machine, at any load
+    adjust_text(texts, x=list(xs), y=list(ys), ax=ax, expand=(1.2, 1.4), iter_lim=ADJUST_ITERATIONS,
                 arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5})
     return texts
 
@@ -177,3 +188,38 @@ def mask_legend(ax, colours: Mapping[str, str], **kwargs: Any):
 
     handles = [Line2D([], [], color=colour, lw=1.5, label=label) for label, colour in colours.items()]
     return ax.legend(handles=handles, **{"fontsize": 7, "loc": "lower right", "framealpha": 0.8, **kwargs})
+
+
+# ------------------------------------------------------------------------------------------ from the records
+def regenerate(papers: Sequence[str] | None = None, profile: str = "cpu", root: Path | None = None,
+               papers_dir: Path = PAPERS_DIR) -> list[Path]:
+    """``mdbench figures``: redraw, from the stored records alone (no retraining), the figures of each paper whose
+    experiment module has ``record_figures(records) -> {name: figure}``, into ``<root>/<paper>/<profile>/``
+    (default: every paper of ``papers_dir``). Returns the paths written."""
+    import importlib
+
+    import matplotlib.pyplot as plt
+
+    from mdbench.paper_yaml import known_papers
+    from mdbench.results import ResultStore, results_root
+
+    root = Path(root) if root is not None else results_root()
+    written: list[Path] = []
+    for paper in papers or known_papers(papers_dir):
+        store = ResultStore(paper, profile, root=root)
+        records = store.records()
+        try:
+            module = importlib.import_module(f"mdbench.papers.{paper}.experiment")
+        except ModuleNotFoundError as err:
+            if not f"mdbench.papers.{paper}.experiment".startswith(err.name or "?"):
+                raise  # a package the module needs is missing: say so
+            continue  # a paper without an experiment module (the quickstart): its notebook draws its figures
+        draw = getattr(module, "record_figures", None)
+        if draw is None or not records:
+            continue
+        for name, fig in draw(records).items():
+            try:
+                written += store.save_figure(fig, name)
+            finally:
+                plt.close(fig)
+    return written

@@ -149,3 +149,32 @@ def test_med_tuning_and_daft_plots_show_human_names_and_speed_ups():
     text = _texts(daft.plot_scores(daft.TableA(per_case, {}), timings))
     assert "×1.0" in text and "×6.7" in text and "EfficientViT-SAM, KD only" in text
     plt.close("all")
+
+
+def test_figures_are_redrawn_from_the_records_alone(tmp_path):
+    import shutil
+
+    source = results_root() / "rd" / "cpu" / "records"
+    records = tmp_path / "rd" / "cpu" / "records"
+    records.mkdir(parents=True)
+    for path in [*source.glob("table1__*.json"), *source.glob("table2__*.json")]:
+        shutil.copy(path, records / path.name)
+    paths = figures.regenerate(["rd", "quickstart"], "cpu", tmp_path)  # the quickstart has no experiment module
+    assert sorted(p.name for p in paths) == ["accuracy_vs_flops_and_seed_spread.png",
+                                             "accuracy_vs_flops_and_seed_spread.svg"]
+    svg = (tmp_path / "rd" / "cpu" / "accuracy_vs_flops_and_seed_spread.svg").read_text()
+    assert "left out: FM full fine-tuning" in svg and "Reprogramming Distillation (ResNet-18)" in svg
+    assert figures.regenerate(["med_tuning"], "cpu", tmp_path) == []  # no records, no figure
+
+
+def test_a_styled_plot_draws_the_same_jitter_and_leaves_the_random_state_alone():
+    import numpy as np
+
+    @figures.styled
+    def draw():
+        return np.random.rand(3)
+
+    np.random.seed(5)
+    before = np.random.get_state()[1].copy()
+    assert (draw() == draw()).all()
+    assert (np.random.get_state()[1] == before).all()

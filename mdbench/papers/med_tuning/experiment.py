@@ -52,8 +52,8 @@ RESIZE = ("resample", "pad")
 __all__ = ["ABLATION_SWITCHES", "CLASSES", "PER_VOLUME", "PET_ROWS", "RESIZE", "TABLE1_ROWS", "Config", "FoldRun",
            "RowResult", "Volumes", "ablation_adapters", "build_row_model", "cv_folds", "dice_loss", "draw_framework",
            "evaluate", "load_data", "load_volumes", "mean_curves", "per_volume_lines", "plot_curves",
-           "plot_dice_vs_params", "plot_memory", "plot_slices", "protocol", "record", "run", "run_config", "run_fold",
-           "summary_frame", "training_memory_mb", "volume_means", "wide_table"]
+           "plot_dice_vs_params", "plot_memory", "plot_slices", "protocol", "record", "record_figures", "run",
+           "run_config", "run_fold", "summary_frame", "training_memory_mb", "volume_means", "wide_table"]
 
 
 @dataclass(frozen=True)
@@ -632,6 +632,27 @@ def plot_dice_vs_params(ax, summary) -> None:
     ax.set_xlabel(f"tuned parameters (M{', log scale' if scale == 'log' else ''})")
     ax.set_ylabel("mean Dice, anterior + posterior (%)")
     ax.legend(loc="lower right")
+
+
+@figures.styled
+def record_figures(records) -> dict:
+    """The figures that the records alone make (``mdbench figures``, no retraining): ``dice_vs_params`` (Table 1's
+    Dice against tuned parameters beside its training memory, as the notebook draws it); none without Table 1."""
+    import matplotlib.pyplot as plt
+
+    frame = summary_frame(records, "table1")
+    if frame.empty:
+        return {}
+    memory = next(r for r in records if r.table == "table1" and r.metric == "train_memory_mb")
+    method = memory.notes.split("train memory:")[-1].strip() if "train memory:" in memory.notes else "as recorded"
+    seeds = max(len(r.seeds) for r in records if r.table == "table1")
+    fig, (ax_params, ax_memory) = plt.subplots(1, 2, figsize=(11, 3.8))
+    plot_memory(ax_memory, frame, method)
+    ax_params.set_title(f"Table 1 on {memory.dataset}: Dice vs tuned parameters (± std over {seeds} seeds)",
+                        fontsize=9)
+    plot_dice_vs_params(ax_params, frame)
+    fig.tight_layout()
+    return {"dice_vs_params": fig}
 
 
 def plot_memory(ax, summary, method: str) -> None:

@@ -884,6 +884,23 @@ def plot_curves(runs: pd.DataFrame, student: str):
 
 
 # ------------------------------------------------------------------------------------------------- figures
+def record_figures(records) -> dict:
+    """The figures that the records alone make (``mdbench figures``, no retraining): ``accuracy_vs_flops_and_seed_spread``
+    (:func:`plot_accuracy` on Table 1's per-seed accuracies and Table 2's costs); none without both tables."""
+    accuracy = [r for r in records if r.table == "table1" and r.metric == "accuracy"]
+    costs = {}
+    for r in records:
+        if r.table == "table2" and r.metric == "gflops":
+            costs[r.row] = {"model": r.row, "flops": r.mean * 1e9, "input_shape": r.config["input_shape"]}
+    if not accuracy or not costs:
+        return {}
+    runs = pd.DataFrame([{"dataset": r.dataset, "method": r.row.split("/")[0], "student": r.config["student"],
+                          "seed": seed, "accuracy": value}
+                         for r in accuracy for seed, value in zip(r.seeds, r.values, strict=True)])
+    fm = accuracy[0].config["fm"]
+    return {"accuracy_vs_flops_and_seed_spread": plot_accuracy(runs, pd.DataFrame(list(costs.values())), fm)}
+
+
 @figures.styled
 def plot_accuracy(runs: pd.DataFrame, costs: pd.DataFrame, fm: str):
     """Left: mean accuracy over seeds against the deployed model's FLOPs of :func:`deployment_costs`, every model
@@ -908,19 +925,23 @@ def plot_accuracy(runs: pd.DataFrame, costs: pd.DataFrame, fm: str):
         GFLOPs=lambda f: f.deployed.map(flops),
         method=lambda f: [figures.human(names, m if s == "—" else f"{m}/{s}") for m, s in zip(f.method, f.student,
                                                                                            strict=True)])
-    fig, (ax_cost, ax_seed) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax_cost, ax_seed) = plt.subplots(1, 2, figsize=(13, 5.5))
     sns.scatterplot(data=means, x="GFLOPs", y="accuracy", hue="method", style="dataset", s=60, ax=ax_cost)
     figures.set_scale(ax_cost, "x", means.GFLOPs)
     title = f"accuracy vs deployed FLOPs at input {costs.input_shape.iloc[0]} (mean over seeds)"
     if left_out:
-        title += (f"\nleft out: {', '.join(figures.human(names, m) for m in left_out)}, which ran on the stand-in "
-                  f"{figures.human(names, fm)}, not the real FM")
+        title += (f"\nleft out: {', '.join(figures.human(names, m) for m in left_out)}:\nthey ran on "
+                  f"{figures.human(names, fm)}, a stand-in whose accuracy is not the real FM's")
     ax_cost.set_title(title, fontsize=8)
-    ax_cost.legend(fontsize=6, ncol=2)
+    ax_cost.set_ylabel("accuracy (%)")
+    ax_cost.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     order = [m for m in FM_METHODS + STUDENT_METHODS + ("rd_teacher",) if m in set(runs.method)]
     sns.stripplot(data=runs.assign(method=runs.method.map(lambda m: figures.human(names, m))), x="method",
                   y="accuracy", hue="dataset", order=[figures.human(names, m) for m in order], dodge=True, ax=ax_seed)
     ax_seed.tick_params(axis="x", rotation=60)
+    ax_seed.set_xlabel("")
+    ax_seed.set_ylabel("accuracy (%)")
     ax_seed.set_title("accuracy of each seed")
+    ax_seed.legend(fontsize=6, title="dataset", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
