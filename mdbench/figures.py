@@ -22,7 +22,7 @@ from mdbench.paper_yaml import PAPERS_DIR, PaperFileError, paper_file, read_pape
 
 PNG_DPI = 300
 FORMATS = ("svg", "png")  # every figure is written in each, as <stem>.<format>
-ADJUST_ITERATIONS = 300  # adjustText's iterations to move labels apart
+ADJUST_ITERATIONS = 1000  # adjustText's iterations to move labels apart
 LOG_MIN_DECADES = 1.0  # a positive range spanning fewer decades than this is shown on a linear axis
 THEME: dict[str, Any] = {
     "context": "paper", "style": "whitegrid", "palette": "colorblind", "font_scale": 1.1,
@@ -117,8 +117,8 @@ def suits_log(values: Iterable[float], min_decades: float = LOG_MIN_DECADES) -> 
 
 def set_scale(ax, axis: str, values: Iterable[float]) -> str:
     """Set ``ax``'s ``axis`` ("x" or "y") to log where :func:`suits_log` says so, else linear; returns the scale. A
-    log axis is labelled with plain numbers (0.3, 10, 100), not powers of ten."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    log axis is labelled with plain numbers at 1, 2 and 5 of each decade (0.2, 0.5, 1, 2, ...), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     if axis not in ("x", "y"):
         raise ValueError(f"axis must be 'x' or 'y', not {axis!r}")
@@ -126,6 +126,7 @@ def set_scale(ax, axis: str, values: Iterable[float]) -> str:
     (ax.set_xscale if axis == "x" else ax.set_yscale)(scale)
     if scale == "log":
         target = ax.xaxis if axis == "x" else ax.yaxis
+        target.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         target.set_minor_formatter(NullFormatter())
     return scale
@@ -166,11 +167,14 @@ def label_points(ax, xs: Sequence[float], ys: Sequence[float], labels: Sequence[
     texts = []
     for group in _groups(ax, xs, ys, radius_px):
         group = sorted(group, key=lambda i: -ys[i])
-        texts.append(ax.text(xs[group[0]], ys[group[0]], "\n".join(labels[i] for i in group),
-                             fontsize=text_kwargs.get("fontsize", 7), **{k: v for k, v in text_kwargs.items()
-                                                                          if k != "fontsize"}))
+        text = ax.text(xs[group[0]], ys[group[0]], "\n".join(labels[i] for i in group),
+                       fontsize=text_kwargs.get("fontsize", 7), **{k: v for k, v in text_kwargs.items()
+                                                                    if k != "fontsize"})
+        text.set_in_layout(False)  # a later tight_layout must not resize the axes the labels were placed for
+        texts.append(text)
     # a fixed number of iterations, not adjustText's default time limit: the same figure on any machine, at any load
-    adjust_text(texts, x=list(xs), y=list(ys), ax=ax, expand=(1.2, 1.4), iter_lim=ADJUST_ITERATIONS,
+    adjust_text(texts, x=list(xs), y=list(ys), ax=ax, expand=(1.2, 1.4), force_text=(0.3, 0.6),
+                iter_lim=ADJUST_ITERATIONS,
                 arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5})
     return texts
 

@@ -228,7 +228,7 @@ def plot(points: pd.DataFrame, profile: str = "cpu"):
         raise ParetoError("no Pareto points to plot")
     papers = list(dict.fromkeys(points.paper))
     colours = dict(zip(papers, sns.color_palette("colorblind", len(papers)), strict=True))
-    fig, axes = plt.subplots(len(papers), len(AXES), figsize=(4.4 * len(AXES), 3.4 * len(papers)), squeeze=False)
+    fig, axes = plt.subplots(len(papers), len(AXES), figsize=(5.2 * len(AXES), 4.0 * len(papers)), squeeze=False)
     for line, paper in zip(axes, papers, strict=True):
         mine = points[points.paper == paper]
         for ax, axis in zip(line, AXES, strict=True):
@@ -262,7 +262,7 @@ def _panel(ax, mine: pd.DataFrame, axis: str, colour) -> None:
                label="dominated")
     figures.set_scale(ax, "x", shown[axis])
     ax.set_xlabel(f"{AXES[axis]}\n{mine.input.iloc[0]}", fontsize=8)
-    figures.label_points(ax, list(shown[axis]), list(shown.metric), list(shown.name))
+    figures.label_points(ax, list(shown[axis]), list(shown.metric), list(shown.name), radius_px=12, fontsize=6)
     ax.legend(loc="best", fontsize=6)
 
 

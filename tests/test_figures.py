@@ -178,3 +178,23 @@ def test_a_styled_plot_draws_the_same_jitter_and_leaves_the_random_state_alone()
     before = np.random.get_state()[1].copy()
     assert (draw() == draw()).all()
     assert (np.random.get_state()[1] == before).all()
+
+
+def _overlaps(fig) -> list[tuple[str, str]]:
+    """The pairs of point labels (texts inside an axes) of ``fig`` whose boxes overlap."""
+    fig.canvas.draw()
+    found = []
+    for ax in fig.axes:
+        boxes = [(t.get_text(), t.get_window_extent()) for t in ax.texts if t.get_text()]
+        found += [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1:] if _overlap(box, other)]
+    return found
+
+
+def test_the_committed_records_make_figures_whose_labels_do_not_overlap():
+    from mdbench import pareto
+    from mdbench.papers.efcm import experiment as efcm
+
+    efcm_figures = efcm.record_figures(load_records(results_root() / "efcm" / "cpu" / "records"))
+    assert _overlaps(efcm_figures["pareto"]) == []
+    assert _overlaps(pareto.plot(pareto.build(profile="cpu"))) == []
+    plt.close("all")

@@ -60,9 +60,11 @@ CACHE_ENV = "MDBENCH_CACHE_DIR"
 
 __all__ = [
     "CURVES", "Bag", "BagData", "Config", "DatasetRun", "EndToEndMIL", "FeatureScaler", "FoldResult",
-    "PatchEncoder", "SeedResult", "autocast", "cache_dir", "distill", "encode", "encode_bags", "fast_teacher",
+    "PatchEncoder", "SeedResult", "autocast", "cache_dir", "distill", "draw_pareto", "encode", "encode_bags",
+    "fast_teacher",
     "fit_heads", "fold_index", "instance_auc", "load_bags", "load_data", "mosaic", "plot_attention", "plot_curves",
-    "plot_pareto", "predict_bags", "record", "run", "run_split", "split_features", "students", "teacher_features",
+    "plot_pareto", "predict_bags", "record", "record_figures", "run", "run_split", "split_features", "students",
+    "teacher_features",
     "teacher_input", "teacher_model", "texture_teacher", "train_mil",
 ]
 
@@ -908,7 +910,35 @@ def mosaic(instances: torch.Tensor, values: Sequence[float] | np.ndarray, cols: 
 def plot_pareto(runs: dict[str, DatasetRun], costs: dict[str, dict[str, float]], cfg: Config):
     """Each Table 1 row of each patch dataset: its out-of-fold bag AUC, mean over seeds (bars: ± std over seeds),
     against the GFLOPs the encoder it deploys (paper.yaml's ``pareto.deployed``) and its head need for one bag of
-    ``cfg.cost_bag_size`` inputs of Table 2's size; rows by their human names, labels kept apart. Returns the
+    ``cfg.cost_bag_size`` inputs of Table 2's size (:func:`draw_pareto`). Returns the figure."""
+    lines = []
+    for name, run in runs.items():
+        for row in run.seeds[0].probs.get("table1", {}):
+            aucs = [r.scores("table1", row)["auc"] for r in run.seeds]
+            lines.append({"dataset": name, "row": row, "auc": np.mean(aucs),
+                          "std": np.std(aucs, ddof=1) if len(aucs) > 1 else 0.0,
+                          "protocol": f"{len(run.seeds[0].labels)} bags, {run.folds}-fold"})
+    return draw_pareto(pd.DataFrame(lines), {encoder: c["gflops_bag"] for encoder, c in costs.items()},
+                       cfg.cost_bag_size)
+
+
+def record_figures(records) -> dict:
+    """The figures that the records alone make (``mdbench figures``, no retraining): ``pareto`` (:func:`draw_pareto`
+    on Table 1's bag AUC and Table 2's GFLOPs per bag); none without both tables."""
+    auc = [r for r in records if r.table == "table1" and r.metric == "auc"]
+    gflops = [r for r in records if r.table == "table2" and r.metric == "gflops_bag"]
+    if not auc or not gflops:
+        return {}
+    frame = pd.DataFrame([{"dataset": r.dataset, "row": r.row, "auc": r.mean, "std": r.std,
+                           "protocol": r.notes.split(";")[0]} for r in auc])
+    return {"pareto": draw_pareto(frame, {r.row: r.mean for r in gflops}, gflops[0].config["bag_size"])}
+
+
+@figures.styled
+def draw_pareto(scores: pd.DataFrame, gflops: dict[str, float], bag_size: int):
+    """One panel per dataset of ``scores`` (columns dataset, row, auc, std, protocol: one line per Table 1 row): each
+    row's bag AUC (± std over seeds) against ``gflops[encoder]``, the GFLOPs per bag of ``bag_size`` inputs of the
+    encoder the row deploys; rows by human name, labels kept apart, log axis only over a decade. Returns the
     figure."""
     import matplotlib.pyplot as plt
 
@@ -917,23 +947,21 @@ def plot_pareto(runs: dict[str, DatasetRun], costs: dict[str, dict[str, float]],
     spec = pareto.load_spec("efcm")
     assert spec is not None  # efcm's paper.yaml has a pareto section (tests/test_pareto.py)
     names = figures.method_names("efcm")
-    image_sets = [name for name, r in runs.items() if "table1" in r.seeds[0].probs]
-    fig, axes = plt.subplots(1, len(image_sets), figsize=(6 * len(image_sets), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], image_sets, strict=False):
-        rows = [row for row in runs[name].seeds[0].probs["table1"] if row in spec.deployed]
-        gflops = [costs[spec.deployed[row]]["gflops_bag"] for row in rows]
-        aucs = np.array([[r.scores("table1", row)["auc"] for r in runs[name].seeds] for row in rows])  # (rows, seeds)
-        spread = aucs.std(axis=1, ddof=1) if aucs.shape[1] > 1 else np.zeros(len(rows))
-        teacher = np.array([row == "teacher_clam" for row in rows])
+    datasets = list(dict.fromkeys(scores.dataset))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], datasets, strict=True):
+        mine = scores[(scores.dataset == name) & scores.row.isin(spec.deployed)]
+        cost = mine.row.map(lambda row: gflops[spec.deployed[row]])
+        teacher = mine.row == "teacher_clam"
         for kept, colour, label in ((teacher, "C3", "teacher"), (~teacher, "C0", "student")):
-            ax.errorbar(np.array(gflops)[kept], aucs.mean(axis=1)[kept], yerr=spread[kept], fmt="o", color=colour,
-                        capsize=3, label=label)
-        figures.set_scale(ax, "x", gflops)
-        figures.label_points(ax, gflops, list(aucs.mean(axis=1)), [figures.human(names, row) for row in rows])
-        ax.set_xlabel(f"GFLOPs per bag of {cfg.cost_bag_size} inputs (Table 2)")
+            ax.errorbar(cost[kept], mine.auc[kept], yerr=mine["std"][kept], fmt="o", color=colour, capsize=3,
+                        label=label)
+        figures.set_scale(ax, "x", cost)
+        ax.set_xlabel(f"GFLOPs per bag of {bag_size} inputs (Table 2)")
         ax.set_ylabel("bag AUC (%), out of fold")
-        ax.set_title(f"{name}: {len(runs[name].seeds[0].labels)} bags, {runs[name].folds}-fold")
+        ax.set_title(f"{name}: {mine.protocol.iloc[0]}")
         ax.legend(loc="lower right")
+        figures.label_points(ax, list(cost), list(mine.auc), [figures.human(names, row) for row in mine.row])
     fig.tight_layout()
     return fig
 
