@@ -198,7 +198,8 @@ def mask_legend(ax, colours: Mapping[str, str], **kwargs: Any):
 def regenerate(papers: Sequence[str] | None = None, profile: str = "cpu", root: Path | None = None,
                papers_dir: Path = PAPERS_DIR) -> list[Path]:
     """``mdbench figures``: redraw, from the stored records alone (no retraining), the figures of each paper whose
-    experiment module has ``record_figures(records) -> {name: figure}``, into ``<root>/<paper>/<profile>/``
+    experiment module has ``record_figures(store) -> {name: figure}`` (``store``: the paper's
+    :class:`~mdbench.results.ResultStore` at ``profile``), into ``<root>/<paper>/<profile>/``
     (default: every paper of ``papers_dir``). Returns the paths written."""
     import importlib
 
@@ -221,7 +222,7 @@ def regenerate(papers: Sequence[str] | None = None, profile: str = "cpu", root: 
         draw = getattr(module, "record_figures", None)
         if draw is None or not records:
             continue
-        for name, fig in draw(records).items():
+        for name, fig in draw(store).items():
             try:
                 written += store.save_figure(fig, name)
             finally:

@@ -194,7 +194,18 @@ def test_the_committed_records_make_figures_whose_labels_do_not_overlap():
     from mdbench import pareto
     from mdbench.papers.efcm import experiment as efcm
 
-    efcm_figures = efcm.record_figures(load_records(results_root() / "efcm" / "cpu" / "records"))
+    efcm_figures = efcm.record_figures(ResultStore("efcm", "cpu", root=results_root()))
     assert _overlaps(efcm_figures["pareto"]) == []
     assert _overlaps(pareto.plot(pareto.build(profile="cpu"))) == []
+    plt.close("all")
+
+
+def test_daft_scores_and_speed_ups_are_redrawn_from_the_per_case_outputs():
+    from mdbench.papers.daft import experiment as daft
+
+    store = ResultStore("daft", "cpu", root=results_root())
+    records = {(r.table, r.row, r.metric): r.mean for r in store.records()}
+    text = _texts(daft.record_figures(store)["dsc_and_seconds"])
+    fastest = records[("table_b", "+ compile cache, lazy load", "speedup")]
+    assert "×1.0" in text and f"×{fastest:.1f}" in text and "EfficientViT-SAM, KD only" in text
     plt.close("all")

@@ -48,7 +48,7 @@ from mdbench.work import Work, uncached
 
 __all__ = ["ROWS", "CaseEvaluator", "Cases", "Config", "KDSet", "Lineage", "Lineages", "Routers", "TableA", "Timings",
            "baseline", "build_student", "deploy", "evaluate_seed", "expert_subsets", "fit_routers", "kd_set", "lineage",
-           "lineages", "load_data", "model_costs", "plot_overlays", "plot_scores", "record_kd", "record_routers",
+           "lineages", "load_data", "model_costs", "plot_overlays", "plot_scores", "record_figures", "record_kd", "record_routers",
            "record_table_a", "record_table_b", "run", "shown_cases", "time_cases", "timed_cases", "wide_table_a"]
 
 log = logging.getLogger(__name__)
@@ -574,6 +574,35 @@ def record_table_b(timings: Timings, table: TableA, routers: Routers, timed: Seq
 
 
 # ---------------------------------------------------------------------------------------------------- figures
+def record_figures(store) -> dict:
+    """The figures that ``store``'s records and per-case outputs alone make (``mdbench figures``, no retraining):
+    ``dsc_and_seconds`` (:func:`plot_scores` on Table A's DSC per case and Table B's seconds per case); none
+    without Table A."""
+    records = store.records()
+    scored, timed, threads = [], [], None
+    for rec in records:
+        lines = store.samples(rec) if rec.table in ("table_a", "table_b") else None
+        if lines is None or rec.metric not in ("dsc_average", "seconds_per_case"):
+            continue  # one record per row reads the row's per-case file
+        if rec.table == "table_a":
+            dsc = lines[lines.metric.str.match(r"dsc_(?!average)")]
+            scored.append(pd.DataFrame({"row": rec.row, "modality": dsc.metric.str.removeprefix("dsc_"),
+                                        "dsc": dsc.value, "error": "", "seed": dsc.seed, "case": dsc.unit}))
+        else:
+            per_case = lines[lines.metric == "seconds_per_case"]
+            timed.append(pd.DataFrame({"case": per_case.unit, "stage": rec.row, "seconds": per_case.value,
+                                       "dims": per_case.unit.str[0].astype(int)}))
+            threads = rec.config.get("threads")
+    if not scored:
+        return {}
+    timings = None
+    if timed:
+        order = [stage.name for stage in timing.table_b_stages()]
+        frame = pd.concat(timed, ignore_index=True).sort_values("stage", key=lambda s: s.map(order.index), kind="stable")
+        timings = Timings(frame, frame.groupby("stage", sort=False).seconds.mean(), threads)
+    return {"dsc_and_seconds": plot_scores(TableA(pd.concat(scored, ignore_index=True), {}), timings)}
+
+
 @figures.styled
 def plot_scores(table: TableA, timings: Timings | None):
     """DSC per case by modality and row (rows by human name); beside it, seconds per case of each Table B stage:

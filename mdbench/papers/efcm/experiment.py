@@ -922,9 +922,10 @@ def plot_pareto(runs: dict[str, DatasetRun], costs: dict[str, dict[str, float]],
                        cfg.cost_bag_size)
 
 
-def record_figures(records) -> dict:
-    """The figures that the records alone make (``mdbench figures``, no retraining): ``pareto`` (:func:`draw_pareto`
-    on Table 1's bag AUC and Table 2's GFLOPs per bag); none without both tables."""
+def record_figures(store) -> dict:
+    """The figures that ``store``'s records alone make (``mdbench figures``, no retraining): ``pareto``
+    (:func:`draw_pareto` on Table 1's bag AUC and Table 2's GFLOPs per bag); none without both tables."""
+    records = store.records()
     auc = [r for r in records if r.table == "table1" and r.metric == "auc"]
     gflops = [r for r in records if r.table == "table2" and r.metric == "gflops_bag"]
     if not auc or not gflops:

@@ -635,9 +635,11 @@ def plot_dice_vs_params(ax, summary) -> None:
 
 
 @figures.styled
-def record_figures(records) -> dict:
-    """The figures that the records alone make (``mdbench figures``, no retraining): ``dice_vs_params`` (Table 1's
-    Dice against tuned parameters beside its training memory, as the notebook draws it); none without Table 1."""
+def record_figures(store) -> dict:
+    """The figures that ``store``'s records alone make (``mdbench figures``, no retraining): ``dice_vs_params``
+    (Table 1's Dice against tuned parameters beside its training memory, as the notebook draws it); none without
+    Table 1."""
+    records = store.records()
     import matplotlib.pyplot as plt
 
     frame = summary_frame(records, "table1")

@@ -884,9 +884,11 @@ def plot_curves(runs: pd.DataFrame, student: str):
 
 
 # ------------------------------------------------------------------------------------------------- figures
-def record_figures(records) -> dict:
-    """The figures that the records alone make (``mdbench figures``, no retraining): ``accuracy_vs_flops_and_seed_spread``
-    (:func:`plot_accuracy` on Table 1's per-seed accuracies and Table 2's costs); none without both tables."""
+def record_figures(store) -> dict:
+    """The figures that ``store``'s records alone make (``mdbench figures``, no retraining):
+    ``accuracy_vs_flops_and_seed_spread`` (:func:`plot_accuracy` on Table 1's per-seed accuracies and Table 2's
+    costs); none without both tables."""
+    records = store.records()
     accuracy = [r for r in records if r.table == "table1" and r.metric == "accuracy"]
     costs = {}
     for r in records:
