@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stored_results_arguments(tab, available_profiles())
     tab.set_defaults(func=_tables)
 
-    fig = sub.add_parser("figures", help="redraw the Pareto figures (each paper's and, without --paper, the cross-paper "
-                         "one in results/pareto/) from the stored records (no retraining)")
+    fig = sub.add_parser("figures", help="redraw from the stored records (no retraining) each paper's figures that its "
+                         "records make and its Pareto, and without --paper the cross-paper Pareto in results/pareto/")
     _add_stored_results_arguments(fig, available_profiles())
     fig.add_argument("--papers-dir", type=Path, default=PAPERS_DIR, help=argparse.SUPPRESS)  # tests run toy papers
     fig.set_defaults(func=_figures)
