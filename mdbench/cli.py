@@ -257,6 +257,17 @@ def _compare(args: argparse.Namespace) -> int:
     return 0 if found.all_agree else 1
 
 
+def _figures(args: argparse.Namespace) -> int:
+    """Redraw, from the stored records (no retraining), the Pareto figures of each paper at a profile and the
+    cross-paper one, and each paper's figures that its records alone make."""
+    from mdbench import figures, pareto
+
+    paths = pareto.regenerate(args.paper, args.profile, args.results_dir, args.papers_dir)
+    paths += figures.regenerate(args.paper, args.profile, args.results_dir, args.papers_dir)
+    print("\n".join(f"wrote {path}" for path in paths))
+    return 0
+
+
 def _execute_notebooks(args: argparse.Namespace) -> int:
     from mdbench.runner import NOTEBOOKS_DIR, execute_in_place
 
@@ -359,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--relative", type=float, default=0.05,
                      help="relative tolerance of tables their paper.yaml does not set (default 0.05, i.e. 5 %%)")
     cmp.set_defaults(func=_compare)
+
+    fig = sub.add_parser("figures", help="redraw from the stored records (no retraining) each paper's figures that its "
+                         "records make and its Pareto, and without --paper the cross-paper Pareto in results/pareto/")
+    _add_stored_results_arguments(fig, available_profiles())
+    fig.add_argument("--papers-dir", type=Path, default=PAPERS_DIR, help=argparse.SUPPRESS)  # tests run toy papers
+    fig.set_defaults(func=_figures)
 
     data = sub.add_parser("data", help="the dataset registry")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mdbench import repro, results, verdicts
+from mdbench import figures, repro, results, verdicts
 from mdbench import samples as sample_outputs
 from mdbench.params import MACHINE_FIELDS, SELECTORS, NotebookConfig
 from mdbench.work import Work, WorkCache, uncached
@@ -142,7 +142,8 @@ def start(paper: str, params: Mapping[str, Any], config_type: type[NotebookConfi
     torch thread count to ``threads`` where given, opens ``ResultStore(paper, profile)`` and the cache of the units
     of work beside it (loading stored units where ``resume`` is true; the units' config is the Config's
     ``work_config()``, or the parameters but the session's, the machine's and ``seeds`` without a Config), prints a
-    one-line banner (``packages``' versions, cores, threads, GPU, git commit) and builds ``config_type.from_params``
+    one-line banner (``packages``' versions, cores, threads, GPU, git commit), sets the figure style
+    (:func:`mdbench.figures.apply_style`) and builds ``config_type.from_params``
     of every parameter but ``profile``, ``threads`` and ``resume``.
     """
     profile = params["profile"]
@@ -161,6 +162,7 @@ def start(paper: str, params: Mapping[str, Any], config_type: type[NotebookConfi
     versions = ", ".join(f"{name} {fp['packages'].get(name, '?')}" for name in packages)
     print(f"{versions}; {fp['hardware']['cpu_count']} CPU cores, {torch.get_num_threads()} threads, "
           f"GPU: {fp['hardware']['gpu'] or 'none'}; git {fp['git']['commit'][:8]} (dirty: {fp['git']['dirty']})")
+    figures.apply_style()
     store = results.ResultStore(paper, profile)
     work = WorkCache(store.dir / "work", work_config, resume=bool(params.get("resume")))
     return Session(paper, profile, config, store, deterministic, fp, work)

@@ -4,7 +4,7 @@ Layout on disk (``root`` is ``results/`` unless ``MDBENCH_RESULTS_DIR`` says oth
 
     <root>/<paper>/<profile>/records/<table>__<dataset>__<row>__<metric>.json   one per measured number
     <root>/<paper>/<profile>/records/<table>__<dataset>__<row>.samples.csv.gz  per-sample outputs of a row
-    <root>/<paper>/<profile>/<name>.csv|.md|.png                               tables and figures
+    <root>/<paper>/<profile>/<name>.csv|.md|.svg|.png                          tables and figures
 
 Profiles get their own folder so that a smoke run (CI, nbval) never overwrites the numbers of a cpu or gpu run.
 Every file is written atomically (:func:`mdbench.io.atomic_write`), so an interrupted run leaves either the old file
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mdbench import figures
 from mdbench import samples as sample_outputs
 from mdbench.io import atomic_write
 from mdbench.paper_yaml import PaperFileError, paper_file, read_paper_file
@@ -45,11 +46,6 @@ class PaperReferenceError(PaperFileError):
 def results_root() -> Path:
     """``MDBENCH_RESULTS_DIR`` if set, else ``results/`` at the repository root."""
     return Path(os.environ.get("MDBENCH_RESULTS_DIR", _REPO_ROOT / "results"))
-
-
-def save_figure(fig, path: Path, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as PNG atomically."""
-    return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 # --------------------------------------------------------------------------------------------------- records
@@ -213,8 +209,9 @@ class ResultStore:
         md = atomic_write(self.dir / f"{name}.md", text)
         return csv, md
 
-    def save_figure(self, fig, name: str) -> Path:
-        return save_figure(fig, self.dir / f"{name}.png")
+    def save_figure(self, fig, name: str) -> list[Path]:
+        """Write ``fig`` as ``<name>.svg`` and a 300-dpi ``<name>.png`` (:func:`mdbench.figures.save`)."""
+        return figures.save(fig, self.dir / name)
 
 
 def flatten_columns(df: pd.DataFrame) -> pd.DataFrame:

@@ -261,6 +261,8 @@ def test_the_gpu_profile_runs_end_to_end_on_the_cpu_with_its_sizes_shrunk(real_d
     assert all(len(c) == cfg.folds and len(c[0]) == 1 for c in curves.values())
     efcm.plot_curves(runs)
     efcm.plot_attention(runs["isic2017"].seeds[0], isic, cfg)
+    encoders = ("teacher", "student_kd", "student_fpd", "student_fpd_ts")
+    efcm.plot_pareto(runs, {name: {"gflops_bag": 10.0 ** k} for k, name in enumerate(encoders)}, cfg)
 
 
 # ------------------------------------------------------------------------------------------- cost model

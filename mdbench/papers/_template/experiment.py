@@ -19,7 +19,7 @@ from scipy.special import softmax
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mdbench import metrics, samples, train
+from mdbench import figures, metrics, samples, train
 from mdbench.data.synthetic import SyntheticClassification
 from mdbench.params import NotebookConfig
 from mdbench.repro import seed_rngs
@@ -99,6 +99,7 @@ def record(outputs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
+@figures.styled
 def plot_accuracy(frame: pd.DataFrame):
     """Each seed's accuracy per row (the frame of :func:`record`). Returns the figure."""
     import matplotlib.pyplot as plt
@@ -107,6 +108,7 @@ def plot_accuracy(frame: pd.DataFrame):
     for i, row in enumerate(ROWS):
         values = frame[frame.row == row].value
         ax.scatter([i] * len(values), values, color="black")
-    ax.set_xticks(range(len(ROWS)), ROWS)
+    names = figures.method_names("_template")
+    ax.set_xticks(range(len(ROWS)), [figures.human(names, row) for row in ROWS])
     ax.set_ylabel("test accuracy (%)")
     return fig

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mdbench import efficiency, repro
+from mdbench import efficiency, figures, repro
 from mdbench.data.synthetic import write_synthetic_boxprompt_cases
 from mdbench.models.efficientvit_sam import build_efficientvit_sam
 from mdbench.models.litemedsam import LiteMedSAM
@@ -48,7 +48,7 @@ from mdbench.work import Work, uncached
 
 __all__ = ["ROWS", "CaseEvaluator", "Cases", "Config", "KDSet", "Lineage", "Lineages", "Routers", "TableA", "Timings",
            "baseline", "build_student", "deploy", "evaluate_seed", "expert_subsets", "fit_routers", "kd_set", "lineage",
-           "lineages", "load_data", "model_costs", "plot_overlays", "plot_scores", "record_kd", "record_routers",
+           "lineages", "load_data", "model_costs", "plot_overlays", "plot_scores", "record_figures", "record_kd", "record_routers",
            "record_table_a", "record_table_b", "run", "shown_cases", "time_cases", "timed_cases", "wide_table_a"]
 
 log = logging.getLogger(__name__)
@@ -574,24 +574,64 @@ def record_table_b(timings: Timings, table: TableA, routers: Routers, timed: Seq
 
 
 # ---------------------------------------------------------------------------------------------------- figures
+def record_figures(store) -> dict:
+    """The figures that ``store``'s records and per-case outputs alone make (``mdbench figures``, no retraining):
+    ``dsc_and_seconds`` (:func:`plot_scores` on Table A's DSC per case and Table B's seconds per case); none
+    without Table A."""
+    records = store.records()
+    scored, timed, threads = [], [], None
+    for rec in records:
+        lines = store.samples(rec) if rec.table in ("table_a", "table_b") else None
+        if lines is None or rec.metric not in ("dsc_average", "seconds_per_case"):
+            continue  # one record per row reads the row's per-case file
+        if rec.table == "table_a":
+            dsc = lines[lines.metric.str.match(r"dsc_(?!average)")]
+            scored.append(pd.DataFrame({"row": rec.row, "modality": dsc.metric.str.removeprefix("dsc_"),
+                                        "dsc": dsc.value, "error": "", "seed": dsc.seed, "case": dsc.unit}))
+        else:
+            per_case = lines[lines.metric == "seconds_per_case"]
+            timed.append(pd.DataFrame({"case": per_case.unit, "stage": rec.row, "seconds": per_case.value,
+                                       "dims": per_case.unit.str[0].astype(int)}))
+            threads = rec.config.get("threads")
+    if not scored:
+        return {}
+    timings = None
+    if timed:
+        order = [stage.name for stage in timing.table_b_stages()]
+        frame = pd.concat(timed, ignore_index=True).sort_values("stage", key=lambda s: s.map(order.index), kind="stable")
+        timings = Timings(frame, frame.groupby("stage", sort=False).seconds.mean(), threads)
+    return {"dsc_and_seconds": plot_scores(TableA(pd.concat(scored, ignore_index=True), {}), timings)}
+
+
+@figures.styled
 def plot_scores(table: TableA, timings: Timings | None):
-    """DSC per case by modality and row; beside it, seconds per case of each Table B stage (log scale, 2D / 3D).
-    Returns the figure."""
+    """DSC per case by modality and row (rows by human name); beside it, seconds per case of each Table B stage:
+    bars the mean over timed cases, annotated with the speed-up ×N over the first stage, points the 2D and 3D
+    cases' means (log scale only over a decade or more). Returns the figure."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    scored = table.per_case[table.per_case.error == ""]
-    sns.stripplot(data=scored, x="modality", y="dsc", hue="row", hue_order=ROWS, dodge=True, ax=axes[0], size=5)
+    names = figures.method_names("daft")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    scored = table.per_case[table.per_case.error == ""].assign(method=lambda f: f.row.map(lambda r: figures.human(names, r)))
+    sns.stripplot(data=scored, x="modality", y="dsc", hue="method", hue_order=[figures.human(names, r) for r in ROWS],
+                  dodge=True, ax=axes[0], size=5)
     axes[0].set_title("DSC per case by modality")
     axes[0].set_ylabel("DSC (%)")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6, title="method")
     if timings is not None:
-        sns.barplot(data=timings.frame, x="stage", y="seconds", hue="dims", order=list(timings.per_stage.index),
-                    ax=axes[1])
-        axes[1].set_yscale("log")
-        axes[1].set_title(f"seconds per case, fresh process each ({timings.threads} threads)")
+        stages = list(timings.per_stage.index)
+        bars = axes[1].bar(stages, timings.per_stage.to_numpy(), color="0.8", label="all timed cases")
+        figures.annotate_speedups(axes[1], bars, list(timings.per_stage.iloc[0] / timings.per_stage))
+        by_dims = timings.frame.groupby(["stage", "dims"], sort=False).seconds.mean().reset_index()
+        sns.pointplot(data=by_dims.assign(cases=by_dims.dims.map("{}D".format)), x="stage", y="seconds", hue="cases",
+                      order=stages, linestyles="none", markers="D", ax=axes[1])
+        figures.set_scale(axes[1], "y", timings.frame.seconds)
+        axes[1].set_ylabel("seconds per case")
+        axes[1].set_xlabel("")
+        axes[1].set_title(f"seconds per case, fresh process each ({timings.threads} threads); ×N: speed-up")
         axes[1].tick_params(axis="x", labelrotation=25, labelsize=7)
+        axes[1].legend(fontsize=7)
     else:
         axes[1].set_axis_off()
         axes[1].text(0.5, 0.5, "Table B not timed in this profile", ha="center", va="center")
@@ -619,6 +659,7 @@ def _overlay(ax, case: dict, labels: np.ndarray, title: str) -> None:
     ax.axis("off")
 
 
+@figures.styled
 def plot_overlays(table: TableA, routers: Routers, cases: Cases, seed: int):
     """One test case per modality as DAFT with the file-name router segmented it (seed ``seed``), titled with the
     expert it went to and its DSC. Returns the figure."""
@@ -632,6 +673,7 @@ def plot_overlays(table: TableA, routers: Routers, cases: Cases, seed: int):
     for ax, (modality, case) in zip(axes[0], shown.items(), strict=True):
         expert = routers.file_name.route(case["name"])
         _overlay(ax, case, in_process[(expert, case["name"])], f"{modality} -> {expert}: DSC {dsc[case['name']]:.0f}")
-    fig.suptitle("DAFT (file-name router): box (yellow), ground truth (green), prediction (red)", fontsize=9)
+    figures.mask_legend(axes[0, -1], {"box prompt": "yellow", "ground truth": "lime", "prediction": "red"})
+    fig.suptitle("DAFT (file-name router): one test case per modality", fontsize=9)
     fig.tight_layout()
     return fig

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mdbench import metrics, train
+from mdbench import figures, metrics, train
 from mdbench import samples as sample_outputs
 from mdbench.data.splits import kfold_splits
 from mdbench.losses.projection import fpd_loss
@@ -60,9 +60,11 @@ CACHE_ENV = "MDBENCH_CACHE_DIR"
 
 __all__ = [
     "CURVES", "Bag", "BagData", "Config", "DatasetRun", "EndToEndMIL", "FeatureScaler", "FoldResult",
-    "PatchEncoder", "SeedResult", "autocast", "cache_dir", "distill", "encode", "encode_bags", "fast_teacher",
+    "PatchEncoder", "SeedResult", "autocast", "cache_dir", "distill", "draw_pareto", "encode", "encode_bags",
+    "fast_teacher",
     "fit_heads", "fold_index", "instance_auc", "load_bags", "load_data", "mosaic", "plot_attention", "plot_curves",
-    "plot_pareto", "predict_bags", "record", "run", "run_split", "split_features", "students", "teacher_features",
+    "plot_pareto", "predict_bags", "record", "record_figures", "run", "run_split", "split_features", "students",
+    "teacher_features",
     "teacher_input", "teacher_model", "texture_teacher", "train_mil",
 ]
 
@@ -852,20 +854,22 @@ def encode(teacher: PatchEncoder, data: dict[str, BagData], cfg: Config, progres
 
 
 # ---------------------------------------------------------------------------------------------------- figures
+@figures.styled
 def plot_curves(runs: dict[str, DatasetRun]):
     """Per patch dataset, the per-epoch loss of every training run of :data:`CURVES`, one panel per kind, mean over
     all folds and seeds (band: ± one std). Returns the figure."""
     import matplotlib.pyplot as plt
 
-    names = [name for name, r in runs.items() if r.seeds[0].curves]
-    fig, axes = plt.subplots(len(names), len(CURVES), figsize=(4.5 * len(CURVES), 3.2 * len(names)), squeeze=False)
-    for line, name in zip(axes, names, strict=True):
+    names = figures.method_names("efcm")
+    image_sets = [name for name, r in runs.items() if r.seeds[0].curves]
+    fig, axes = plt.subplots(len(image_sets), len(CURVES), figsize=(4.5 * len(CURVES), 3.2 * len(names)), squeeze=False)
+    for line, name in zip(axes, image_sets, strict=True):
         for ax, (kind, kept) in zip(line, CURVES.items(), strict=True):
             for run in kept:
                 values = np.array([curve for seed in runs[name].seeds for curve in seed.curves[run]])  # (runs, epochs)
                 epochs = np.arange(1, values.shape[1] + 1)
                 mean, std = values.mean(axis=0), values.std(axis=0)
-                ax.plot(epochs, mean, label=run.removeprefix("distill_"))
+                ax.plot(epochs, mean, label=figures.human(names, run.removeprefix("distill_")))
                 ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
             ax.set_title(f"{name}: {kind}", fontsize=9)
             ax.set_xlabel("epoch")
@@ -902,32 +906,63 @@ def mosaic(instances: torch.Tensor, values: Sequence[float] | np.ndarray, cols: 
     return image, grid
 
 
-# which encoder each Table 1 row runs at deployment, for the accuracy-versus-cost figure
-ROW_ENCODER = {"teacher_clam": "teacher", "kd_retrain": "student_kd", "no_distill_etc": "student_fpd_ts",
-               **{f"fpd_{s}": "student_fpd" for s in ("reuse", "retrain", "etc")},
-               **{f"fpd_ts_{s}": "student_fpd_ts" for s in ("reuse", "retrain", "etc")}}
-
-
+@figures.styled
 def plot_pareto(runs: dict[str, DatasetRun], costs: dict[str, dict[str, float]], cfg: Config):
     """Each Table 1 row of each patch dataset: its out-of-fold bag AUC, mean over seeds (bars: ± std over seeds),
-    against the GFLOPs its feature extractor and head need for one bag of ``cfg.cost_bag_size`` inputs of Table
-    2's size (log scale). Returns the figure."""
+    against the GFLOPs the encoder it deploys (paper.yaml's ``pareto.deployed``) and its head need for one bag of
+    ``cfg.cost_bag_size`` inputs of Table 2's size (:func:`draw_pareto`). Returns the figure."""
+    lines = []
+    for name, run in runs.items():
+        for row in run.seeds[0].probs.get("table1", {}):
+            aucs = [r.scores("table1", row)["auc"] for r in run.seeds]
+            lines.append({"dataset": name, "row": row, "auc": np.mean(aucs),
+                          "std": np.std(aucs, ddof=1) if len(aucs) > 1 else 0.0,
+                          "protocol": f"{len(run.seeds[0].labels)} bags, {run.folds}-fold"})
+    return draw_pareto(pd.DataFrame(lines), {encoder: c["gflops_bag"] for encoder, c in costs.items()},
+                       cfg.cost_bag_size)
+
+
+def record_figures(store) -> dict:
+    """The figures that ``store``'s records alone make (``mdbench figures``, no retraining): ``pareto``
+    (:func:`draw_pareto` on Table 1's bag AUC and Table 2's GFLOPs per bag); none without both tables."""
+    records = store.records()
+    auc = [r for r in records if r.table == "table1" and r.metric == "auc"]
+    gflops = [r for r in records if r.table == "table2" and r.metric == "gflops_bag"]
+    if not auc or not gflops:
+        return {}
+    frame = pd.DataFrame([{"dataset": r.dataset, "row": r.row, "auc": r.mean, "std": r.std,
+                           "protocol": r.notes.split(";")[0]} for r in auc])
+    return {"pareto": draw_pareto(frame, {r.row: r.mean for r in gflops}, gflops[0].config["bag_size"])}
+
+
+@figures.styled
+def draw_pareto(scores: pd.DataFrame, gflops: dict[str, float], bag_size: int):
+    """One panel per dataset of ``scores`` (columns dataset, row, auc, std, protocol: one line per Table 1 row): each
+    row's bag AUC (± std over seeds) against ``gflops[encoder]``, the GFLOPs per bag of ``bag_size`` inputs of the
+    encoder the row deploys; rows by human name, labels kept apart, log axis only over a decade. Returns the
+    figure."""
     import matplotlib.pyplot as plt
 
-    image_sets = [name for name, r in runs.items() if "table1" in r.seeds[0].probs]
-    fig, axes = plt.subplots(1, len(image_sets), figsize=(5.5 * len(image_sets), 4), squeeze=False)
-    for ax, name in zip(axes[0], image_sets, strict=False):
-        for k, (row, encoder) in enumerate(ROW_ENCODER.items()):
-            aucs = [r.scores("table1", row)["auc"] for r in runs[name].seeds]
-            gflops = costs[encoder]["gflops_bag"]
-            ax.errorbar(gflops, np.mean(aucs), yerr=np.std(aucs, ddof=1) if len(aucs) > 1 else 0, fmt="o",
-                        color="tab:red" if row == "teacher_clam" else "tab:blue", capsize=3)
-            ax.annotate(row, (gflops, np.mean(aucs)), fontsize=7, xytext=(4, -8 + 6 * (k % 4)),
-                        textcoords="offset points")  # staggered so that rows of equal cost stay legible
-        ax.set_xscale("log")
-        ax.set_xlabel(f"GFLOPs per bag of {cfg.cost_bag_size} inputs (Table 2)")
+    from mdbench import pareto
+
+    spec = pareto.load_spec("efcm")
+    assert spec is not None  # efcm's paper.yaml has a pareto section (tests/test_pareto.py)
+    names = figures.method_names("efcm")
+    datasets = list(dict.fromkeys(scores.dataset))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], datasets, strict=True):
+        mine = scores[(scores.dataset == name) & scores.row.isin(spec.deployed)]
+        cost = mine.row.map(lambda row: gflops[spec.deployed[row]])
+        teacher = mine.row == "teacher_clam"
+        for kept, colour, label in ((teacher, "C3", "teacher"), (~teacher, "C0", "student")):
+            ax.errorbar(cost[kept], mine.auc[kept], yerr=mine["std"][kept], fmt="o", color=colour, capsize=3,
+                        label=label)
+        figures.set_scale(ax, "x", cost)
+        ax.set_xlabel(f"GFLOPs per bag of {bag_size} inputs (Table 2)")
         ax.set_ylabel("bag AUC (%), out of fold")
-        ax.set_title(f"{name}: {len(runs[name].seeds[0].labels)} bags, {runs[name].folds}-fold")
+        ax.set_title(f"{name}: {mine.protocol.iloc[0]}")
+        ax.legend(loc="lower right")
+        figures.label_points(ax, list(cost), list(mine.auc), [figures.human(names, row) for row in mine.row])
     fig.tight_layout()
     return fig
 
@@ -944,13 +979,16 @@ def instance_auc(result: SeedResult, row: str, bags: Sequence[Bag]) -> float:
     return 100 * roc_auc_score(labels, np.concatenate([p[0] for p in pairs])) if 0 < labels.mean() < 1 else np.nan
 
 
+@figures.styled
 def plot_attention(result: SeedResult, data: BagData, cfg: Config, rows: Sequence[str] = ("teacher_clam", "fpd_ts_etc"),
                    n_bags: int = 3):
     """The first ``n_bags`` bags of one seed (positive ones first), each with the attention of the fold that
     tested it: the bag as a grid (an ISIC image re-forms from its tiles), its key instances (grey: no instance)
     and each row's attention, titled with the row's :func:`instance_auc`. Returns the figure."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
+    names = figures.method_names("efcm")
     bags = data.bags
     order = sorted(range(len(bags)), key=lambda i: -bags[i][1])[:n_bags]
     cols = cfg.isic_grid if data.name == "isic2017" else None
@@ -965,9 +1003,13 @@ def plot_attention(result: SeedResult, data: BagData, cfg: Config, rows: Sequenc
         line[0].set_title(f"{data.ids[i]} (label {label}, fold {result.fold[i]})", fontsize=8)
         line[1].imshow(truth, cmap=cmap, vmin=0, vmax=1)
         line[1].set_title("key instances", fontsize=8)
+        line[1].legend(handles=[Patch(color=cmap(1.0), label="key"), Patch(color=cmap(0.0), label="other"),
+                                Patch(color="lightgrey", label="no instance")], fontsize=6, loc="upper center",
+                       bbox_to_anchor=(0.5, -0.02), ncol=3, frameon=False)
         for ax, row in zip(line[2:], rows, strict=False):
-            ax.imshow(mosaic(instances, result.instance_scores[row][i], cols)[1], cmap=cmap)
-            ax.set_title(f"{row} attention (inst. AUC {instance_auc(result, row, bags):.0f})", fontsize=8)
+            shown = ax.imshow(mosaic(instances, result.instance_scores[row][i], cols)[1], cmap=cmap)
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="attention")
+            ax.set_title(f"{figures.human(names, row)}\n(inst. AUC {instance_auc(result, row, bags):.0f})", fontsize=8)
         for ax in line:
             ax.axis("off")
     fig.tight_layout()

@@ -28,7 +28,7 @@ from monai.losses import DiceLoss
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-from mdbench import metrics, train
+from mdbench import figures, metrics, train
 from mdbench.data.base import RealDataset
 from mdbench.data.registry import get_spec, is_present, load_dataset
 from mdbench.data.splits import kfold_splits
@@ -52,8 +52,8 @@ RESIZE = ("resample", "pad")
 __all__ = ["ABLATION_SWITCHES", "CLASSES", "PER_VOLUME", "PET_ROWS", "RESIZE", "TABLE1_ROWS", "Config", "FoldRun",
            "RowResult", "Volumes", "ablation_adapters", "build_row_model", "cv_folds", "dice_loss", "draw_framework",
            "evaluate", "load_data", "load_volumes", "mean_curves", "per_volume_lines", "plot_curves",
-           "plot_dice_vs_params", "plot_slices", "protocol", "record", "run", "run_config", "run_fold",
-           "summary_frame", "training_memory_mb", "volume_means", "wide_table"]
+           "plot_dice_vs_params", "plot_memory", "plot_slices", "protocol", "record", "record_figures", "run",
+           "run_config", "run_fold", "summary_frame", "training_memory_mb", "volume_means", "wide_table"]
 
 
 @dataclass(frozen=True)
@@ -632,16 +632,52 @@ def draw_framework(ax) -> None:
 
 
 def plot_dice_vs_params(ax, summary) -> None:
-    """Mean Dice vs tuned parameters (log scale), one point per row with ± std bars; ``summary`` has columns
-    row, dice_mean, dice_mean_std, tuned_params_m."""
-    for item in summary.itertuples():
-        ax.errorbar(item.tuned_params_m, item.dice_mean, yerr=item.dice_mean_std, fmt="o", capsize=3,
-                    color="#e69138" if item.row == "med_tuning" else "#3d85c6")
-        ax.annotate(item.row, (item.tuned_params_m, item.dice_mean), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("tuned parameters (M, log scale)")
+    """Mean Dice vs tuned parameters (log scale only over a decade or more), one point per row with ± std bars,
+    labelled by human name without overlap; ``summary`` has columns row, dice_mean, dice_mean_std,
+    tuned_params_m."""
+    names = figures.method_names("med_tuning")
+    ours = summary.row == "med_tuning"
+    for kept, colour, label in ((ours, "C1", "Med-Tuning"), (~ours, "C0", "baselines")):
+        ax.errorbar(summary.tuned_params_m[kept], summary.dice_mean[kept], yerr=summary.dice_mean_std[kept], fmt="o",
+                    capsize=3, color=colour, label=label)
+    scale = figures.set_scale(ax, "x", summary.tuned_params_m)
+    figures.label_points(ax, list(summary.tuned_params_m), list(summary.dice_mean),
+                         [figures.human(names, row) for row in summary.row])
+    ax.set_xlabel(f"tuned parameters (M{', log scale' if scale == 'log' else ''})")
     ax.set_ylabel("mean Dice, anterior + posterior (%)")
+    ax.legend(loc="lower right")
+
+
+@figures.styled
+def record_figures(store) -> dict:
+    """The figures that ``store``'s records alone make (``mdbench figures``, no retraining): ``dice_vs_params``
+    (Table 1's Dice against tuned parameters beside its training memory, as the notebook draws it); none without
+    Table 1."""
+    records = store.records()
+    import matplotlib.pyplot as plt
+
+    frame = summary_frame(records, "table1")
+    if frame.empty:
+        return {}
+    memory = next(r for r in records if r.table == "table1" and r.metric == "train_memory_mb")
+    method = memory.notes.split("train memory:")[-1].strip() if "train memory:" in memory.notes else "as recorded"
+    seeds = max(len(r.seeds) for r in records if r.table == "table1")
+    fig, (ax_params, ax_memory) = plt.subplots(1, 2, figsize=(11, 3.8))
+    plot_memory(ax_memory, frame, method)
+    ax_params.set_title(f"Table 1 on {memory.dataset}: Dice vs tuned parameters (± std over {seeds} seeds)",
+                        fontsize=9)
+    plot_dice_vs_params(ax_params, frame)
+    fig.tight_layout()
+    return {"dice_vs_params": fig}
+
+
+def plot_memory(ax, summary, method: str) -> None:
+    """Training memory of each row (± std) as horizontal bars labelled by human name; ``method``: how it was
+    measured. ``summary`` has columns row, train_memory_mb, train_memory_mb_std."""
+    names = figures.method_names("med_tuning")
+    ax.barh([figures.human(names, row) for row in summary.row], summary.train_memory_mb,
+            xerr=summary.train_memory_mb_std, color="C0")
+    ax.set_xlabel(f"training memory (MiB; {method})")
 
 
 def mean_curves(curves: pd.DataFrame) -> pd.DataFrame:
@@ -655,11 +691,12 @@ def plot_curves(ax, curves: pd.DataFrame) -> None:
     the highest (Med-Tuning in black); ``curves`` as in :class:`RowResult`."""
     from matplotlib.ticker import MaxNLocator
 
+    names = figures.method_names("med_tuning")
     for row, own in curves.groupby("row", sort=False):
         by_epoch = own.groupby("epoch")["train_loss"]
         mean = by_epoch.mean()
         style = {"color": "black", "lw": 2} if row == "med_tuning" else {}
-        (line,) = ax.plot(mean.index, mean.to_numpy(), label=row, **style)
+        (line,) = ax.plot(mean.index, mean.to_numpy(), label=figures.human(names, str(row)), **style)
         ax.fill_between(mean.index, by_epoch.min().to_numpy(), by_epoch.max().to_numpy(), color=line.get_color(),
                         alpha=0.1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -669,7 +706,13 @@ def plot_curves(ax, curves: pd.DataFrame) -> None:
 
 
 def plot_slices(axes, volumes: Volumes, predictions: dict[str, torch.Tensor], case: int = 0) -> None:
-    """Image, ground truth and each row's prediction on the slice of ``case`` with the most foreground."""
+    """Image, ground truth and each row's prediction (by human name) on the slice of ``case`` with the most
+    foreground; a legend of the two structures' colours on the ground truth."""
+    from matplotlib import colormaps
+    from matplotlib.patches import Patch
+
+    names = figures.method_names("med_tuning")
+    overlay = colormaps["autumn"]
     label = volumes.labels[case]
     t = int((label > 0).flatten(1).sum(1).argmax())
     panels = {"image": None, "ground truth": label, **predictions}
@@ -678,5 +721,9 @@ def plot_slices(axes, volumes: Volumes, predictions: dict[str, torch.Tensor], ca
         if mask is not None:
             ax.imshow(np.ma.masked_equal(mask[t].numpy(), 0), cmap="autumn", vmin=1, vmax=len(CLASSES) - 1,
                       alpha=0.6, interpolation="nearest")
-        ax.set_title(title, fontsize=8)
+        ax.set_title(figures.human(names, title), fontsize=8)
         ax.axis("off")
+        if title == "ground truth":
+            ax.legend(handles=[Patch(color=overlay(k / max(len(CLASSES) - 2, 1)), label=name)
+                               for k, name in enumerate(CLASSES[1:])], fontsize=6, loc="lower center",
+                      bbox_to_anchor=(0.5, -0.25), ncol=len(CLASSES) - 1, frameon=False)

@@ -40,7 +40,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from mdbench import efficiency, train, tuning
+from mdbench import efficiency, figures, train, tuning
 from mdbench import samples as sample_outputs
 from mdbench.data.base import RealDataset
 from mdbench.data.registry import is_present, load_dataset
@@ -860,48 +860,90 @@ def convergence(runs: pd.DataFrame, at: tuple[float, ...] = (0.5, 0.75, 1.0)) ->
     return pd.DataFrame(lines).groupby(["dataset", "student", "method"], sort=False).mean()
 
 
+@figures.styled
 def plot_curves(runs: pd.DataFrame, student: str):
     """One panel per dataset label: each method's training cross-entropy against optimizer steps for ``student``
-    (FM methods too), mean over seeds, log scale. Returns the figure."""
+    (FM methods too), mean over seeds; log scale where the losses span a decade or more. Returns the figure."""
     import matplotlib.pyplot as plt
 
+    names = figures.method_names("rd")
     rows = runs[runs.curve.notna() & runs.student.isin([student, "—"])]
     labels = list(dict.fromkeys(rows.dataset))
     fig, axes = plt.subplots(1, len(labels), figsize=(3.6 * len(labels), 3.2), squeeze=False)
     for ax, label in zip(axes[0], labels, strict=True):
         for method, group in rows[rows.dataset == label].groupby("method", sort=False):
             curve = np.mean(np.stack(list(group.curve)), axis=0)  # every seed of a row takes the same steps
-            ax.plot(curve[:, 0], curve[:, 1], label=method)
-        ax.set_yscale("log")
+            ax.plot(curve[:, 0], curve[:, 1], label=figures.human(names, str(method)))
+        figures.set_scale(ax, "y", [y for line in ax.get_lines() for y in line.get_ydata()])
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("optimizer step")
-    axes[0, 0].set_ylabel(f"training cross-entropy ({student})")
+    axes[0, 0].set_ylabel(f"training cross-entropy ({figures.human(names, student)})")
     axes[0, -1].legend(fontsize=6)
     fig.tight_layout()
     return fig
 
 
 # ------------------------------------------------------------------------------------------------- figures
+def record_figures(store) -> dict:
+    """The figures that ``store``'s records alone make (``mdbench figures``, no retraining):
+    ``accuracy_vs_flops_and_seed_spread`` (:func:`plot_accuracy` on Table 1's per-seed accuracies and Table 2's
+    costs); none without both tables."""
+    records = store.records()
+    accuracy = [r for r in records if r.table == "table1" and r.metric == "accuracy"]
+    costs = {}
+    for r in records:
+        if r.table == "table2" and r.metric == "gflops":
+            costs[r.row] = {"model": r.row, "flops": r.mean * 1e9, "input_shape": r.config["input_shape"]}
+    if not accuracy or not costs:
+        return {}
+    runs = pd.DataFrame([{"dataset": r.dataset, "method": r.row.split("/")[0], "student": r.config["student"],
+                          "seed": seed, "accuracy": value}
+                         for r in accuracy for seed, value in zip(r.seeds, r.values, strict=True)])
+    fm = accuracy[0].config["fm"]
+    return {"accuracy_vs_flops_and_seed_spread": plot_accuracy(runs, pd.DataFrame(list(costs.values())), fm)}
+
+
+@figures.styled
 def plot_accuracy(runs: pd.DataFrame, costs: pd.DataFrame, fm: str):
     """Left: mean accuracy over seeds against the deployed model's FLOPs of :func:`deployment_costs`, every model
-    at the same input size (students at their cost, FM methods and RD's reprogrammed-FM path at the FM's ``fm``).
-    Right: every seed's accuracy per method. Returns the figure."""
+    at the same input size: students at their cost, FM methods and RD's reprogrammed-FM path at the cost of ``fm``,
+    the FM they ran. Where ``fm`` is a stand-in (paper.yaml's ``pareto.stand_ins``) those rows are left out, since
+    their accuracy is not the real FM's, and the title says so. Methods by human name. Right: every seed's accuracy
+    per method. Returns the figure."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    from mdbench import pareto
+
+    spec = pareto.load_spec("rd")
+    stand_ins = spec.stand_ins if spec is not None else ()
+    names = figures.method_names("rd")
     flops = dict(zip(costs.model, costs.flops / 1e9, strict=True))
     means = runs.groupby(["dataset", "method", "student"], as_index=False).accuracy.mean()
     means["deployed"] = np.where(means.student == "—", fm, means.student)
     means.loc[means.method == "rd_teacher", "deployed"] = fm
-    means["GFLOPs"] = means.deployed.map(flops)
-    fig, (ax_cost, ax_seed) = plt.subplots(1, 2, figsize=(13, 4.5))
+    left_out = sorted(set(means.method[means.deployed.isin(stand_ins)]))
+    means = means[~means.deployed.isin(stand_ins)].assign(
+        GFLOPs=lambda f: f.deployed.map(flops),
+        method=lambda f: [figures.human(names, m if s == "—" else f"{m}/{s}") for m, s in zip(f.method, f.student,
+                                                                                           strict=True)])
+    fig, (ax_cost, ax_seed) = plt.subplots(1, 2, figsize=(13, 5.5))
     sns.scatterplot(data=means, x="GFLOPs", y="accuracy", hue="method", style="dataset", s=60, ax=ax_cost)
-    ax_cost.set_xscale("log")
-    ax_cost.set_title(f"accuracy vs deployed FLOPs at input {costs.input_shape.iloc[0]} (mean over seeds)")
-    ax_cost.legend(fontsize=6, ncol=2)
+    figures.set_scale(ax_cost, "x", means.GFLOPs)
+    title = f"accuracy vs deployed FLOPs at input {costs.input_shape.iloc[0]} (mean over seeds)"
+    if left_out:
+        title += (f"\nleft out: {', '.join(figures.human(names, m) for m in left_out)}:\nthey ran on "
+                  f"{figures.human(names, fm)}, a stand-in whose accuracy is not the real FM's")
+    ax_cost.set_title(title, fontsize=8)
+    ax_cost.set_ylabel("accuracy (%)")
+    ax_cost.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     order = [m for m in FM_METHODS + STUDENT_METHODS + ("rd_teacher",) if m in set(runs.method)]
-    sns.stripplot(data=runs, x="method", y="accuracy", hue="dataset", order=order, dodge=True, ax=ax_seed)
+    sns.stripplot(data=runs.assign(method=runs.method.map(lambda m: figures.human(names, m))), x="method",
+                  y="accuracy", hue="dataset", order=[figures.human(names, m) for m in order], dodge=True, ax=ax_seed)
     ax_seed.tick_params(axis="x", rotation=60)
+    ax_seed.set_xlabel("")
+    ax_seed.set_ylabel("accuracy (%)")
     ax_seed.set_title("accuracy of each seed")
+    ax_seed.legend(fontsize=6, title="dataset", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
