@@ -707,3 +707,47 @@ def efficiency_summary(
         "threads": latency.threads,
         "device": latency.device,
     }
+
+
+def deployment_costs(models: Mapping[str, nn.Module], example: torch.Tensor, latency_repeats: int = 10
+                     ) -> list[dict[str, Any]]:
+    """Deployed parameters, FLOPs and CPU latency of each of ``models`` on the one input ``example`` (e.g.
+    (1, 3, 256, 256)), all timed in the same rounds (:func:`measure_latencies`), so that repeat r of two models is
+    a pair for a paired verdict.
+
+    Returns:
+        One dict per model, in order: ``model`` (its key), ``params`` (deployed), ``flops``, ``latency_ms``
+        (median), ``latency_p90_ms``, ``latency_times_ms`` (each repeat's), ``threads``, ``input_shape``
+        (``"1x3x256x256"``).
+    """
+    latency = measure_latencies({name: (model, example) for name, model in models.items()}, warmup=1,
+                                repeats=latency_repeats)
+    shape = "x".join(str(n) for n in example.shape)
+    return [{"model": name, "params": count_parameters(model).deployed, "flops": count_flops(model, example).flops,
+             "latency_ms": latency[name].median_ms, "latency_p90_ms": latency[name].p90_ms,
+             "latency_times_ms": latency[name].times_ms, "threads": latency[name].threads, "input_shape": shape}
+            for name, model in models.items()]
+
+
+def cost_records(costs: Iterable[Any], config_of: Callable[[Any], dict[str, Any]], notes_of: Callable[[Any], str],
+                 dataset: str) -> tuple[Any, Any]:
+    """The records of :func:`deployment_costs` (as rows with those attributes, e.g. a DataFrame's ``itertuples()``):
+    ``params_m`` (M), ``gflops`` and ``latency_ms`` (ms) of each model under ``dataset`` (its checksum: "random
+    input"), with ``config_of(row)`` and ``notes_of(row)``; and the per-sample outputs of ``latency_ms`` (the median
+    of its repeats), one line per repeat (``row, seed, unit, metric, value``; unit ``rep00``, ``rep01``, … shared by
+    the models timed in one round), for ``Session.record_frame(..., aggregate="median")``. Two DataFrames."""
+    import pandas as pd
+
+    from mdbench.samples import repeat_units
+
+    lines, repeats = [], []
+    for cost in costs:
+        config, notes = config_of(cost), notes_of(cost)
+        for metric, value, unit in (("params_m", cost.params / 1e6, "M"), ("gflops", cost.flops / 1e9, "GFLOPs"),
+                                    ("latency_ms", cost.latency_ms, "ms")):
+            lines.append({"row": cost.model, "metric": metric, "value": value, "unit": unit, "config": config,
+                          "notes": notes})
+        repeats.append(pd.DataFrame({"row": cost.model, "seed": 0, "metric": "latency_ms",
+                                     "unit": repeat_units(len(cost.latency_times_ms)), "value": cost.latency_times_ms}))
+    return (pd.DataFrame(lines).assign(dataset=dataset, dataset_checksum="random input"),
+            pd.concat(repeats, ignore_index=True))

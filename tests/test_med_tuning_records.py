@@ -80,3 +80,24 @@ def test_a_record_that_its_volumes_do_not_give_back_is_refused(tiny_run, tmp_pat
     with pytest.raises(S.SamplesError, match="hd95, seed 0"):
         session.record_frame("table1", mt.record(result, volumes, {}), samples=lines)
 
+
+
+def test_deployment_costs_count_the_frozen_backbone_and_their_records_give_back_the_median(tmp_path):
+    cfg = mt.Config(backbone="timm:vit_tiny_patch16_224", pretrained=False, image_size=16, num_slices=4,
+                    backbone_kwargs={"patch_size": 4, "depth": 4, "embed_dim": 16, "num_heads": 2},
+                    decoder_channels=8, unet_channels=(4, 8))
+    costs = mt.deployment_costs(cfg, ["full", "head", "med_tuning"], repeats=3).set_index("model")
+    # what a row deploys does not shrink with what it trains: head-only tuning carries the whole full model
+    every_parameter = sum(p.numel() for p in mt.build_row_model("full", cfg).parameters())
+    assert costs.loc["full", "params"] == costs.loc["head", "params"] == every_parameter
+    assert costs.loc["med_tuning", "params"] > every_parameter  # the adapters come on top
+    assert costs.loc["med_tuning", "flops"] > costs.loc["head", "flops"] > 0
+    assert (costs.input_shape == "1x1x4x16x16").all() and costs.latency_times_ms.map(len).eq(3).all()
+    session = notebook.Session("med_tuning", "smoke", None, results.ResultStore("med_tuning", "smoke", root=tmp_path),
+                               True, {})
+    deployment, repeats = mt.record_costs(costs.reset_index(), cfg)
+    session.record_frame("deployment", deployment, samples=repeats, aggregate="median")
+    by_key = {(r.row, r.metric): r for r in session.store.records()}
+    assert by_key["med_tuning", "params_m"].values == [pytest.approx(costs.loc["med_tuning", "params"] / 1e6)]
+    assert by_key["head", "latency_ms"].unit == "ms"
+    assert by_key["head", "latency_ms"].values == [pytest.approx(float(np.median(costs.loc["head", "latency_times_ms"])))]

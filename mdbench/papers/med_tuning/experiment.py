@@ -28,7 +28,7 @@ from monai.losses import DiceLoss
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-from mdbench import figures, metrics, train
+from mdbench import efficiency, figures, metrics, train
 from mdbench.data.base import RealDataset
 from mdbench.data.registry import get_spec, is_present, load_dataset
 from mdbench.data.splits import kfold_splits
@@ -271,6 +271,31 @@ def build_row_model(row: str, cfg: Config, adapter: MedAdapterConfig | None = No
                         adapter=None if row in methods else adapter, pretrained=cfg.pretrained,
                         **cfg.backbone_kwargs)
     return apply_method(model, row if row in methods else "head", **methods.get(row, {}))
+
+
+LATENCY_REPEATS = 10  # timed rounds of every row's deployed model (their median is the record)
+
+
+def deployment_costs(cfg: Config, rows: Iterable[str], repeats: int = LATENCY_REPEATS) -> pd.DataFrame:
+    """What each row deploys, on one volume (1, 1, T, S, S) of the run's size on the CPU: every parameter of the
+    model (the frozen backbone too, which a deployment carries; LoRA unmerged), its forward FLOPs and its latency,
+    all rows timed in the same rounds (:func:`mdbench.efficiency.deployment_costs`, whose columns it returns)."""
+    models = {row: build_row_model(row, cfg).eval() for row in rows}
+    volume = torch.rand(1, 1, cfg.num_slices, cfg.image_size, cfg.image_size)
+    return pd.DataFrame(efficiency.deployment_costs(models, volume, repeats))
+
+
+def record_costs(costs: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``deployment`` table's records of :func:`deployment_costs` (``params_m``, ``gflops``, ``latency_ms`` per
+    row, dataset "deployment") and the latency repeats behind them (:func:`mdbench.efficiency.cost_records`)."""
+    def config_of(cost) -> dict[str, Any]:
+        return {"row": cost.model, "backbone": cfg.backbone, "input_shape": cost.input_shape,
+                "threads": cost.threads, "latency_repeats": len(cost.latency_times_ms)}
+
+    def notes_of(cost) -> str:
+        return f"one volume {cost.input_shape} through the deployed model, CPU, {cost.threads} threads"
+
+    return efficiency.cost_records(costs.itertuples(), config_of, notes_of, dataset="deployment")
 
 
 # ----------------------------------------------------------------------------------------------- train, score

@@ -810,14 +810,10 @@ def deployment_costs(students: list[str], image_size: int, num_classes: int, emb
             student = cast(ProjectedStudent, build_model("projected_student", backbone=name, embed_dim=embed_dim,
                                                          image_size=size, pretrained=False))
         models[name] = ("student", DeployedStudent(student, nn.Linear(student.embed_dim, num_classes)))
-    example = torch.rand(1, 3, size, size)
-    latency = efficiency.measure_latencies({name: (model, example) for name, (_, model) in models.items()},
-                                           warmup=1, repeats=latency_repeats)
-    return pd.DataFrame([{"model": name, "kind": kind, "params": efficiency.count_parameters(model).deployed,
-                          "flops": efficiency.count_flops(model, example).flops,
-                          "latency_ms": latency[name].median_ms, "latency_p90_ms": latency[name].p90_ms,
-                          "latency_times_ms": latency[name].times_ms, "threads": latency[name].threads,
-                          "input_shape": f"1x3x{size}x{size}"} for name, (kind, model) in models.items()])
+    kinds = {name: kind for name, (kind, _) in models.items()}
+    costs = efficiency.deployment_costs({name: model for name, (_, model) in models.items()},
+                                        torch.rand(1, 3, size, size), latency_repeats)
+    return pd.DataFrame([{"model": c["model"], "kind": kinds[c["model"]], **c} for c in costs])
 
 
 def record_costs(costs: pd.DataFrame, num_classes: int, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -826,22 +822,16 @@ def record_costs(costs: pd.DataFrame, num_classes: int, cfg: Config) -> tuple[pd
     them, the per-sample outputs of ``latency_ms`` (the median of its repeats): one line per repeat (``row, seed,
     unit, metric, value``, unit ``rep00``, ``rep01``, … shared by the models timed in one round), for
     ``record_frame(..., aggregate="median")``."""
-    lines, repeats = [], []
-    for cost in costs.itertuples():
-        config = {"model": cost.model, "input_shape": cost.input_shape, "same_input_for_every_model": True,
-                  "trained_image_size": cfg.image_size, "num_classes": num_classes, "threads": cost.threads,
-                  "latency_repeats": cfg.latency_repeats}
-        notes = (f"input {cost.input_shape} for every model of the table (students trained at {cfg.image_size} px), "
-                 f"CPU, {cost.threads} threads")
-        for metric, value, unit in (("params_m", cost.params / 1e6, "M"), ("gflops", cost.flops / 1e9, "GFLOPs"),
-                                    ("latency_ms", cost.latency_ms, "ms")):
-            lines.append({"row": cost.model, "metric": metric, "value": value, "unit": unit, "config": config,
-                          "notes": notes})
-        repeats.append(pd.DataFrame({"row": cost.model, "seed": 0, "metric": "latency_ms",
-                                     "unit": sample_outputs.repeat_units(len(cost.latency_times_ms)),
-                                     "value": cost.latency_times_ms}))
-    return (pd.DataFrame(lines).assign(dataset="deployment", dataset_checksum="random input"),
-            pd.concat(repeats, ignore_index=True))
+    def config_of(cost) -> dict[str, Any]:
+        return {"model": cost.model, "input_shape": cost.input_shape, "same_input_for_every_model": True,
+                "trained_image_size": cfg.image_size, "num_classes": num_classes, "threads": cost.threads,
+                "latency_repeats": cfg.latency_repeats}
+
+    def notes_of(cost) -> str:
+        return (f"input {cost.input_shape} for every model of the table (students trained at {cfg.image_size} px), "
+                f"CPU, {cost.threads} threads")
+
+    return efficiency.cost_records(costs.itertuples(), config_of, notes_of, dataset="deployment")
 
 
 # ------------------------------------------------------------------------------------------------- training curves
