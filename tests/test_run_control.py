@@ -156,7 +156,7 @@ from pathlib import Path
 """
 
 
-def test_the_summary_ends_with_the_output_paths_and_the_claim_tally(tmp_path, monkeypatch, capsys):
+def test_the_summary_ends_with_the_output_paths_the_claim_tally_and_the_run_folder(tmp_path, monkeypatch, capsys):
     _fake_papermill(monkeypatch, FAKE_WITH_CLAIMS)
     notebook = write_notebook(tmp_path / "nb.ipynb", "pass", SMOKE_PARAMS)
     results = tmp_path / "results"
@@ -166,7 +166,10 @@ def test_the_summary_ends_with_the_output_paths_and_the_claim_tally(tmp_path, mo
     folder = results / "toy" / "smoke"
     assert out.startswith("profile smoke: 1 notebook(s) to run")
     assert "\nok     toy" in out  # --quiet: one line for the notebook as it ended, no live status
-    assert out.rstrip().endswith(
+    summary, where = out.rstrip().rsplit("\n\noutputs of this run: ", 1)
+    assert where.startswith(f"{results}\ncompare with the reference: mdbench compare ")  # last: where it all went
+    assert where.endswith(f" {results} --profile smoke")
+    assert summary.endswith(
         "outputs:\n"
         f"  toy          {folder / 'nb.executed.ipynb'}  (log: {folder / 'nb.log'})\n"
         f"  claims       {results / 'summary.csv'} (tally: {results / 'summary.md'})\n"
