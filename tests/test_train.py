@@ -4,12 +4,14 @@ from __future__ import annotations
 import collections
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from mdbench import train as train_module
 from mdbench.train import EarlyStopping, History, checkpointing, fit, move_to_device, predict, save_atomic
 
 
@@ -129,8 +131,10 @@ def test_checkpoints_are_written_only_when_enough_time_has_passed(tmp_path: Path
     fit(make_model(), loader(ds), loss_fn=CE, epochs=4, checkpoint_dir=tmp_path, checkpoint_every_s=3600,
         progress=False)
     assert list(tmp_path.iterdir()) == []  # a training shorter than the interval writes nothing
-    clock = iter(range(0, 1000, 10))  # each reading of the clock 10 s after the last
-    monkeypatch.setattr(time, "monotonic", lambda: float(next(clock)))
+    clock = iter(range(0, 1000, 10))  # each of fit's readings of the clock 10 s after the last
+    # only train.py's clock: other threads of the test process (e.g. a Dask cluster's) read time.monotonic too
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(monotonic=lambda: float(next(clock)),
+                                                              perf_counter=time.perf_counter))
     history = fit(make_model(), loader(ds), loss_fn=CE, epochs=4, checkpoint_dir=tmp_path, checkpoint_every_s=15,
                   progress=False)
     last = torch.load(tmp_path / "last.pt", weights_only=False)
