@@ -918,8 +918,9 @@ def plot_pareto(runs: dict[str, DatasetRun], costs: dict[str, dict[str, float]],
             lines.append({"dataset": name, "row": row, "auc": np.mean(aucs),
                           "std": np.std(aucs, ddof=1) if len(aucs) > 1 else 0.0,
                           "protocol": f"{len(run.seeds[0].labels)} bags, {run.folds}-fold"})
-    return draw_pareto(pd.DataFrame(lines), {encoder: c["gflops_bag"] for encoder, c in costs.items()},
-                       cfg.cost_bag_size)
+    # costs also holds the exported students' parity checks, which have no FLOPs
+    return draw_pareto(pd.DataFrame(lines), {encoder: c["gflops_bag"] for encoder, c in costs.items()
+                                             if "gflops_bag" in c}, cfg.cost_bag_size)
 
 
 def record_figures(store) -> dict:
