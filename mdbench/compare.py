@@ -18,11 +18,12 @@ import pandas as pd
 
 from mdbench.paper_yaml import PAPERS_DIR, paper_file, read_paper_file
 from mdbench.results import Record, load_records
+from mdbench.verdicts import WALL_CLOCK_UNITS
 
 DEFAULT_RELATIVE = 0.05
 AGREES, DIFFERS, NOT_JUDGED = "agrees", "differs", "not judged (machine-dependent)"
 ONLY_REF, ONLY_RUN = "only in reference", "only in run"
-MACHINE_UNITS = ("ms", "s", "min", "x")  # times, and speed-ups (ratios of times)
+MACHINE_UNITS = (*WALL_CLOCK_UNITS, "min", "x")  # the verdicts' wall-clock units, minutes, speed-ups
 CELL_COLUMNS = ["paper", "profile", "table", "dataset", "row", "metric", "unit", "reference", "run", "relative_diff",
                 "tolerance", "status"]
 CLAIM_COLUMNS = ["paper", "profile", "claim", "dataset", "reference", "run", "status"]
