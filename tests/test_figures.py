@@ -209,3 +209,19 @@ def test_daft_scores_and_speed_ups_are_redrawn_from_the_per_case_outputs():
     fastest = records[("table_b", "+ compile cache, lazy load", "speedup")]
     assert "×1.0" in text and f"×{fastest:.1f}" in text and "EfficientViT-SAM, KD only" in text
     plt.close("all")
+
+
+def test_med_tuning_curves_are_redrawn_from_the_curve_tables_its_notebook_saved(tmp_path):
+    import shutil
+
+    source = results_root() / "med_tuning" / "gpu"
+    target = tmp_path / "med_tuning" / "gpu"
+    shutil.copytree(source / "records", target / "records")
+    paths = figures.regenerate(["med_tuning"], "gpu", tmp_path)
+    assert sorted(p.name for p in paths) == ["dice_vs_params.png", "dice_vs_params.svg"]  # no curve tables: no curves
+    for table in ("curves_table1.csv", "curves_table2.csv"):
+        shutil.copy(source / table, target / table)
+    paths = figures.regenerate(["med_tuning"], "gpu", tmp_path)
+    assert "curves.svg" in {p.name for p in paths}
+    svg = (target / "curves.svg").read_text()
+    assert "Med-Tuning w/o 5×5 branch" in svg and "3D U-Net (scratch)" in svg and "Table 2: training loss" in svg

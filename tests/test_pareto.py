@@ -128,3 +128,13 @@ def test_the_figures_command_regenerates_from_records(papers, capsys):
         "pareto_cpu.csv", "pareto_cpu.png", "pareto_cpu.svg"]
     assert cli.main([*argv, "--paper", "nosuch"]) == 2
     assert "unknown paper 'nosuch'" in capsys.readouterr().err
+
+
+def test_the_figures_command_says_why_it_draws_no_pareto_and_goes_on(papers, capsys):
+    papers_dir, root = papers
+    for cost in (root / "toy" / "cpu" / "records").glob("t2__*"):  # a run made before its paper recorded costs
+        cost.unlink()
+    argv = ["figures", "--results-dir", str(root), "--papers-dir", str(papers_dir), "--paper", "toy"]
+    assert cli.main(argv) == 0
+    assert "no Pareto figures at cpu: toy: no record t2/cost/" in capsys.readouterr().err
+    assert not (root / "toy" / "cpu" / "pareto_costs.png").exists()

@@ -49,11 +49,12 @@ ABLATION_SWITCHES = {"no_3x3": {"branch3": False}, "no_5x5": {"branch5": False},
 
 RESIZE = ("resample", "pad")
 
-__all__ = ["ABLATION_SWITCHES", "CLASSES", "PER_VOLUME", "PET_ROWS", "RESIZE", "TABLE1_ROWS", "Config", "FoldRun",
-           "RowResult", "Volumes", "ablation_adapters", "build_row_model", "cv_folds", "dice_loss", "draw_framework",
-           "evaluate", "load_data", "load_volumes", "mean_curves", "per_volume_lines", "plot_curves",
-           "plot_dice_vs_params", "plot_memory", "plot_slices", "protocol", "record", "record_figures", "run",
-           "run_config", "run_fold", "summary_frame", "training_memory_mb", "volume_means", "wide_table"]
+__all__ = ["ABLATION_SWITCHES", "CLASSES", "CURVE_TABLES", "PER_VOLUME", "PET_ROWS", "RESIZE", "TABLE1_ROWS", "Config",
+           "FoldRun", "RowResult", "Volumes", "ablation_adapters", "build_row_model", "curves_figure",
+           "cv_folds", "dice_loss", "draw_framework", "evaluate", "load_data", "load_volumes",
+           "mean_curves", "per_volume_lines", "plot_curves", "plot_dice_vs_params", "plot_memory",
+           "plot_slices", "protocol", "record", "record_figures", "run", "run_config", "run_fold",
+           "summary_frame", "training_memory_mb", "volume_means", "wide_table"]
 
 
 @dataclass(frozen=True)
@@ -693,7 +694,28 @@ def record_figures(store) -> dict:
                         fontsize=9)
     plot_dice_vs_params(ax_params, frame)
     fig.tight_layout()
-    return {"dice_vs_params": fig}
+    drawn = {"dice_vs_params": fig}
+    curves = {name: store.dir / f"curves_{name.lower().replace(' ', '')}.csv" for name in CURVE_TABLES}
+    if all(path.is_file() for path in curves.values()):
+        drawn["curves"] = curves_figure({name: pd.read_csv(path) for name, path in curves.items()})
+    return drawn
+
+
+CURVE_TABLES = ("Table 1", "Table 2")
+
+
+def curves_figure(curves: dict[str, pd.DataFrame]):
+    """One panel per table (``CURVE_TABLES``) of :func:`plot_curves`; ``curves``: each table's runs' curves (the
+    ``curves`` of :class:`RowResult`, concatenated), as the notebook saves them beside the tables
+    (``curves_table1.csv``), from which ``mdbench figures`` redraws it."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(11, 3.6), sharey=True, squeeze=False)
+    for ax, (name, frame) in zip(axes[0], curves.items(), strict=True):
+        plot_curves(ax, frame)
+        ax.set_title(f"{name}: training loss per epoch (mean over seeds × folds)", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def plot_memory(ax, summary, method: str) -> None:
