@@ -101,3 +101,19 @@ def test_forward_flops_counts_the_fm_and_each_reprogrammer_by_hand():
     assert budget.forward_flops(rdx.Config(image_size=16, reprogrammer_hidden=4, phi_space="feature"), fm,
                                 [])["phi"] == 2 * (2 * 8 * 4)  # two linear layers, 8 -> 4 -> 8
     assert budget.forward_flops(cfg, fm, ["resnet18"])["resnet18"] > image["fm"]
+
+
+def test_profile_config_is_what_reproduce_runs_and_main_prints_its_plan(monkeypatch, capsys):
+    gpu = budget.profile_config("gpu")
+    assert gpu.device == "cuda" and gpu.resident_batches and gpu.fm == "litemedsam" and len(gpu.seeds) >= 3
+    with pytest.raises(ValueError, match="notebook's own defaults"):
+        budget.profile_config("smoke")
+    # main on a shrunk cpu profile: synthetic data, the FM's stem
+    shrunk = rdx.Config(datasets=("synthetic",), max_train=40, max_test=10, fm="litemedsam_stem", image_size=16,
+                        students=("resnet18",), seeds=(0, 1, 2), methods=("fm_linear_probe", "student", "rd"))
+    monkeypatch.setattr(budget, "profile_config", lambda profile: shrunk)
+    grid = budget.main(["--profile", "cpu"])
+    out = capsys.readouterr().out
+    assert "RD at the cpu profile on synthetic (40 train, 10 test); batches of 32" in out
+    assert budget.summary(grid) in out and "at optimistic rates" in out
+    assert set(grid.method) == {"fm_features", "fm_linear_probe", "student", "rd"} and (grid.runs[1:] == 3).all()

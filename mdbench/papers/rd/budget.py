@@ -88,7 +88,7 @@ class Throughput:
     step_floor_ms: float = 15.0
     head_step_ms: float = 1.0
     epoch_overhead_ms: float = 20.0
-    run_overhead_s: float = 1.0
+    run_overhead_s: float = 0.5
 
 
 class DataSize(NamedTuple):
