@@ -72,12 +72,12 @@ class Throughput:
       at 30 steps). An H100 ran its forward pass alone at 34 TFLOP/s eager, batch 64 (results/efcm/benchmarks).
     - ``student_tflops`` (assumed): ResNet-18 / ViT-Tiny training at 224 px, about 3,700 ResNet-18 images/s, taken
       low: published A100 and H100 figures for ResNets under mixed precision are 1.5-2x that, at batches of 256.
-    - ``step_floor_ms`` (from a measurement, with an assumption): the least an eager training step of a student
-      takes whatever its FLOPs: ~450 PyTorch operations (forward, backward, the losses, the logs, fused AdamW) at
-      some 30 us of host time each. The last gpu run (batch 32, positions copied to the GPU with a wait at every
-      step, the weights copied to the host at every epoch) took about 25 s a run at 22 % mean GPU utilisation:
-      about 20 ms a step for its 1,176-step PneumoniaMNIST runs, which dominate. 15 ms assumes those waits gone
-      and the host's own work left. ``head_step_ms`` (assumed) the same for a linear head on cached features.
+    - ``step_floor_ms`` (assumed): the least an eager training step of a student takes whatever its FLOPs, what
+      the host needs to launch it: ~450 PyTorch operations (forward, backward, the losses, the logs, fused AdamW)
+      at some 30 us each; one number for every student (MobileNetV3's many small layers take more). Measured on
+      the old path only: the last gpu run (batch 32, the host waiting for the GPU at every step and epoch) took
+      about 25 s a run at 22 % mean GPU utilisation, at most ~55 ms a step on average over its 458 steps a run
+      (every per-run and per-epoch cost included). ``head_step_ms`` (assumed) the same for a linear head.
     - ``epoch_overhead_ms`` (assumed): per epoch, reading its mean losses back (the GPU's queue drains: about one
       step's launch lost) and the weights' snapshot on the GPU.
     - ``run_overhead_s`` (assumed): building, copying and moving a model, cuDNN's first tuning of a shape, per run.
