@@ -530,6 +530,23 @@ def test_epochs_of_several_passes_train_on_the_dataloaders_batches_and_log_less_
             assert left.curve[-1, 1] == right.curve[-1, 1]  # the last epoch: the 5th step alone, either way
 
 
+def test_a_fit_on_resident_batches_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tmp_path):
+    # train.fit keeps the shuffling generator in its checkpoints: a unit of work that resumes draws the same batches
+    x, y = torch.randn(26, 3), torch.randn(26, 1)
+    cfg = rdx.Config(resident_batches=True, epoch_batches=5, batch_size=8)
+
+    def fitted(epochs: int, folder) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        train.fit(model, rdx._loader((x, y), 8, 3, cfg), loss_fn=nn.functional.mse_loss, epochs=epochs,
+                  checkpoint_dir=folder, progress=False, seed=0)
+        return model
+
+    fitted(2, tmp_path / "resumed")
+    resumed, whole = fitted(4, tmp_path / "resumed"), fitted(4, None)
+    assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
+
+
 def test_run_steps_take_the_floor_or_the_epochs_in_full_batches():
     cfg = rdx.Config(steps=200, epochs=8, batch_size=32)
     assert rdx.run_steps(4708, cfg) == 8 * 147  # PneumoniaMNIST: 147 full batches an epoch
