@@ -187,8 +187,14 @@ def checkpointing(folder: str | Path, every_s: float = 60.0) -> Iterator[None]:
         _CHECKPOINTING.reset(token)
 
 
-def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s weights where they are: on a GPU the copy stays there, so that an epoch that improves
+    neither waits for the GPU nor sends the model through the host (on the CPU, a copy on the CPU as before)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to("cpu") for k, v in state.items()}
 
 
 @dataclass
@@ -201,7 +207,7 @@ class _TrainState:
     scaler: torch.amp.GradScaler
     history: History = field(default_factory=History)
     bad_epochs: int = 0
-    best_model: dict[str, torch.Tensor] | None = None  # on the CPU; also in best.pt
+    best_model: dict[str, torch.Tensor] | None = None  # on the model's device (the CPU once loaded); in best.pt
 
     def save(self, ckpt_dir: Path, loader: Iterable) -> None:
         save_atomic(
@@ -486,7 +492,7 @@ def fit(
         value = _lookup(record, monitor.monitor)
         if monitor.improved(value, history.best_value):
             history.best_value, history.best_epoch, state.bad_epochs = value, epoch, 0
-            state.best_model, best_saved = _cpu_state_dict(model), False
+            state.best_model, best_saved = _snapshot(model), False
         else:
             state.bad_epochs += 1
         if early_stopping is not None and state.bad_epochs >= early_stopping.patience:
@@ -500,8 +506,9 @@ def fit(
 
         if ckpt_dir is not None and time.monotonic() - saved_at >= checkpoint_every_s:
             if not best_saved:  # written with last.pt, so that the two always describe the same epoch
-                save_atomic({"model": state.best_model, "epoch": history.best_epoch, "value": history.best_value},
-                            ckpt_dir / "best.pt")
+                assert state.best_model is not None  # best_saved turns False only with a snapshot
+                save_atomic({"model": _on_cpu(state.best_model), "epoch": history.best_epoch,
+                             "value": history.best_value}, ckpt_dir / "best.pt")
                 best_saved = True
             state.save(ckpt_dir, train_loader)
             saved_at = time.monotonic()

@@ -428,10 +428,21 @@ def test_records_keep_per_image_outputs_that_reproduce_them_on_the_test_ids_ever
 
 
 # ------------------------------------------------------------------------------------------------- the gpu grid
-def test_loader_gives_train_fit_the_batches_of_a_dataloader_over_the_tensors():
+def _tiny_initial(name: str, task: rdx.Task, seed: int, cfg: rdx.Config) -> ProjectedStudent:
+    """:func:`rdx.initial_student` with a tiny student of seed ``seed``, whatever ``name``."""
+    seed_rngs(seed)
+    student = ProjectedStudent(_tiny_student().backbone, 16, 8)
+    student.mdbench_init = "random init"
+    return student
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_loader_gives_train_fit_the_batches_of_a_dataloader_over_the_tensors(resident):
     # The cpu profile's committed numbers came from DataLoader(TensorDataset(...)); batches gathered from tensors
-    # in place must reach train.fit in that order, epoch after epoch (its progress bar makes an extra iterator).
+    # in place must reach train.fit in that order, epoch after epoch (its progress bar makes an extra iterator),
+    # whether a DataLoader draws their positions (_Batches) or the loader draws them itself (_ResidentBatches).
     x, y = torch.randn(26, 3), torch.arange(26)
+    cfg = rdx.Config(resident_batches=resident)
     seen: dict[str, list] = {"dataloader": [], "rd": []}
 
     def recorder(name):
@@ -443,11 +454,97 @@ def test_loader_gives_train_fit_the_batches_of_a_dataloader_over_the_tensors():
     reference = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, drop_last=True,
                            generator=torch.Generator().manual_seed(3))
     train.fit(nn.Linear(3, 1), reference, step_fn=recorder("dataloader"), epochs=3, progress=False, seed=0)
-    train.fit(nn.Linear(3, 1), rdx._loader((x, y), 8, 3, "cpu"), step_fn=recorder("rd"), epochs=3, progress=False,
-              seed=0)
+    after_reference = torch.get_rng_state(), reference.generator.get_state()
+    loader = rdx._loader((x, y), 8, 3, cfg)
+    assert isinstance(loader, rdx._ResidentBatches if resident else rdx._Batches)
+    train.fit(nn.Linear(3, 1), loader, step_fn=recorder("rd"), epochs=3, progress=False, seed=0)
     assert len(seen["rd"]) == 9 and seen["rd"] == seen["dataloader"]
-    in_order = [b[1].tolist() for b in rdx._loader((x, y), 8, None, "cpu")]
+    # the same draws from the shuffling generator and the global one: what follows is random alike
+    assert torch.equal(loader.generator.get_state(), after_reference[1])
+    assert torch.equal(torch.get_rng_state(), after_reference[0])
+    torch.manual_seed(5)
+    iter(DataLoader(TensorDataset(x), batch_size=8))  # an in-order DataLoader's iterator draws from the global one
+    after_in_order = torch.get_rng_state()
+    torch.manual_seed(5)
+    in_order = [b[1].tolist() for b in rdx._loader((x, y), 8, None, cfg)]
     assert in_order == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24)), [24, 25]]
+    assert torch.equal(torch.get_rng_state(), after_in_order)
+
+
+def test_resident_batches_are_the_dataloaders_in_a_whole_run_and_refuse_a_batch_beyond_the_images(monkeypatch):
+    # what a run trains and scores on the CPU does not depend on which loader gathers the batches
+    data, task = _tiny_task(fraction=0.5)
+    monkeypatch.setattr(rdx, "initial_student", _tiny_initial)
+    runs = {resident: rdx.run(data, task.fm, 0.5, ["fm_linear_probe", "kd", "rkd", "rd"],
+                              rdx.Config(steps=3, batch_size=8, students=("tiny",), seeds=(0,),
+                                         resident_batches=resident, log_every=1 + 2 * resident), progress=False)
+            for resident in (False, True)}
+    assert len(runs[True]) == 5
+    for left, right in zip(runs[False].itertuples(), runs[True].itertuples(), strict=True):
+        assert (left.method, left.accuracy, left.auc) == (right.method, right.accuracy, right.auc)
+        assert np.array_equal(left.probs, right.probs)
+        assert left.curve is None and right.curve is None or np.array_equal(left.curve, right.curve)
+    with pytest.raises(ValueError, match="need 1 to 5"):
+        rdx._ResidentBatches((torch.zeros(5, 2),), 6, torch.Generator(), "cpu")
+    with pytest.raises(ValueError, match="1 for in-order batches"):
+        rdx._ResidentBatches((torch.zeros(5, 2),), 2, None, "cpu", passes=2)
+
+
+def test_epochs_of_several_passes_train_on_the_dataloaders_batches_and_log_less_often(monkeypatch):
+    # 26 images in batches of 8: 3 a pass; epochs of at least 7 batches make 3 passes (9 batches) an epoch
+    x, y = torch.randn(26, 3), torch.arange(26)
+    cfg = rdx.Config(resident_batches=True, epoch_batches=7, batch_size=8)
+    assert rdx.epoch_passes(26, cfg) == 3 and rdx.epoch_passes(26, rdx.Config(batch_size=8)) == 1
+    assert rdx.epoch_passes(4, rdx.Config(resident_batches=True, epoch_batches=7, batch_size=8)) == 7
+    seen: dict[str, list] = {"dataloader": [], "rd": []}
+
+    def recorder(name):
+        def step(model, batch):
+            seen[name].append(batch[1].tolist())
+            return model(batch[0]).sum(), {}
+        return step
+
+    reference = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, drop_last=True,
+                           generator=torch.Generator().manual_seed(3))
+    train.fit(nn.Linear(3, 1), reference, step_fn=recorder("dataloader"), epochs=5, max_steps=13, progress=False,
+              seed=0)
+    loader = rdx._loader((x, y), 8, 3, cfg)
+    assert len(loader) == 9
+    history = train.fit(nn.Linear(3, 1), loader, step_fn=recorder("rd"), epochs=2, max_steps=13, progress=False,
+                        seed=0)
+    assert len(seen["rd"]) == 13 and seen["rd"] == seen["dataloader"]
+    assert [e["step"] for e in history.epochs] == [9, 13]
+    with pytest.raises(ValueError, match="needs resident_batches"):
+        rdx.Config(epoch_batches=4)
+    # a whole run: the same numbers as a DataLoader's, fewer points on its curve (an epoch: 2 passes of 2 batches)
+    data, task = _tiny_task(fraction=0.5)
+    monkeypatch.setattr(rdx, "initial_student", _tiny_initial)
+    runs = [rdx.run(data, task.fm, 0.5, ["student", "rd"], rdx.Config(steps=5, batch_size=8, students=("tiny",),
+                                                                      seeds=(0,), **config), progress=False)
+            for config in ({}, {"resident_batches": True, "epoch_batches": 3})]
+    for left, right in zip(runs[0].itertuples(), runs[1].itertuples(), strict=True):
+        assert (left.method, left.accuracy) == (right.method, right.accuracy) and np.array_equal(left.probs,
+                                                                                                 right.probs)
+        if left.curve is not None:
+            assert left.curve[:, 0].tolist() == [2, 4, 5] and right.curve[:, 0].tolist() == [4, 5]
+            assert left.curve[-1, 1] == right.curve[-1, 1]  # the last epoch: the 5th step alone, either way
+
+
+def test_a_fit_on_resident_batches_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tmp_path):
+    # train.fit keeps the shuffling generator in its checkpoints: a unit of work that resumes draws the same batches
+    x, y = torch.randn(26, 3), torch.randn(26, 1)
+    cfg = rdx.Config(resident_batches=True, epoch_batches=5, batch_size=8)
+
+    def fitted(epochs: int, folder) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        train.fit(model, rdx._loader((x, y), 8, 3, cfg), loss_fn=nn.functional.mse_loss, epochs=epochs,
+                  checkpoint_dir=folder, progress=False, seed=0)
+        return model
+
+    fitted(2, tmp_path / "resumed")
+    resumed, whole = fitted(4, tmp_path / "resumed"), fitted(4, None)
+    assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
 
 
 def test_run_steps_take_the_floor_or_the_epochs_in_full_batches():

@@ -91,8 +91,11 @@ def test_grid_of_every_method_evaluates_alike_on_cuda(monkeypatch):
 
 def test_gpu_profile_grid_evaluates_alike_on_cuda(monkeypatch):
     # The gpu profile's settings: RD reprograms the cached (bf16) features, a claim student trains the claims' rows,
-    # epochs set the steps; the data sit on the GPU and the convolutions run channels-last.
-    config = {"phi_space": "feature", "claim_students": ("mobilenetv3_small_100",), "steps": 2, "epochs": 2}
+    # epochs set the steps; the data sit on the GPU, batches are drawn there (resident_batches: on the CPU the same
+    # batches as a DataLoader's, so the two grids see the same images), an epoch is 2 passes (epoch_batches) and the
+    # convolutions run channels-last.
+    config = {"phi_space": "feature", "claim_students": ("mobilenetv3_small_100",), "steps": 2, "epochs": 2,
+              "resident_batches": True, "epoch_batches": 3, "log_every": 100}
     gpu = _grids_alike(monkeypatch, ["fm_linear_probe", *rdx.STUDENT_METHODS], **config)
     assert set(gpu[gpu.student == "mobilenetv3_small_100"].method) == {*rdx.CLAIM_METHODS, "rd_teacher"}
     assert (gpu.steps[gpu.method != "rd_teacher"] == 4).all()  # 2 epochs of 2 full batches of the 32 images

@@ -89,3 +89,26 @@ def test_quickstart_classifier_trains_and_scores_alike_on_cuda(amp):
     cpu_scores = metrics.classification_metrics(cpu_labels, cpu_logits, scores_are="logits")
     assert_scores_close({k: 100 * scores[k] for k in ("accuracy", "auc")},
                         {k: 100 * cpu_scores[k] for k in ("accuracy", "auc")}, 0.05, 100 / len(labels), "quickstart")
+
+
+def test_best_weights_stay_on_the_gpu_and_are_written_to_best_pt_from_the_host(tmp_path, monkeypatch):
+    # fit snapshots the weights of every improving epoch where they are (no wait for the GPU, no trip through the
+    # host); best.pt still holds CPU tensors, and restore_best loads the best epoch's weights back
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    model = nn.Linear(4, 2).cuda()
+    snapshots = []
+    snapshot = train._snapshot
+
+    def recording(module):
+        snapshots.append(snapshot(module))
+        return snapshots[-1]
+
+    monkeypatch.setattr(train, "_snapshot", recording)
+    history = train.fit(model, DataLoader(TensorDataset(x, y), batch_size=16), loss_fn=nn.functional.cross_entropy,
+                        lr=0.1, epochs=4, device="cuda", checkpoint_dir=tmp_path, progress=False,
+                        early_stopping=train.EarlyStopping(monitor="train_loss", patience=10))
+    assert snapshots and all(v.device.type == "cuda" for s in snapshots for v in s.values())
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert all(v.device.type == "cpu" for v in best["model"].values()) and best["epoch"] == history.best_epoch
+    assert all(torch.equal(v.cpu(), best["model"][k]) for k, v in model.state_dict().items())

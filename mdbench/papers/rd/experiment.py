@@ -15,7 +15,9 @@
 Training length is a number of optimizer steps (``Config.steps``), the same for the full and the low-data
 setting, so a 10% run is not also a shorter run; ``Config.epochs`` lengthens a run on many images to that many
 passes over them (:func:`run_steps`). Training data live on the training device and batches are gathered there
-(:func:`_loader`), in the order a shuffling ``DataLoader`` gives.
+(:func:`_loader`), in the order a shuffling ``DataLoader`` gives; with ``Config.resident_batches`` each epoch's
+order is drawn once and copied to the device, so that no step waits for the GPU (``Config.log_every``: how often
+the loss is read back).
 """
 from __future__ import annotations
 
@@ -290,12 +292,18 @@ class Config(NotebookConfig):
     vpt_tokens: int = 10
     pretrained_students: bool = True
     device: str = "cpu"
+    resident_batches: bool = False  # the same batches, drawn on the device without host work per step (_loader)
+    epoch_batches: int = 0      # with resident_batches: train.fit's epochs of whole passes, at least this many batches
+    log_every: int = 10         # train.fit reads the loss back (a host-device sync) every this many steps
 
     def __post_init__(self) -> None:
         if self.phi_space not in PHI_SPACES:
             raise ValueError(f"phi_space must be one of {PHI_SPACES}, got {self.phi_space!r}")
         if self.epochs < 0 or self.steps < 1:
             raise ValueError(f"need steps >= 1 and epochs >= 0, got {self.steps} and {self.epochs}")
+        if self.epoch_batches < 0 or (self.epoch_batches and not self.resident_batches):
+            raise ValueError(f"epoch_batches must be >= 0, and needs resident_batches (which draws the passes of an "
+                             f"epoch); got {self.epoch_batches} with resident_batches={self.resident_batches}")
         if set(self.students) & set(self.claim_students):
             raise ValueError(f"students {sorted(set(self.students) & set(self.claim_students))} are in both "
                              "students (every method) and claim_students (the claims' methods)")
@@ -363,16 +371,91 @@ class _Batches:
         return (tuple(t[index.to(t.device)] for t in self.tensors) for (index,) in positions)
 
 
-def _loader(tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int | None, device: str | torch.device
-            ) -> _Batches:
+class _ResidentBatches:
+    """The batches of :class:`_Batches`, in the same order, with no host work per step.
+
+    ``_Batches`` asks a ``DataLoader`` for each batch's positions: per step, a Python call per image to collate
+    them and a blocking copy of the positions to the device for each tensor, which waits for the GPU to finish
+    the steps queued before it, so the host cannot run ahead. Here each pass over the images draws its permutation
+    from the same generator with the same draws as the ``DataLoader`` (one int64 for its base seed when an iterator
+    is made, ``RandomSampler``'s ``randperm(N)`` at the first batch and one more when the pass's batches run out),
+    copies it to the device once, and every batch is an ``index_select`` of a slice of it on the device: full
+    batches only, like ``drop_last``. Without a generator the batches are consecutive slices of the tensors, in
+    order, the last one short; the base seed is drawn all the same (from the global generator, as a ``DataLoader``
+    without one does), so later random numbers match too.
+
+    One iteration (an epoch of ``train.fit``, which reads its losses back and snapshots the weights after it) runs
+    ``passes`` passes, one after another, with the draws of as many ``DataLoader`` epochs: each pass draws the base
+    seeds of as many iterators as its consumer made for the first (``train.fit`` makes two an epoch: its progress
+    bar makes one when built), so the batches and their order are those of a ``DataLoader`` over as many epochs.
+
+    Args:
+        tensors: tensors of one length N on ``device`` (or moved there once), e.g. images (N, 3, H, W), labels (N,).
+        batch_size: B (at most N when shuffling).
+        generator: the shuffling generator; None for in-order batches.
+        passes: passes over the images an iteration makes (shuffled batches only).
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, generator: torch.Generator | None,
+                 device: str | torch.device, passes: int = 1) -> None:
+        self.tensors = tuple(t.to(device) for t in tensors)
+        self.n, self.batch_size, self.generator, self.passes = len(self.tensors[0]), batch_size, generator, passes
+        self._iterators = 0  # made since the last epoch began
+        if generator is not None and not 1 <= batch_size <= self.n:
+            raise ValueError(f"shuffled full batches of {batch_size} need 1 to {self.n} (the images), got "
+                             f"{batch_size}")
+        if passes < 1 or (passes > 1 and generator is None):
+            raise ValueError(f"passes must be >= 1, and 1 for in-order batches; got {passes}")
+
+    def __len__(self) -> int:
+        if self.generator is None:
+            return math.ceil(self.n / self.batch_size)
+        return self.passes * (self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        # drawn when the iterator is made, as a DataLoader draws its base seed (from the global generator without one)
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        if self.generator is None:
+            return (tuple(t[i:i + self.batch_size] for t in self.tensors) for i in range(0, self.n, self.batch_size))
+        self._iterators += 1
+        return self._shuffled()
+
+    def _shuffled(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        iterators, self._iterators = self._iterators, 0
+        for done in range(self.passes):
+            for _ in range(iterators if done else 0):  # the next DataLoader epoch's iterators
+                torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+            # from pageable memory an asynchronous copy is staged at once: the host does not wait for the GPU
+            permutation = torch.randperm(self.n, generator=self.generator).to(self.tensors[0].device,
+                                                                               non_blocking=True)
+            for i in range(self.n // self.batch_size):
+                index = permutation[i * self.batch_size:(i + 1) * self.batch_size]
+                yield tuple(t.index_select(0, index) for t in self.tensors)
+            # asked for one batch more, RandomSampler runs out, drawing its (empty) remainder's permutation on the way
+            torch.randperm(self.n, generator=self.generator)
+
+
+def _loader(tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int | None, cfg: Config
+            ) -> _Batches | _ResidentBatches:
     """Shuffled, full batches for training (BatchNorm and CKA need >= 2 samples) when ``seed`` is given; in order
-    otherwise; gathered on ``device``."""
+    otherwise; gathered on ``cfg.device``, by :class:`_ResidentBatches` with ``cfg.resident_batches`` (the same
+    batches; a training epoch of at least ``cfg.epoch_batches`` of them), else by :class:`_Batches`."""
+    size = min(batch_size, len(tensors[0]))
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    if cfg.resident_batches:
+        passes = 1 if generator is None else epoch_passes(len(tensors[0]), cfg)
+        return _ResidentBatches(tensors, size, generator, cfg.device, passes)
     positions = TensorDataset(torch.arange(len(tensors[0])))
-    size = min(batch_size, len(positions))
-    if seed is None:
-        return _Batches(tensors, DataLoader(positions, batch_size=size), device)
+    if generator is None:
+        return _Batches(tensors, DataLoader(positions, batch_size=size), cfg.device)
     return _Batches(tensors, DataLoader(positions, batch_size=size, shuffle=True, drop_last=True,
-                                        generator=torch.Generator().manual_seed(seed)), device)
+                                        generator=generator), cfg.device)
+
+
+def epoch_passes(n_train: int, cfg: Config) -> int:
+    """Passes over ``n_train`` training images in full batches that one epoch of ``train.fit`` makes: the fewest
+    that hold ``cfg.epoch_batches`` batches (1 without it)."""
+    return max(1, math.ceil(cfg.epoch_batches / (n_train // min(cfg.batch_size, n_train))))
 
 
 def run_steps(n_train: int, cfg: Config) -> int:
@@ -386,12 +469,13 @@ def run_steps(n_train: int, cfg: Config) -> int:
 def _fit(model: nn.Module, tensors: tuple[torch.Tensor, ...], step_fn, cfg: Config, seed: int,
          lr: float) -> train.History:
     steps = run_steps(len(tensors[0]), cfg)
-    loader = _loader(tensors, cfg.batch_size, seed, cfg.device)
+    loader = _loader(tensors, cfg.batch_size, seed, cfg)
     _on_device(model, cfg)
     # fused AdamW: one kernel for all parameters, several times faster than the default on CPU as well
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
     return train.fit(model, loader, step_fn=step_fn, optimizer=optimizer, epochs=math.ceil(steps / len(loader)),
-                     max_steps=steps, device=cfg.device, amp=cfg.amp, progress=False, seed=seed)
+                     max_steps=steps, device=cfg.device, amp=cfg.amp, progress=False, seed=seed,
+                     log_every=cfg.log_every)
 
 
 def _scores(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> TestScores:
@@ -405,7 +489,7 @@ def _scores(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> TestScor
 def _evaluate(model: nn.Module, tensors: tuple[torch.Tensor, ...], num_classes: int, cfg: Config,
               fn: Callable | None = None) -> TestScores:
     """Test scores of ``fn(model, batch) -> (logits, y)`` (default ``model(x)``) over ``tensors``, in order."""
-    logits, y = train.predict(model, _loader(tensors, 256, None, cfg.device), cfg.device, fn)
+    logits, y = train.predict(model, _loader(tensors, 256, None, cfg), cfg.device, fn)
     return _scores(logits.float(), y, num_classes)
 
 
@@ -417,7 +501,7 @@ def _precise_bn(model: nn.Module, images: torch.Tensor, cfg: Config) -> None:
     FM's statistics must stay as they are.
     """
     with torch.no_grad():
-        update_bn(_loader((images,), 256, None, cfg.device), model.to(cfg.device), device=torch.device(cfg.device))
+        update_bn(_loader((images,), 256, None, cfg), model.to(cfg.device), device=torch.device(cfg.device))
 
 
 def _ce_step(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
@@ -490,7 +574,7 @@ def run_fm_method(method: str, task: Task, seed: int, cfg: Config, teacher: bool
 
 def _predict(model: nn.Module, inputs: torch.Tensor, cfg: Config) -> torch.Tensor:
     """``model``'s outputs on ``inputs`` (N, ...), in order, on the CPU."""
-    return train.predict(model, _loader((inputs,), 256, None, cfg.device), cfg.device)[0]
+    return train.predict(model, _loader((inputs,), 256, None, cfg), cfg.device)[0]
 
 
 # ------------------------------------------------------------------------------------------------- student methods
