@@ -48,9 +48,10 @@ import torch
 
 from mdbench.efficiency import count_flops
 from mdbench.models.litemedsam import LiteMedSAM
+from mdbench.papers.daft.experiment import Cases, Config
 from mdbench.papers.daft.routing import GENERAL, FileNameRouter
 
-__all__ = ["ASSUMED", "Rates", "estimate", "forward_gflops", "sizes", "summary", "utilisation"]
+__all__ = ["ASSUMED", "Rates", "estimate", "forward_gflops", "of_run", "sizes", "summary", "utilisation"]
 
 CALIBRATION_IMAGES = 256  # BatchNorm recalibration before each validation (training.finetune's default)
 
@@ -149,7 +150,7 @@ def sizes(cases: Mapping[str, list[dict]], experts: list[str], kd_slices_per_vol
             "test_encoder": test[0], "test_decoder": test[1], "expert_encoder": expert[0], "expert_decoder": expert[1]}
 
 
-def estimate(cfg, counts: Mapping[str, int], gflops: Mapping[str, float], cases_converted: int = 0,
+def estimate(cfg: Config, counts: Mapping[str, int], gflops: Mapping[str, float], cases_converted: int = 0,
              rates: Rates = ASSUMED) -> pd.DataFrame:
     """The run's cost per stage, one line each: ``runs`` (how often it runs), ``tflop`` (GPU work), ``seconds`` at
     ``rates`` and whether it is ``compute``-bound, ``launch``-bound or ``host`` work.
@@ -200,6 +201,15 @@ def estimate(cfg, counts: Mapping[str, int], gflops: Mapping[str, float], cases_
           seeds * calls(2 * counts["test_encoder"] + counts["expert_encoder"],
                         2 * counts["test_decoder"] + counts["expert_decoder"]), "launch")
     return pd.DataFrame(lines)
+
+
+def of_run(cfg: Config, cases: Cases, teacher: LiteMedSAM, student: LiteMedSAM, rates: Rates = ASSUMED
+           ) -> pd.DataFrame:
+    """:func:`estimate` of a notebook run: its cases' :func:`sizes`, its models' :func:`forward_gflops`, and the
+    conversion of its cases from the real datasets (counted even when an earlier run left them on disk)."""
+    counts = sizes(cases.cases, list(cfg.experts), cfg.kd_slices_per_volume, cfg.kd_images, cfg.daft_slices_per_volume)
+    converted = sum(map(len, cases.cases.values())) if cfg.dataset == "real" and cfg.cases_dir is None else 0
+    return estimate(cfg, counts, forward_gflops(teacher, student), converted, rates)
 
 
 def summary(frame: pd.DataFrame) -> str:
