@@ -693,6 +693,7 @@ def plot_curves(curves: pd.DataFrame):
     embedding MSE, general FT's and each DAFT expert's Dice + BCE + IoU loss), one colour per seed, training loss
     solid, held-out loss dashed, a dot at the epoch each training kept. Returns the figure."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     stages = list(dict.fromkeys(curves.stage))
     fig, axes = plt.subplots(1, len(stages), figsize=(3.4 * len(stages), 3.2), squeeze=False)
@@ -709,6 +710,7 @@ def plot_curves(curves: pd.DataFrame):
         figures.set_scale(ax, "y", losses[losses > 0])
         ax.set_title(stage + (": embedding MSE" if stage == "KD" else ": Dice + BCE + IoU"), fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].set_ylabel("loss (solid: training, dashed: held out)")
     axes[0, -1].legend(fontsize=7, title="dot: epoch kept", title_fontsize=7)
     fig.tight_layout()

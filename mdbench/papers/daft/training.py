@@ -193,7 +193,7 @@ class PromptBank:
                  max_slices: int | None = None, bbox_shift: int = BBOX_SHIFT,
                  device: str | torch.device = "cpu") -> None:
         samples = PromptSamples(cases, slices, augment=False, seed=seed, max_slices=max_slices)
-        self.bbox_shift, self.device = bbox_shift, torch.device(device)
+        self.bbox_shift = bbox_shift
         frames: dict[tuple[int, int | None], int] = {}  # (case index, slice) -> frame
         images: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
@@ -220,7 +220,8 @@ class PromptBank:
             case_index, z, _, label = samples.choice(index, samples._rng(index))
             frame = frames[case_index, z]
             fixed.append(frame_first[frame] + frame_labels[frame].index(label))
-        self.images = torch.stack(images).to(self.device)
+        self.images = torch.stack(images).to(device)
+        self.device = self.images.device  # with its index ("cuda:0"), as the generators drawn from must be
         self.masks = torch.stack(masks).to(self.device)
         self.boxes = torch.stack(boxes).to(self.device)
         self.object_frame = torch.tensor([f for f, labels in enumerate(frame_labels) for _ in labels], device=self.device)
