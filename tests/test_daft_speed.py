@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -169,3 +170,22 @@ def test_finetuning_from_the_prompt_bank_trains_and_validates(cases):
     assert len(history.epochs) == 2 and {"train_loss", "val_loss", "train_dice"} <= set(history.epochs[0])
     assert all(torch.equal(v, student.prompt_encoder.state_dict()[k]) for k, v in prompt_encoder.items())
     assert not student.training
+
+
+def test_curves_frame_puts_kd_first_and_plot_curves_draws_one_panel_per_stage():
+    from mdbench.papers.daft import experiment as daft
+
+    def run(stage: str, seed: int, val: bool) -> pd.DataFrame:
+        frame = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [3.0, 2.0, 1.5], "lr": 1e-4, "seconds": 1.0})
+        frame = frame.assign(val_loss=[2.5, 2.0, 2.2]) if val else frame
+        return frame.assign(seed=seed, stage=stage, kept=frame.epoch == (2 if val else 3))
+
+    by_seed = {seed: daft.Lineage({}, [run("general FT", seed, True), run("DAFT 3D", seed, False),
+                                       run("KD", seed, True)], pd.DataFrame()) for seed in (0, 1)}
+    curves = daft.Lineages(by_seed, {}).curves_frame()
+    assert list(dict.fromkeys(curves.stage)) == ["KD", "general FT", "DAFT 3D"]
+    assert list(curves.columns[:6]) == ["stage", "seed", "epoch", "train_loss", "val_loss", "kept"]
+    assert curves[curves.kept].groupby("stage", sort=False).epoch.first().to_dict() == {
+        "KD": 2, "general FT": 2, "DAFT 3D": 3}
+    fig = daft.plot_curves(curves)
+    assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["KD", "general FT", "DAFT 3D"]
