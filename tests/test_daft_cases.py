@@ -56,6 +56,15 @@ def test_conversion_rule_by_hand(tmp_path, monkeypatch):
     assert three_d["imgs"].min() == 0 and three_d["imgs"].max() == 255
 
 
+def test_a_count_of_none_converts_every_item_of_the_split(tmp_path, monkeypatch):
+    mask = np.zeros((16, 16), np.uint8)
+    mask[5:10, 5:10] = 1
+    items = [{"id": str(i), "mask": torch.from_numpy(mask), "image": torch.full((3, 16, 16), 0.5)} for i in range(3)]
+    monkeypatch.setattr(daft_cases, "load_dataset", lambda name, **kwargs: items)
+    assert len(write_real_cases(tmp_path / "all", {"test": None}, kinds=("2DBox_US",))["test"]) == 3
+    assert len(write_real_cases(tmp_path / "two", {"test": 2}, kinds=("2DBox_US",))["test"]) == 2
+
+
 def test_real_3d_case_runs_through_the_inference_with_a_stub(real_data_dir, tmp_path):
     [path] = write_real_cases(tmp_path, {"test": 1}, data_dir=real_data_dir, kinds=("3DBox_MR",))["test"]
 

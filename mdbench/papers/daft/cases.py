@@ -82,7 +82,7 @@ def _real_case(kind: str, item: dict[str, Any], min_pixels: int) -> dict[str, np
     return case
 
 
-def write_real_cases(out_dir: str | Path, counts: Mapping[str, int], data_dir: str | Path | None = None,
+def write_real_cases(out_dir: str | Path, counts: Mapping[str, int | None], data_dir: str | Path | None = None,
                      kinds: Sequence[str] = tuple(REAL_SOURCES),
                      min_pixels: int = MIN_OBJECT_PIXELS) -> dict[str, list[Path]]:
     """Convert the first ``counts[split]`` items of each real dataset's split into ``<out_dir>/<split>/*.npz``.
@@ -92,7 +92,8 @@ def write_real_cases(out_dir: str | Path, counts: Mapping[str, int], data_dir: s
 
     Args:
         out_dir: the case folder (``train/``, ``val/``, ``test/`` below it, as :func:`case_splits` reads them).
-        counts: ``{split: items per dataset}``, e.g. ``{"train": 40, "val": 10, "test": 10}``.
+        counts: ``{split: items per dataset}``, e.g. ``{"train": 40, "val": 10, "test": 10}``; None: all of the
+            split's items.
         data_dir: root of the real datasets (None: ``MDBENCH_DATA_DIR``).
         kinds: case kinds to write (keys of :data:`REAL_SOURCES`).
         min_pixels: 2D components smaller than this are dropped.
@@ -107,7 +108,8 @@ def write_real_cases(out_dir: str | Path, counts: Mapping[str, int], data_dir: s
         for split, count in counts.items():
             dataset = load_dataset(name, split=split, data_dir=data_dir, **kwargs)
             # the registry types its result as Dataset; the box-prompt loaders are map-style, with __len__
-            for index in range(min(count, len(cast(Sized, dataset)))):
+            available = len(cast(Sized, dataset))
+            for index in range(available if count is None else min(count, available)):
                 item = dataset[index]
                 path = out_dir / split / case_filename(kind, item["id"])
                 if not path.exists():

@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
@@ -44,11 +44,12 @@ from mdbench.papers.daft.evaluation import case_lines, modality_summary, score_c
 from mdbench.papers.daft.inference import Predictor, segment_case
 from mdbench.papers.daft.routing import GENERAL, FileNameRouter, LearnedRouter
 from mdbench.params import NotebookConfig
+from mdbench.train import History
 from mdbench.work import Work, uncached
 
 __all__ = ["ROWS", "CaseEvaluator", "Cases", "Config", "KDSet", "Lineage", "Lineages", "Routers", "TableA", "Timings",
            "baseline", "build_student", "deploy", "evaluate_seed", "expert_subsets", "fit_routers", "kd_set", "lineage",
-           "lineages", "load_data", "model_costs", "plot_overlays", "plot_scores", "record_figures", "record_kd", "record_routers",
+           "lineages", "load_data", "model_costs", "plot_curves", "plot_overlays", "plot_scores", "record_figures", "record_kd", "record_routers",
            "record_table_a", "record_table_b", "run", "shown_cases", "time_cases", "timed_cases", "wide_table_a"]
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class Config(NotebookConfig):
     data_dir: str | None = None
     dataset: str = "real"               # synthetic | real (Kvasir-SEG, ISIC 2017, HC18, MSD hippocampus)
     cases_dir: str | None = None        # or any folder of challenge .npz cases
-    n_cases: dict = field(default_factory=lambda: {"train": 40, "val": 4, "test": 3})  # per modality and split
+    n_cases: dict = field(default_factory=lambda: {"train": 40, "val": 4, "test": 3})  # per modality and split (real: None = all)
     synthetic_kinds: tuple[str, ...] = ("2DBox_Endoscopy", "2DBox_Dermoscopy", "2DBox_US", "3DBox_MR")
     synthetic_image_size: tuple[int, int] = (160, 160)
     synthetic_volume_shape: tuple[int, int, int] = (8, 64, 64)
@@ -131,16 +132,28 @@ class Config(NotebookConfig):
     kd_epochs: int = 20
     kd_lr: float = 5e-4
     kd_batch: int = 16
+    kd_patience: int | None = None      # KD stops when its held-out embedding MSE (val cases) has flattened (None: all kd_epochs, no held-out set)
+    kd_min_delta: float = 0.0           # ... that is, improved by less than this fraction of its best for kd_patience epochs
     ft_epochs: int = 15
     ft_lr: float = 1e-4
     ft_batch: int = 32
     patience: int = 7
     workers: int = 0
+    amp: bool = False                   # bf16 autocast in KD and fine-tuning (CUDA only)
+    channels_last: bool = False         # the student encoder in channels-last layout (CUDA only)
+    compile: bool = False               # the student encoder torch.compile'd in KD and fine-tuning (CUDA only)
+    on_device: bool = False             # KD inputs / targets and a prompt bank of the fine-tuning items on the device
     daft_epochs: int = 6
     daft_slices_per_volume: int | None = 10
     timing_per_modality: int = 1        # test cases per modality timed in Table B (0: none)
     timing_modalities: tuple[str, ...] | None = None
     timing_threads: int | None = None   # threads of the timed processes (None: all cores)
+
+    @property
+    def speed(self) -> daft_training.Speed:
+        """How the student trains (:class:`~mdbench.papers.daft.training.Speed`)."""
+        return daft_training.Speed(amp=self.amp, channels_last=self.channels_last, compile=self.compile,
+                                   on_device=self.on_device)
 
     @property
     def student(self) -> dict[str, Any]:
@@ -194,6 +207,8 @@ def load_data(cfg: Config, work: Path) -> Cases:
         daft_cases.write_real_cases(folder, cfg.n_cases, data_dir=cfg.data_dir)
     else:
         folder, name = work / "cases", "synthetic"
+        if None in cfg.n_cases.values():
+            raise ValueError(f"n_cases {cfg.n_cases}: None (all cases) is for real data; synthetic cases need a count")
         for split, n in cfg.n_cases.items():
             write_synthetic_boxprompt_cases(folder / split, n, seed=0, split=split, kinds=list(cfg.synthetic_kinds),
                                             image_size=(*cfg.synthetic_image_size,),
@@ -258,10 +273,11 @@ class KDSet:
         return daft_training.embed_images(self.encode, self.inputs, device=self.device)
 
 
-def kd_set(teacher_encode: Callable, cases: Cases, cfg: Config) -> KDSet:
-    """The training images and slices KD distils on (at most ``kd_images``, drawn with a fixed seed)."""
-    inputs, names = daft_training.encoder_inputs(cases.train, slices_per_volume=cfg.kd_slices_per_volume)
-    if cfg.kd_images is not None and len(inputs) > cfg.kd_images:
+def kd_set(teacher_encode: Callable, cases: Cases, cfg: Config, split: str = "train") -> KDSet:
+    """The images and slices of ``split``'s cases: the training ones KD distils on (at most ``kd_images``, drawn
+    with a fixed seed), or the validation ones whose embedding MSE tells when KD has flattened (all of them)."""
+    inputs, names = daft_training.encoder_inputs(cases.cases[split], slices_per_volume=cfg.kd_slices_per_volume)
+    if split == "train" and cfg.kd_images is not None and len(inputs) > cfg.kd_images:
         picks = np.random.default_rng(0).permutation(len(inputs))[:cfg.kd_images]
         inputs, names = inputs[picks], [names[i] for i in picks]
     return KDSet(inputs, names, teacher_encode, cfg.device)
@@ -278,8 +294,8 @@ def expert_subsets(cases: Cases, cfg: Config) -> dict[str, tuple[list[dict], lis
 @dataclass
 class Lineage:
     """What one seed's KD -> general FT -> DAFT lineage keeps (a unit of work): the embedding MSE of each KD input
-    ``before KD`` and ``after KD`` (``kd_mse``, (N,) each), the fine-tuning ``curves`` (one frame per run, with
-    ``seed`` and ``stage``), Table A's rows of the seed (``per_case``, :meth:`CaseEvaluator.evaluate`'s columns
+    ``before KD`` and ``after KD`` (``kd_mse``, (N,) each), the training ``curves`` (one frame per run, one row per
+    epoch, with ``seed`` and ``stage``: general FT, each DAFT expert's, then KD's), Table A's rows of the seed (``per_case``, :meth:`CaseEvaluator.evaluate`'s columns
     with ``row`` and ``seed``), the masks (``predictions[(model, case)]``) and the CPU ``models`` (``"+ general FT"``
     and ``"experts"``) that the deployment, Table B and the figures use: those of the first seed only."""
 
@@ -308,6 +324,16 @@ class Lineages:
     @property
     def curves(self) -> list[pd.DataFrame]:
         return [curve for lineage in self.by_seed.values() for curve in lineage.curves]
+
+    def curves_frame(self) -> pd.DataFrame:
+        """Every training's epochs in one frame (``stage``, ``seed``, ``epoch``, ``train_loss``, ``val_loss``,
+        ``kept``, ``lr``, ``seconds``, and the fine-tuning loss terms), KD first."""
+        frame = pd.concat(self.curves, ignore_index=True)
+        order = ["KD", "general FT", *sorted(s for s in frame.stage.unique() if s.startswith("DAFT "))]
+        frame = frame.sort_values(["stage", "seed", "epoch"], key=lambda c: c.map(order.index) if c.name == "stage"
+                                  else c, kind="stable", ignore_index=True)
+        first = ["stage", "seed", "epoch", "train_loss", "val_loss", "kept"]
+        return frame[[c for c in first if c in frame] + [c for c in frame if c not in first]]
 
     @property
     def kd_mse(self) -> dict[str, dict[int, np.ndarray]]:
@@ -341,29 +367,44 @@ def evaluate_seed(models: Mapping[str, Any], routers: Routers, cases: Cases, see
     return pd.concat(frames, ignore_index=True), evaluator
 
 
-def lineage(seed: int, teacher: LiteMedSAM, kd: KDSet, routers: Routers, cases: Cases, cfg: Config,
-            deterministic: bool) -> Lineage:
-    """One seed: a student whose image encoder is distilled into the teacher's embeddings of the KD inputs (step 1),
-    a copy fine-tuned on all training cases (step 2, ``"+ general FT"``), one copy of that per expert fine-tuned on
-    the cases the file-name router sends to it (step 3, DAFT proper), and Table A's rows of these models."""
+def _curve(history: History, seed: int, stage: str) -> pd.DataFrame:
+    """One training's epochs (:meth:`~mdbench.train.History.to_frame`) with its ``seed``, ``stage`` and ``kept``:
+    whether the weights it ended with are that epoch's (the best held-out loss where it watched one, which
+    early stopping restored; else the last epoch)."""
+    frame = history.to_frame()
+    kept = history.best_epoch if "val_loss" in frame else len(frame)
+    return frame.assign(seed=seed, stage=stage, kept=frame.epoch == kept)
+
+
+def lineage(seed: int, teacher: LiteMedSAM, kd: KDSet, kd_val: KDSet | None, routers: Routers, cases: Cases,
+            cfg: Config, deterministic: bool) -> Lineage:
+    """One seed: a student whose image encoder is distilled into the teacher's embeddings of the KD inputs (step 1;
+    with ``kd_val``, until the embedding MSE of those held-out inputs flattens), a copy fine-tuned on all training
+    cases (step 2, ``"+ general FT"``), one copy of that per expert fine-tuned on the cases the file-name router
+    sends to it (step 3, DAFT proper), and Table A's rows of these models."""
     repro.seed_everything(seed, deterministic=deterministic)
     model = build_student(teacher, cfg)
     encoder = model.image_encoder
     kd_mse = {"before KD": daft_training.embedding_mse(encoder, kd.inputs, kd.targets, device=cfg.device)}
-    daft_training.distill_encoder(encoder, kd.inputs, kd.targets, epochs=cfg.kd_epochs, lr=cfg.kd_lr,
-                                  batch_size=cfg.kd_batch, device=cfg.device, seed=seed)
+    held_out: dict[str, Any] = {} if kd_val is None else {
+        "val_images": kd_val.inputs, "val_targets": kd_val.targets, "patience": cfg.kd_patience,
+        "min_delta": cfg.kd_min_delta}
+    kd_history = daft_training.distill_encoder(encoder, kd.inputs, kd.targets, epochs=cfg.kd_epochs, lr=cfg.kd_lr,
+                                               batch_size=cfg.kd_batch, speed=cfg.speed, device=cfg.device,
+                                               seed=seed, **held_out)
     kd_mse["after KD"] = daft_training.embedding_mse(encoder, kd.inputs, kd.targets, device=cfg.device)
 
     general = build_student(teacher, cfg)
     general.load_state_dict(model.state_dict())
-    finetuning: dict[str, Any] = {"lr": cfg.ft_lr, "batch_size": cfg.ft_batch, "patience": cfg.patience, "num_workers": cfg.workers,
-                  "device": cfg.device, "seed": seed}
+    finetuning: dict[str, Any] = {"lr": cfg.ft_lr, "batch_size": cfg.ft_batch, "patience": cfg.patience,
+                                  "num_workers": cfg.workers, "speed": cfg.speed, "device": cfg.device, "seed": seed}
     history = daft_training.finetune(general, cases.train, cases.val, epochs=cfg.ft_epochs, **finetuning)
-    curves = [history.to_frame().assign(seed=seed, stage="general FT")]
+    curves = [_curve(history, seed, "general FT")]
     tuned = daft_training.data_aware_finetune(general, expert_subsets(cases, cfg), epochs=cfg.daft_epochs,
                                               max_slices_per_volume=cfg.daft_slices_per_volume, **finetuning)
     experts = {name: expert for name, (expert, _) in tuned.items()}
-    curves += [h.to_frame().assign(seed=seed, stage=f"DAFT {name}") for name, (_, h) in tuned.items()]
+    curves += [_curve(h, seed, f"DAFT {name}") for name, (_, h) in tuned.items()]
+    curves.append(_curve(kd_history, seed, "KD"))
 
     per_case, evaluator = evaluate_seed({"KD only": model, "+ general FT": general, "experts": experts}, routers,
                                         cases, seed)
@@ -379,14 +420,21 @@ def lineage(seed: int, teacher: LiteMedSAM, kd: KDSet, routers: Routers, cases: 
 def lineages(teacher: LiteMedSAM, teacher_encode: Callable, routers: Routers, cases: Cases, cfg: Config,
              deterministic: bool, work: Work = uncached) -> Lineages:
     """Every seed's :func:`lineage`, each a unit of ``work``; KD's targets are the teacher's embeddings
-    (``teacher_encode``) of the training images and slices (:func:`kd_set`)."""
+    (``teacher_encode``) of the training images and slices (:func:`kd_set`), and with ``kd_patience`` those of
+    the validation images and slices tell when KD has flattened."""
     kd = kd_set(teacher_encode, cases, cfg)
+    kd_val = kd_set(teacher_encode, cases, cfg, "val") if cfg.kd_patience is not None else None
     subsets = expert_subsets(cases, cfg)
     config = {"student": cfg.student, "images": len(kd.inputs), "epochs": cfg.kd_epochs, "lr": cfg.kd_lr,
               "batch": cfg.kd_batch, "teacher_backend": cfg.teacher_backend, "ft_epochs": cfg.ft_epochs,
               "ft_lr": cfg.ft_lr, "ft_batch": cfg.ft_batch, "patience": cfg.patience, "experts": sorted(subsets),
               "daft_epochs": cfg.daft_epochs, "daft_slices_per_volume": cfg.daft_slices_per_volume}
-    by_seed = {seed: work("lineage", partial(lineage, seed, teacher, kd, routers, cases, cfg, deterministic),
+    # what only some profiles set is recorded where set, so that the records of the others stay as they were
+    if kd_val is not None:
+        config.update({"kd_patience": cfg.kd_patience, "kd_min_delta": cfg.kd_min_delta,
+                       "kd_val_images": len(kd_val.inputs)})
+    config.update({name: True for name, on in asdict(cfg.speed).items() if on})
+    by_seed = {seed: work("lineage", partial(lineage, seed, teacher, kd, kd_val, routers, cases, cfg, deterministic),
                           seed=seed) for seed in cfg.seeds}
     return Lineages(by_seed, config, kd.names, subsets)
 
@@ -635,6 +683,36 @@ def plot_scores(table: TableA, timings: Timings | None):
     else:
         axes[1].set_axis_off()
         axes[1].text(0.5, 0.5, "Table B not timed in this profile", ha="center", va="center")
+    fig.tight_layout()
+    return fig
+
+
+@figures.styled
+def plot_curves(curves: pd.DataFrame):
+    """The training budgets: each stage's loss per epoch (:meth:`Lineages.curves_frame`), one panel per stage (KD's
+    embedding MSE, general FT's and each DAFT expert's Dice + BCE + IoU loss), one colour per seed, training loss
+    solid, held-out loss dashed, a dot at the epoch each training kept. Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    stages = list(dict.fromkeys(curves.stage))
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.4 * len(stages), 3.2), squeeze=False)
+    for ax, stage in zip(axes[0], stages, strict=True):
+        frame = curves[curves.stage == stage]
+        for seed, run in frame.groupby("seed"):
+            line, = ax.plot(run.epoch, run.train_loss, lw=1, label=f"seed {seed}")
+            watched = "val_loss" in run and run.val_loss.notna().any()
+            if watched:
+                ax.plot(run.epoch, run.val_loss, lw=1, ls="--", color=line.get_color())
+            kept = run[run.kept]
+            ax.plot(kept.epoch, kept.val_loss if watched else kept.train_loss, "o", ms=4, color=line.get_color())
+        losses = frame.filter(["train_loss", "val_loss"]).stack()
+        figures.set_scale(ax, "y", losses[losses > 0])
+        ax.set_title(stage + (": embedding MSE" if stage == "KD" else ": Dice + BCE + IoU"), fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0, 0].set_ylabel("loss (solid: training, dashed: held out)")
+    axes[0, -1].legend(fontsize=7, title="dot: epoch kept", title_fontsize=7)
     fig.tight_layout()
     return fig
 
