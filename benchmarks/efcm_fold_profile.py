@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import io
 import pstats
 import time
@@ -20,19 +19,15 @@ import time
 import torch
 import yaml
 
-from mdbench.paper_yaml import paper_file, read_paper_file
+from mdbench import runner
 from mdbench.papers.efcm import experiment as efcm
 
 
-def config(profile: str, dataset: str, data_dir: str | None, n_bags: int | None, folds: int | None
-           ) -> efcm.Config:
-    """The paper's ``profile`` parameters for one dataset, on CUDA where there is one."""
-    params = dict(read_paper_file(paper_file("efcm"))["reproduce"]["parameters"][profile])
-    params.update(datasets=[dataset], data_dir=data_dir, profile=profile,
-                  device="cuda" if torch.cuda.is_available() else "cpu")
-    params.update({k: v for k, v in (("n_bags", n_bags), ("folds", folds)) if v is not None})
-    known = {f.name for f in dataclasses.fields(efcm.Config)}
-    return efcm.Config(**{k: (tuple(v) if k == "bag_size" else v) for k, v in params.items() if k in known})
+def config(profile: str, overrides: dict) -> efcm.Config:
+    """The Config ``mdbench reproduce --paper efcm --profile <profile>`` runs (:func:`mdbench.runner.profile_config`),
+    on CUDA where there is one, with ``overrides``."""
+    return runner.profile_config("efcm", profile, efcm.Config,
+                                 **{"device": "cuda" if torch.cuda.is_available() else "cpu", **overrides})
 
 
 def main() -> None:
@@ -47,8 +42,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a parameter (YAML value), e.g. --set bag_batch=128")
     args = parser.parse_args()
-    cfg = config(args.profile, args.dataset, args.data_dir, args.n_bags, args.folds)
-    cfg = dataclasses.replace(cfg, **{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.set)})
+    given = {"datasets": [args.dataset], "data_dir": args.data_dir, "n_bags": args.n_bags, "folds": args.folds}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    cfg = config(args.profile, {**overrides, **{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.set)}})
     data = efcm.load_data(cfg)[args.dataset]
     start = time.perf_counter()
     features, _ = efcm.encode(efcm.teacher_model(cfg), {args.dataset: data}, cfg)

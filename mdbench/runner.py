@@ -53,13 +53,18 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from mdbench.paper_yaml import PAPERS_DIR, PaperFileError, known_papers, paper_file, read_paper_file, require
 from mdbench.process_guard import POLL_S, guard_command, kill_descendants
 from mdbench.progress import Display, NotebookProgress, Status
+
+if TYPE_CHECKING:
+    from mdbench.params import NotebookConfig
+
+C = TypeVar("C", bound="NotebookConfig")
 
 try:
     import fcntl
@@ -246,6 +251,18 @@ def check_parameters(entry: PaperNotebook, parameters: dict[str, Any]) -> None:
     if unknown:
         raise RunnerError(f"{entry.notebook.name}: unknown parameter(s) {unknown}; "
                           f"its parameters cell declares {sorted(declared)}")
+
+
+def profile_config(paper: str, profile: str, config_type: type[C], **override: Any) -> C:
+    """The ``config_type`` (the paper's notebook Config) that ``mdbench reproduce --paper <paper> --profile
+    <profile>`` gives the notebook: the profile's shared parameters, then the paper's own at that profile, then
+    ``override``, its session parameters left out. A profile that runs the notebook's own defaults (smoke) sets
+    none of them, so this gives the Config's defaults there."""
+    from mdbench.notebook import SESSION_PARAMS  # torch: only once a config is built
+
+    entry = {e.paper: e for e in load_papers()}[paper]
+    params = {**entry.parameters_for(load_profile(profile)), **override}
+    return config_type.from_params({k: v for k, v in params.items() if k not in SESSION_PARAMS})
 
 
 def run_parameters(entry: PaperNotebook, profile: Profile, data_dir: Path | None) -> dict[str, Any]:

@@ -31,10 +31,7 @@ SHRUNK = {"dataset": "synthetic", "device": "cpu", "backbone": "timm:vit_tiny_pa
 
 def profile_config(profile: str, **override) -> mt.Config:
     """The Config the notebook builds at ``profile`` (paper.yaml over the shared profile), with ``override``."""
-    entry = {e.paper: e for e in runner.load_papers()}["med_tuning"]
-    params = entry.parameters_for(runner.load_profile(profile))
-    params = {k: v for k, v in params.items() if k not in notebook.SESSION_PARAMS}
-    return mt.Config.from_params({**params, **override})
+    return runner.profile_config("med_tuning", profile, mt.Config, **override)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -436,6 +437,14 @@ def _tiny_initial(name: str, task: rdx.Task, seed: int, cfg: rdx.Config) -> Proj
     return student
 
 
+def _batch_recorder(seen: dict[str, list], name: str):
+    """A train.fit step that appends each batch's labels (the positions of its images) to ``seen[name]``."""
+    def step(model, batch):
+        seen[name].append(batch[1].tolist())
+        return model(batch[0]).sum(), {}
+    return step
+
+
 @pytest.mark.parametrize("resident", [False, True])
 def test_loader_gives_train_fit_the_batches_of_a_dataloader_over_the_tensors(resident):
     # The cpu profile's committed numbers came from DataLoader(TensorDataset(...)); batches gathered from tensors
@@ -444,12 +453,7 @@ def test_loader_gives_train_fit_the_batches_of_a_dataloader_over_the_tensors(res
     x, y = torch.randn(26, 3), torch.arange(26)
     cfg = rdx.Config(resident_batches=resident)
     seen: dict[str, list] = {"dataloader": [], "rd": []}
-
-    def recorder(name):
-        def step(model, batch):
-            seen[name].append(batch[1].tolist())
-            return model(batch[0]).sum(), {}
-        return step
+    recorder = partial(_batch_recorder, seen)
 
     reference = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, drop_last=True,
                            generator=torch.Generator().manual_seed(3))
@@ -497,12 +501,7 @@ def test_epochs_of_several_passes_train_on_the_dataloaders_batches_and_log_less_
     assert rdx.epoch_passes(26, cfg) == 3 and rdx.epoch_passes(26, rdx.Config(batch_size=8)) == 1
     assert rdx.epoch_passes(4, rdx.Config(resident_batches=True, epoch_batches=7, batch_size=8)) == 7
     seen: dict[str, list] = {"dataloader": [], "rd": []}
-
-    def recorder(name):
-        def step(model, batch):
-            seen[name].append(batch[1].tolist())
-            return model(batch[0]).sum(), {}
-        return step
+    recorder = partial(_batch_recorder, seen)
 
     reference = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, drop_last=True,
                            generator=torch.Generator().manual_seed(3))
@@ -574,11 +573,9 @@ def _gpu_profile_config(**shrunk) -> rdx.Config:
     """The gpu profile's Config as ``mdbench reproduce`` builds it, with ``shrunk`` sizes in place of its own."""
     from mdbench import runner
 
-    entry = {e.paper: e for e in runner.load_papers()}["rd"]
-    params = entry.parameters_for(runner.load_profile("gpu"))
-    assert params["phi_space"] == "feature" and params["claim_students"] and params["epochs"] > 0
-    return rdx.Config.from_params({**{k: v for k, v in params.items() if k not in notebook.SESSION_PARAMS},
-                                   **shrunk})
+    params = runner.profile_config("rd", "gpu", rdx.Config)
+    assert params.phi_space == "feature" and params.claim_students and params.epochs > 0
+    return runner.profile_config("rd", "gpu", rdx.Config, **shrunk)
 
 
 @pytest.mark.slow

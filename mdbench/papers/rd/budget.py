@@ -226,17 +226,15 @@ OPTIMISTIC = Throughput(student_tflops=80.0, step_floor_ms=8.0, epoch_overhead_m
 
 
 def profile_config(profile: str) -> Config:
-    """The :class:`~experiment.Config` that ``mdbench reproduce --paper rd --profile <profile>`` runs: the profile's
-    shared parameters, then RD's own at that profile (its session parameters left out). Not for a profile that runs
-    the notebook's own defaults (smoke): the notebook prints that plan itself."""
-    from mdbench import notebook, runner
+    """The :class:`~experiment.Config` that ``mdbench reproduce --paper rd --profile <profile>`` runs
+    (:func:`mdbench.runner.profile_config`). Not for a profile that runs the notebook's own defaults (smoke): the
+    notebook prints that plan itself."""
+    from mdbench import runner
 
-    entry, chosen = {e.paper: e for e in runner.load_papers()}["rd"], runner.load_profile(profile)
-    if chosen.notebook_defaults:
+    if runner.load_profile(profile).notebook_defaults:
         raise ValueError(f"the {profile} profile runs the notebook's own defaults, which only the notebook knows: "
                          "its cell 'The grid at the gpu profile' prints that plan")
-    params = entry.parameters_for(chosen)
-    return Config.from_params({k: v for k, v in params.items() if k not in notebook.SESSION_PARAMS})
+    return runner.profile_config("rd", profile, Config)
 
 
 def data_sizes(cfg: Config) -> dict[str, DataSize]:
