@@ -695,19 +695,19 @@ def record_figures(store) -> dict:
     plot_dice_vs_params(ax_params, frame)
     fig.tight_layout()
     drawn = {"dice_vs_params": fig}
-    curves = {name: store.dir / f"curves_{name.lower().replace(' ', '')}.csv" for name in CURVE_TABLES}
+    curves = {name: store.dir / f"{saved}.csv" for name, saved in CURVE_TABLES.items()}
     if all(path.is_file() for path in curves.values()):
         drawn["curves"] = curves_figure({name: pd.read_csv(path) for name, path in curves.items()})
     return drawn
 
 
-CURVE_TABLES = ("Table 1", "Table 2")
+CURVE_TABLES = {"Table 1": "curves_table1", "Table 2": "curves_table2"}  # the tables whose curves the notebook saves
 
 
 def curves_figure(curves: dict[str, pd.DataFrame]):
     """One panel per table (``CURVE_TABLES``) of :func:`plot_curves`; ``curves``: each table's runs' curves (the
     ``curves`` of :class:`RowResult`, concatenated), as the notebook saves them beside the tables
-    (``curves_table1.csv``), from which ``mdbench figures`` redraws it."""
+    (named by ``CURVE_TABLES``), from which ``mdbench figures`` redraws it."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(curves), figsize=(11, 3.6), sharey=True, squeeze=False)
