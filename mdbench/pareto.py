@@ -19,9 +19,10 @@ Each paper says in the ``pareto:`` section of its paper.yaml which records feed 
         LiteMedSAM: {efficiency: LiteMedSAM, table_b: "LiteMedSAM (PyTorch)"}   # ... or one per table
 
 The methods are the rows of the metric's table; with several datasets, a method's metric is its mean over them.
-An axis the paper's records lack is left out of the section and shown as "not recorded"; a method that ran on a
-stand-in (``stand_ins``) keeps its line in the CSV, with no cost, and is not plotted. Metrics differ between
-papers, so each paper has its own row of panels, colour and y axis: points are compared within a paper only.
+An axis the paper's section leaves out, or none of whose records exist at the profile (DAFT times Table B at cpu
+only), is shown as "not recorded"; a method that ran on a stand-in (``stand_ins``) keeps its line in the CSV, with no
+cost, and is not plotted. Metrics differ between papers, so each paper has its own row of panels, colour and y axis:
+points are compared within a paper only.
 """
 from __future__ import annotations
 
@@ -126,6 +127,11 @@ def paper_points(spec: Spec, records: Sequence[Record], names: Mapping[str, str]
         names: the paper's human method names (:func:`mdbench.figures.method_names`).
     """
     by_key = {(r.table, r.dataset, r.row, r.metric): r for r in records}
+    # an axis none of whose records exist at this profile is not drawn (module docstring)
+    measured = {(r.table, r.dataset, r.metric) for r in records}
+    unmeasured = {name for name, a in spec.axes.items() if (a.table, a.dataset, a.metric) not in measured}
+    if spec.axes and unmeasured == set(spec.axes):
+        unmeasured = set()  # no cost at all: a run made before the paper recorded costs, refused below
     metric = [r for r in records if r.table == spec.table and r.metric == spec.metric and r.dataset in spec.datasets]
     if not metric:
         raise ParetoError(f"{spec.paper}: no record of {spec.table}/{spec.metric} on {list(spec.datasets)}; run its "
@@ -143,7 +149,7 @@ def paper_points(spec: Spec, records: Sequence[Record], names: Mapping[str, str]
             "datasets": ", ".join(spec.datasets), "input": spec.input}
         deployed = []
         for axis in AXES:
-            if axis not in spec.axes:
+            if axis not in spec.axes or axis in unmeasured:
                 line[axis] = math.nan
                 continue
             a = spec.axes[axis]
@@ -249,7 +255,7 @@ def _panel(ax, mine: pd.DataFrame, axis: str, colour) -> None:
     """One paper's methods on one cost axis (or a note where the axis is not recorded)."""
     shown = mine[np.isfinite(mine[axis])]
     if shown.empty:
-        ax.text(0.5, 0.5, f"{AXES[axis]}:\nnot recorded by this paper's notebook", ha="center", va="center",
+        ax.text(0.5, 0.5, f"{AXES[axis]}:\nnot recorded by this paper's notebook\nat this profile", ha="center", va="center",
                 transform=ax.transAxes, fontsize=8, color="0.4")
         ax.set_xticks([])
         ax.set_yticks([])

@@ -138,3 +138,13 @@ def test_the_figures_command_says_why_it_draws_no_pareto_and_goes_on(papers, cap
     assert cli.main(argv) == 0
     assert "no Pareto figures at cpu: toy: no record t2/cost/" in capsys.readouterr().err
     assert not (root / "toy" / "cpu" / "pareto_costs.png").exists()
+
+
+def test_an_axis_not_measured_at_the_profile_is_not_drawn(papers, tmp_path):
+    papers_dir, root = papers
+    for cost in (root / "toy" / "cpu" / "records").glob("t2__*seconds*"):  # latency timed at another profile only
+        cost.unlink()
+    points = pareto.build(["toy"], "cpu", root, papers_dir).set_index("method")
+    assert points.latency_ms.isna().all() and points.loc["small_kd", "params_m"] == 1.0
+    pareto.write(points.reset_index(), tmp_path / "out", "pareto_cpu")
+    assert "at this profile" in (tmp_path / "out" / "pareto_cpu.svg").read_text()

@@ -297,3 +297,9 @@ def test_judge_command_rejudges_stored_records_and_writes_the_summary(tmp_path, 
         ["quickstart", "cpu", "training_helps_accuracy"], ["quickstart", "cpu", "training_helps_auc"]]
     assert "| quickstart | cpu | 2 | 0 | 0 | 0 |" in (tmp_path / "summary.md").read_text()
     assert main(["judge", "--profile", "gpu", "--results-dir", str(tmp_path)]) == 2
+
+
+def test_the_readme_tally_is_the_committed_summary():
+    readme = (R.results_root().parent / "README.md").read_text()
+    block = readme.split("<!-- tally: begin -->\n")[1].split("<!-- tally: end -->")[0]
+    assert block == (R.results_root() / "summary.md").read_text(), "copy results/summary.md into the README's tally"
