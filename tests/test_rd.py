@@ -620,3 +620,18 @@ def test_gpu_profile_grid_runs_end_to_end_on_cpu_and_its_plan_matches_what_ran(m
     for student in (*cfg.students, *cfg.claim_students):
         assert {f"rd_beats_{m}_{student}" for m in rdx.KD_BASELINES} | {f"rd_gain_grows_{student}"} <= set(judged.claim)
     assert not rdx.convergence(runs).isna().any().any()
+
+
+def test_the_linear_probe_learns_features_that_vary_little_around_a_large_mean():
+    # LiteMedSAM's pooled embedding: channel means ~0.05, spread over images ~0.01 (measured on PBC)
+    generator = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    features = 0.05 + 0.01 * torch.randn(200, 16, generator=generator) + 0.01 * y[:, None].float()
+    cfg = rdx.Config(steps=80, batch_size=32, lr=2e-3)
+    accuracy = {}
+    for name, head in (("plain", nn.Linear(16, 2)), ("probe", rdx.linear_probe(16, 2))):
+        seed_rngs(0)
+        rdx._fit(head, (features[:150], y[:150]), rdx._ce_step, cfg, 0, cfg.lr)
+        rdx._precise_bn(head, features[:150], cfg)
+        accuracy[name] = rdx._evaluate(head, (features[150:], y[150:]), 2, cfg).metrics["accuracy"]
+    assert accuracy["probe"] >= 90 > accuracy["plain"] + 20, accuracy

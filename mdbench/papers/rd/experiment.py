@@ -543,10 +543,22 @@ def _adapted_fm(method: str, task: Task, cfg: Config) -> FMClassifier:
     return tuning.apply_method(model, _TUNING[method], backbone="encoder", **options)
 
 
+def linear_probe(feature_dim: int, num_classes: int) -> nn.Sequential:
+    """A linear head on standardised features: (B, D) -> (B, K), MAE's linear-probing recipe (He et al., CVPR 2022:
+    BatchNorm without affine parameters before the linear layer).
+
+    Without it the head learns next to nothing in a few hundred steps: LiteMedSAM's pooled embedding varies over
+    images by ~0.01 per channel around means ~4x larger, so a plain linear head's logits hardly move and it
+    predicts the majority class (measured on PBC: 27 % with the plain head, 51 % standardised, after 80 steps).
+    """
+    return nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, num_classes))
+
+
 def run_fm_method(method: str, task: Task, seed: int, cfg: Config, teacher: bool = True) -> MethodResult:
     """Adapt the FM to the task with ``method`` (one of :data:`FM_METHODS`) and score it on the test split.
 
-    The linear probe trains a head on the cached features; the others run the FM at every step. With ``teacher``,
+    The linear probe trains a head (:func:`linear_probe`) on the cached features; the others run the FM at every
+    step. With ``teacher``,
     ``train_logits`` holds the adapted FM's logits on the training images, for Hinton KD.
     """
     if method not in FM_METHODS:
@@ -556,8 +568,9 @@ def run_fm_method(method: str, task: Task, seed: int, cfg: Config, teacher: bool
     if method == "fm_linear_probe":
         # make_task refuses data without cached FM features, and subsets keep them
         assert train_split.features is not None and test_split.features is not None
-        head = nn.Linear(task.fm.feature_dim, task.num_classes)
+        head = linear_probe(task.fm.feature_dim, task.num_classes)
         history = _fit(head, (train_split.features, train_split.y), _ce_step, cfg, seed, cfg.lr)
+        _precise_bn(head, train_split.features, cfg)
         scores = _evaluate(head, (test_split.features, test_split.y), task.num_classes, cfg)
         train_logits = _predict(head, train_split.features, cfg) if teacher else None
         return MethodResult(scores, FMClassifier(task.fm, task.fm.feature_dim, task.num_classes), train_logits,
