@@ -117,3 +117,10 @@ def test_profile_config_is_what_reproduce_runs_and_main_prints_its_plan(monkeypa
     assert "RD at the cpu profile on synthetic (40 train, 10 test); batches of 32" in out
     assert budget.summary(grid) in out and "at optimistic rates" in out
     assert set(grid.method) == {"fm_features", "fm_linear_probe", "student", "rd"} and (grid.runs[1:] == 3).all()
+
+
+def test_the_budget_command_without_data_says_which_flag_to_pass(monkeypatch, capsys):
+    monkeypatch.delenv("MDBENCH_DATA_DIR", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        budget.main(["--profile", "gpu"])
+    assert exit_.value.code == 2 and "pass --data-dir DIR" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from mdbench.data.base import RealDataset
+from mdbench.data.errors import DataNotFoundError
 from mdbench.data.registry import load_dataset
 from mdbench.efficiency import count_flops
 from mdbench.models import build_model
@@ -262,11 +264,17 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rates."""
     parser = argparse.ArgumentParser(prog="python -m mdbench.papers.rd.budget", description=main.__doc__)
     parser.add_argument("--profile", default="gpu", help="cpu | gpu (default gpu)")
+    parser.add_argument("--data-dir", help="the folder that holds the datasets (default: MDBENCH_DATA_DIR)")
     args = parser.parse_args(argv)
     cfg = profile_config(args.profile)
+    if args.data_dir:
+        cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
+    try:
+        sizes = data_sizes(cfg)
+    except DataNotFoundError as err:
+        parser.error(str(err))
     fm = FrozenFM(build_fm(cfg.fm, input_size=None if cfg.fm == "litemedsam" else cfg.image_size))
     methods = [m for m in cfg.methods if m not in unavailable_methods(cfg.methods, fm)]
-    sizes = data_sizes(cfg)
     flops = forward_flops(cfg, fm, [*cfg.students, *cfg.claim_students])
     grid = plan(cfg, sizes, methods, flops)
     datasets = ", ".join(f"{name} ({size.train} train, {size.test} test)" for name, size in sizes.items())
