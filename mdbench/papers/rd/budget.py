@@ -27,9 +27,9 @@ the mean GPU utilisation. :func:`experiment.run` records each run's ``steps`` an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import warnings
-import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
