@@ -622,16 +622,28 @@ def test_gpu_profile_grid_runs_end_to_end_on_cpu_and_its_plan_matches_what_ran(m
     assert not rdx.convergence(runs).isna().any().any()
 
 
-def test_the_linear_probe_learns_features_that_vary_little_around_a_large_mean():
+def test_a_linear_probe_learns_only_on_standardised_features():
     # LiteMedSAM's pooled embedding: channel means ~0.05, spread over images ~0.01 (measured on PBC)
     generator = torch.Generator().manual_seed(0)
     y = torch.arange(200) % 2
-    features = 0.05 + 0.01 * torch.randn(200, 16, generator=generator) + 0.01 * y[:, None].float()
+    raw = 0.05 + 0.01 * torch.randn(200, 16, generator=generator) + 0.01 * y[:, None].float()
+    fm = FrozenFM(_tiny_fm(16)).standardised(raw[:150])
+    standardised = (raw - fm.feature_mean) / fm.feature_std
     cfg = rdx.Config(steps=80, batch_size=32, lr=2e-3)
     accuracy = {}
-    for name, head in (("plain", nn.Linear(16, 2)), ("probe", rdx.linear_probe(16, 2))):
+    for name, features in (("raw", raw), ("standardised", standardised)):
         seed_rngs(0)
+        head = nn.Linear(16, 2)
         rdx._fit(head, (features[:150], y[:150]), rdx._ce_step, cfg, 0, cfg.lr)
-        rdx._precise_bn(head, features[:150], cfg)
         accuracy[name] = rdx._evaluate(head, (features[150:], y[150:]), 2, cfg).metrics["accuracy"]
-    assert accuracy["probe"] >= 90 > accuracy["plain"] + 20, accuracy
+    assert accuracy["standardised"] >= 90 > accuracy["raw"] + 20, accuracy
+
+
+def test_a_task_standardises_its_fm_and_cached_features_alike():
+    data, task = _tiny_task(fraction=0.5)
+    full = rdx.make_task(data, FrozenFM(_tiny_fm()), 1.0, 0).train.features
+    assert torch.allclose(full.mean(0), torch.zeros(8), atol=1e-5) and torch.allclose(full.std(0), torch.ones(8))
+    with torch.no_grad():  # the live FM path (image-space reprogramming) gives the cached features
+        assert torch.allclose(task.fm(task.test.x), task.test.features, atol=1e-4)
+    with pytest.raises(ValueError, match="standardised needs features"):
+        task.fm.standardised(torch.zeros(1, 8))

@@ -162,11 +162,32 @@ class FrozenFM(nn.Module):
     """A :class:`PooledEncoder` whose weights never train: no parameter requires grad and it stays in eval mode
     even when a parent module calls ``.train()`` (its BatchNorm statistics never move). Gradients still flow through
     its activations to its input, which is how the reprogrammer learns.
+
+    Its features are ``(encoder(x) - feature_mean) / feature_std``, per channel: the identity until
+    :meth:`standardised` fixes the two from a dataset's training images. LiteMedSAM's pooled embedding varies over
+    images by ~0.01 per channel around means ~4x larger; on it as it comes, a linear head hardly moves in a few
+    hundred AdamW steps and predicts the majority class, and a FitNet hint's MSE is mostly the mean (EFCM
+    standardises its teacher's features for the same reason).
     """
 
-    def __init__(self, encoder: PooledEncoder) -> None:
+    def __init__(self, encoder: PooledEncoder, feature_mean: torch.Tensor | None = None,
+                 feature_std: torch.Tensor | None = None) -> None:
         super().__init__()
         self.encoder = freeze(encoder)
+        device = next(encoder.parameters()).device
+        dim = encoder.feature_dim
+        self.register_buffer("feature_mean", torch.zeros(dim, device=device) if feature_mean is None
+                             else feature_mean.detach().float().to(device))
+        self.register_buffer("feature_std", torch.ones(dim, device=device) if feature_std is None
+                             else feature_std.detach().float().to(device))
+
+    def standardised(self, features: torch.Tensor) -> FrozenFM:
+        """This FM (the same encoder, shared) with features standardised per channel by the mean and standard
+        deviation of ``features`` (N, D_t): this FM's features of a dataset's training images, no labels needed."""
+        if features.ndim != 2 or features.shape[1] != self.feature_dim or len(features) < 2:
+            raise ValueError(f"standardised needs features (N >= 2, {self.feature_dim}), got {tuple(features.shape)}")
+        raw = features * self.feature_std.to(features.device) + self.feature_mean.to(features.device)
+        return FrozenFM(self.encoder, raw.mean(0), raw.std(0).clamp_min(1e-6))
 
     @property
     def feature_dim(self) -> int:
@@ -183,7 +204,7 @@ class FrozenFM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D_t)."""
-        return self.encoder(x)
+        return (self.encoder(x) - self.feature_mean) / self.feature_std
 
     @torch.no_grad()
     def cache(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
