@@ -647,3 +647,11 @@ def test_a_task_standardises_its_fm_and_cached_features_alike():
         assert torch.allclose(task.fm(task.test.x), task.test.features, atol=1e-4)
     with pytest.raises(ValueError, match="standardised needs features"):
         task.fm.standardised(torch.zeros(1, 8))
+
+
+def test_an_adapted_fm_standardises_like_its_task_fm():
+    _, task = _tiny_task()
+    model = rdx._adapted_fm("fm_full_ft", task, rdx.Config()).eval()
+    with torch.no_grad():  # before fine-tuning, the head sees the task FM's standardised features
+        assert torch.allclose(model.head.weight @ task.test.features[:4].T + model.head.bias[:, None],
+                              model(task.test.x[:4]).T, atol=1e-4)

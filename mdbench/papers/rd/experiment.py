@@ -523,20 +523,26 @@ def _ce_step(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
 class FMClassifier(nn.Module):
     """FM encoder (frozen, fine-tuned or with adapters) + linear head: (B, 3, H, W) -> (B, K); deploys FM cost.
 
-    In training mode the BatchNorms whose weights are frozen (LoRA, VPT) stay in eval mode, so the FM's running
-    statistics do not move.
+    The head sees ``(encoder(x) - feature_mean) / feature_std``: the task FM's standardisation
+    (:meth:`FrozenFM.standardised`) for an encoder copied out of it, the identity for a :class:`FrozenFM`, which
+    standardises itself. In training mode the BatchNorms whose weights are frozen (LoRA, VPT) stay in eval mode, so
+    the FM's running statistics do not move.
     """
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, num_classes: int) -> None:
+    def __init__(self, encoder: nn.Module, feature_dim: int, num_classes: int,
+                 standardise_like: FrozenFM | None = None) -> None:
         super().__init__()
         self.encoder, self.head = encoder, nn.Linear(feature_dim, num_classes)
+        like = standardise_like
+        self.register_buffer("feature_mean", torch.zeros(feature_dim) if like is None else like.feature_mean.clone())
+        self.register_buffer("feature_std", torch.ones(feature_dim) if like is None else like.feature_std.clone())
 
     def train(self, mode: bool = True) -> FMClassifier:
         super().train(mode)
         return frozen_norms_to_eval(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+        return self.head((self.encoder(x) - self.feature_mean) / self.feature_std)
 
 
 _TUNING = {"fm_full_ft": "full", "fm_lora": "lora", "fm_vpt": "vpt"}
@@ -549,7 +555,7 @@ def _adapted_fm(method: str, task: Task, cfg: Config) -> FMClassifier:
     by_method: dict[str, dict[str, Any]] = {"fm_lora": {"r": cfg.lora_rank, "target_modules": encoder.lora_targets},
                                             "fm_vpt": {"num_prompts": cfg.vpt_tokens}}
     options = by_method.get(method, {})
-    model = FMClassifier(encoder, encoder.feature_dim, task.num_classes)
+    model = FMClassifier(encoder, encoder.feature_dim, task.num_classes, standardise_like=task.fm)
     return tuning.apply_method(model, _TUNING[method], backbone="encoder", **options)
 
 
