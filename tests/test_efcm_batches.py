@@ -259,7 +259,9 @@ def test_the_gpu_profile_runs_end_to_end_on_the_cpu_with_its_sizes_shrunk(real_d
     curves = runs["isic2017"].seeds[0].curves
     assert set(curves) == {run for kept in efcm.CURVES.values() for run in kept}
     assert all(len(c) == cfg.folds and len(c[0]) == 1 for c in curves.values())
-    efcm.plot_curves(runs)
+    fig = efcm.plot_curves(runs)
+    width, height = fig.get_size_inches()  # a row of panels per patch dataset (ISIC, PBC), not per method
+    assert len(fig.axes) == 2 * len(efcm.CURVES) and height < width
     efcm.plot_attention(runs["isic2017"].seeds[0], isic, cfg)
     encoders = ("teacher", "student_kd", "student_fpd", "student_fpd_ts")
     efcm.plot_pareto(runs, {name: {"gflops_bag": 10.0 ** k} for k, name in enumerate(encoders)}, cfg)

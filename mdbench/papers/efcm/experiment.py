@@ -862,7 +862,8 @@ def plot_curves(runs: dict[str, DatasetRun]):
 
     names = figures.method_names("efcm")
     image_sets = [name for name, r in runs.items() if r.seeds[0].curves]
-    fig, axes = plt.subplots(len(image_sets), len(CURVES), figsize=(4.5 * len(CURVES), 3.2 * len(names)), squeeze=False)
+    fig, axes = plt.subplots(len(image_sets), len(CURVES), figsize=(4.5 * len(CURVES), 3.2 * len(image_sets)),
+                             squeeze=False)
     for line, name in zip(axes, image_sets, strict=True):
         for ax, (kind, kept) in zip(line, CURVES.items(), strict=True):
             for run in kept:
