@@ -170,6 +170,9 @@ class FrozenFM(nn.Module):
     standardises its teacher's features for the same reason).
     """
 
+    feature_mean: torch.Tensor  # (D_t,) buffers
+    feature_std: torch.Tensor
+
     def __init__(self, encoder: PooledEncoder, feature_mean: torch.Tensor | None = None,
                  feature_std: torch.Tensor | None = None) -> None:
         super().__init__()

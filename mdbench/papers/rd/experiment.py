@@ -529,6 +529,9 @@ class FMClassifier(nn.Module):
     the FM's running statistics do not move.
     """
 
+    feature_mean: torch.Tensor  # (D,) buffers
+    feature_std: torch.Tensor
+
     def __init__(self, encoder: nn.Module, feature_dim: int, num_classes: int,
                  standardise_like: FrozenFM | None = None) -> None:
         super().__init__()
