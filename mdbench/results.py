@@ -457,13 +457,16 @@ def protocol_note(records: Iterable[Record], table: str) -> str:
 
 def save_tables(store: ResultStore) -> dict[str, pd.DataFrame]:
     """Build every table of ``store``'s paper (:attr:`PaperReference.tables`) from the records and per-sample
-    outputs on disk, save each (CSV, and Markdown with its :func:`protocol_note`) and return them by name."""
+    outputs on disk, save each that has records (CSV, and Markdown with its :func:`protocol_note`; a table the
+    profile does not measure, like DAFT's CPU Table B at gpu, leaves no empty file) and return them all by name."""
     reference = load_reference(store.paper)
     records = store.records()
+    recorded = {record.table for record in records}
     built = {}
     for name, digits in reference.tables.items():
         built[name] = build_table(reference, records, name, digits=digits, samples_of=store.samples)
-        store.save_table(built[name], name, note=protocol_note(records, name))
+        if name in recorded:
+            store.save_table(built[name], name, note=protocol_note(records, name))
     return built
 
 
