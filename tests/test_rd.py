@@ -26,6 +26,7 @@ from mdbench.models.reprogramming import (
     RDObjective,
     RDStep,
     ReprogrammingDistillation,
+    Standardise,
     build_fm,
     build_projected_student,
 )
@@ -627,8 +628,7 @@ def test_a_linear_probe_learns_only_on_standardised_features():
     generator = torch.Generator().manual_seed(0)
     y = torch.arange(200) % 2
     raw = 0.05 + 0.01 * torch.randn(200, 16, generator=generator) + 0.01 * y[:, None].float()
-    fm = FrozenFM(_tiny_fm(16)).standardised(raw[:150])
-    standardised = (raw - fm.feature_mean) / fm.feature_std
+    standardised = Standardise.fit(raw[:150])(raw)
     cfg = rdx.Config(steps=80, batch_size=32, lr=2e-3)
     accuracy = {}
     for name, features in (("raw", raw), ("standardised", standardised)):
@@ -646,7 +646,7 @@ def test_a_task_standardises_its_fm_and_cached_features_alike():
     with torch.no_grad():  # the live FM path (image-space reprogramming) gives the cached features
         assert torch.allclose(task.fm(task.test.x), task.test.features, atol=1e-4)
     with pytest.raises(ValueError, match="standardised needs features"):
-        task.fm.standardised(torch.zeros(1, 8))
+        Standardise.fit(torch.zeros(1, 8))
 
 
 def test_an_adapted_fm_standardises_like_its_task_fm():

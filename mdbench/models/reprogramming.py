@@ -38,6 +38,7 @@ __all__ = [
     "DeployedStudent",
     "FeatureReprogrammer",
     "FrozenFM",
+    "Standardise",
     "InputReprogrammer",
     "MeanPool",
     "PooledEncoder",
@@ -158,39 +159,56 @@ class PooledEncoder(nn.Module):
         return self.pool(self.backbone(rgb_batch_at_size(x, self.input_size, f"the FM {self.name!r}")))
 
 
+class Standardise(nn.Module):
+    """A fixed per-channel standardisation ``(z - mean) / std`` of (..., D) features; the identity by default."""
+
+    mean: torch.Tensor  # (D,) buffers
+    std: torch.Tensor
+
+    def __init__(self, dim: int, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim) if mean is None else mean.detach().float())
+        self.register_buffer("std", torch.ones(dim) if std is None else std.detach().float())
+
+    @classmethod
+    def fit(cls, features: torch.Tensor) -> Standardise:
+        """The standardisation by the mean and standard deviation of ``features`` (N, D), on their device."""
+        if features.ndim != 2 or len(features) < 2:
+            raise ValueError(f"standardised needs features (N >= 2, D), got {tuple(features.shape)}")
+        return cls(features.shape[1], features.mean(0), features.std(0).clamp_min(1e-6))
+
+    def then(self, after: Standardise) -> Standardise:
+        """``after(self(z))`` as one standardisation, on this one's device."""
+        mean, std = after.mean.to(self.mean.device), after.std.to(self.std.device)
+        return Standardise(len(self.mean), self.mean + self.std * mean, self.std * std)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean) / self.std
+
+
 class FrozenFM(nn.Module):
     """A :class:`PooledEncoder` whose weights never train: no parameter requires grad and it stays in eval mode
     even when a parent module calls ``.train()`` (its BatchNorm statistics never move). Gradients still flow through
     its activations to its input, which is how the reprogrammer learns.
 
-    Its features are ``(encoder(x) - feature_mean) / feature_std``, per channel: the identity until
-    :meth:`standardised` fixes the two from a dataset's training images. LiteMedSAM's pooled embedding varies over
-    images by ~0.01 per channel around means ~4x larger; on it as it comes, a linear head hardly moves in a few
-    hundred AdamW steps and predicts the majority class, and a FitNet hint's MSE is mostly the mean (EFCM
-    standardises its teacher's features for the same reason).
+    Its features are ``standardise(encoder(x))``, per channel: the identity until :meth:`followed_by` fixes it from a
+    dataset's training images. LiteMedSAM's pooled embedding varies over images by ~0.01 per channel around means
+    ~4x larger; on it as it comes, a linear head hardly moves in a few hundred AdamW steps and predicts the majority
+    class, and a FitNet hint's MSE is mostly the mean (EFCM standardises its teacher's features for the same reason).
     """
 
-    feature_mean: torch.Tensor  # (D_t,) buffers
-    feature_std: torch.Tensor
-
-    def __init__(self, encoder: PooledEncoder, feature_mean: torch.Tensor | None = None,
-                 feature_std: torch.Tensor | None = None) -> None:
+    def __init__(self, encoder: PooledEncoder, standardise: Standardise | None = None) -> None:
         super().__init__()
         self.encoder = freeze(encoder)
         device = next(encoder.parameters()).device
-        dim = encoder.feature_dim
-        self.register_buffer("feature_mean", torch.zeros(dim, device=device) if feature_mean is None
-                             else feature_mean.detach().float().to(device))
-        self.register_buffer("feature_std", torch.ones(dim, device=device) if feature_std is None
-                             else feature_std.detach().float().to(device))
+        self.standardise = (Standardise(encoder.feature_dim) if standardise is None else standardise).to(device)
 
-    def standardised(self, features: torch.Tensor) -> FrozenFM:
-        """This FM (the same encoder, shared) with features standardised per channel by the mean and standard
-        deviation of ``features`` (N, D_t): this FM's features of a dataset's training images, no labels needed."""
-        if features.ndim != 2 or features.shape[1] != self.feature_dim or len(features) < 2:
-            raise ValueError(f"standardised needs features (N >= 2, {self.feature_dim}), got {tuple(features.shape)}")
-        raw = features * self.feature_std.to(features.device) + self.feature_mean.to(features.device)
-        return FrozenFM(self.encoder, raw.mean(0), raw.std(0).clamp_min(1e-6))
+    def followed_by(self, standardise: Standardise) -> FrozenFM:
+        """This FM (the same encoder, shared) with ``standardise`` applied to its features, e.g.
+        ``Standardise.fit`` of its features of a dataset's training images (no labels needed)."""
+        if len(standardise.mean) != self.feature_dim:
+            raise ValueError(f"a standardisation of {len(standardise.mean)} channels for an FM of {self.feature_dim}")
+        return FrozenFM(self.encoder, self.standardise.then(standardise))
 
     @property
     def feature_dim(self) -> int:
@@ -207,7 +225,7 @@ class FrozenFM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D_t)."""
-        return (self.encoder(x) - self.feature_mean) / self.feature_std
+        return self.standardise(self.encoder(x))
 
     @torch.no_grad()
     def cache(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

@@ -27,10 +27,9 @@ the mean GPU utilisation. :func:`experiment.run` records each run's ``steps`` an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, cast
 
 import pandas as pd
@@ -268,7 +267,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
     cfg = profile_config(args.profile)
     if args.data_dir:
-        cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
+        cfg = replace(cfg, data_dir=args.data_dir)
     try:
         sizes = data_sizes(cfg)
     except DataNotFoundError as err:

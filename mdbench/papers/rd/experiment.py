@@ -59,6 +59,7 @@ from mdbench.models.reprogramming import (
     RDObjective,
     RDStep,
     ReprogrammingDistillation,
+    Standardise,
     build_fm,
 )
 from mdbench.params import NotebookConfig
@@ -248,16 +249,16 @@ def fraction_label(name: str, fraction: float) -> str:
 
 def make_task(data: ClassificationData, fm: FrozenFM, fraction: float, seed: int) -> Task:
     """The task of ``data`` at ``fraction`` of its training labels (``seed`` draws which ones). Its FM and cached
-    features are standardised by the statistics of every training image's features (:meth:`FrozenFM.standardised`;
+    features are standardised by the statistics of every training image's features (:meth:`FrozenFM.followed_by`;
     no labels, so the low-data fraction uses them too)."""
     if data.train.features is None or data.test.features is None:
         raise ValueError("call cache_features(data, fm) first: the FM features are computed once per dataset")
-    task_fm = fm.standardised(data.train.features)
-    mean, std = task_fm.feature_mean.to(data.train.features.device), task_fm.feature_std.to(data.train.features.device)
+    scaler = Standardise.fit(data.train.features)
+    task_fm = fm.followed_by(scaler)
 
     def standardise(split: Split) -> Split:
         assert split.features is not None
-        return replace(split, features=(split.features - mean) / std)
+        return replace(split, features=scaler(split.features))
 
     train_split = standardise(data.train.subset(label_subset(data.train.y, fraction, seed)))
     return Task(fraction_label(data.name, fraction), fraction, train_split, standardise(data.test), data.num_classes,
@@ -523,29 +524,23 @@ def _ce_step(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
 class FMClassifier(nn.Module):
     """FM encoder (frozen, fine-tuned or with adapters) + linear head: (B, 3, H, W) -> (B, K); deploys FM cost.
 
-    The head sees ``(encoder(x) - feature_mean) / feature_std``: the task FM's standardisation
-    (:meth:`FrozenFM.standardised`) for an encoder copied out of it, the identity for a :class:`FrozenFM`, which
-    standardises itself. In training mode the BatchNorms whose weights are frozen (LoRA, VPT) stay in eval mode, so
-    the FM's running statistics do not move.
+    The head sees ``standardise(encoder(x))``: a copy of the task FM's standardisation for an encoder copied out of
+    it, none for a :class:`FrozenFM`, which standardises itself. In training mode the BatchNorms whose weights are
+    frozen (LoRA, VPT) stay in eval mode, so the FM's running statistics do not move.
     """
 
-    feature_mean: torch.Tensor  # (D,) buffers
-    feature_std: torch.Tensor
-
     def __init__(self, encoder: nn.Module, feature_dim: int, num_classes: int,
-                 standardise_like: FrozenFM | None = None) -> None:
+                 standardise: Standardise | None = None) -> None:
         super().__init__()
         self.encoder, self.head = encoder, nn.Linear(feature_dim, num_classes)
-        like = standardise_like
-        self.register_buffer("feature_mean", torch.zeros(feature_dim) if like is None else like.feature_mean.clone())
-        self.register_buffer("feature_std", torch.ones(feature_dim) if like is None else like.feature_std.clone())
+        self.standardise = nn.Identity() if standardise is None else copy.deepcopy(standardise)
 
     def train(self, mode: bool = True) -> FMClassifier:
         super().train(mode)
         return frozen_norms_to_eval(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head((self.encoder(x) - self.feature_mean) / self.feature_std)
+        return self.head(self.standardise(self.encoder(x)))
 
 
 _TUNING = {"fm_full_ft": "full", "fm_lora": "lora", "fm_vpt": "vpt"}
@@ -558,15 +553,15 @@ def _adapted_fm(method: str, task: Task, cfg: Config) -> FMClassifier:
     by_method: dict[str, dict[str, Any]] = {"fm_lora": {"r": cfg.lora_rank, "target_modules": encoder.lora_targets},
                                             "fm_vpt": {"num_prompts": cfg.vpt_tokens}}
     options = by_method.get(method, {})
-    model = FMClassifier(encoder, encoder.feature_dim, task.num_classes, standardise_like=task.fm)
+    model = FMClassifier(encoder, encoder.feature_dim, task.num_classes, standardise=task.fm.standardise)
     return tuning.apply_method(model, _TUNING[method], backbone="encoder", **options)
 
 
 def run_fm_method(method: str, task: Task, seed: int, cfg: Config, teacher: bool = True) -> MethodResult:
     """Adapt the FM to the task with ``method`` (one of :data:`FM_METHODS`) and score it on the test split.
 
-    The linear probe trains a head on the cached (standardised) features; the others run the FM at every step. With ``teacher``,
-    ``train_logits`` holds the adapted FM's logits on the training images, for Hinton KD.
+    The linear probe trains a head on the cached (standardised) features; the others run the FM at every step.
+    With ``teacher``, ``train_logits`` holds the adapted FM's logits on the training images, for Hinton KD.
     """
     if method not in FM_METHODS:
         raise ValueError(f"unknown FM method {method!r}; choose one of {FM_METHODS}")
