@@ -645,7 +645,7 @@ def test_a_task_standardises_its_fm_and_cached_features_alike():
     assert torch.allclose(full.mean(0), torch.zeros(8), atol=1e-5) and torch.allclose(full.std(0), torch.ones(8))
     with torch.no_grad():  # the live FM path (image-space reprogramming) gives the cached features
         assert torch.allclose(task.fm(task.test.x), task.test.features, atol=1e-4)
-    with pytest.raises(ValueError, match="standardised needs features"):
+    with pytest.raises(ValueError, match="Standardise.fit needs features"):
         Standardise.fit(torch.zeros(1, 8))
 
 

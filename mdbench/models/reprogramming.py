@@ -38,7 +38,6 @@ __all__ = [
     "DeployedStudent",
     "FeatureReprogrammer",
     "FrozenFM",
-    "Standardise",
     "InputReprogrammer",
     "MeanPool",
     "PooledEncoder",
@@ -47,6 +46,7 @@ __all__ = [
     "RDStep",
     "ReprogrammingDistillation",
     "ProjectedStudent",
+    "Standardise",
     "build_fm",
     "build_projected_student",
 ]
@@ -174,7 +174,7 @@ class Standardise(nn.Module):
     def fit(cls, features: torch.Tensor) -> Standardise:
         """The standardisation by the mean and standard deviation of ``features`` (N, D), on their device."""
         if features.ndim != 2 or len(features) < 2:
-            raise ValueError(f"standardised needs features (N >= 2, D), got {tuple(features.shape)}")
+            raise ValueError(f"Standardise.fit needs features (N >= 2, D), got {tuple(features.shape)}")
         return cls(features.shape[1], features.mean(0), features.std(0).clamp_min(1e-6))
 
     def then(self, after: Standardise) -> Standardise:
