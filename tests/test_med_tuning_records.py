@@ -85,8 +85,8 @@ def test_a_record_that_its_volumes_do_not_give_back_is_refused(tiny_run, tmp_pat
 def test_deployment_costs_count_the_frozen_backbone_and_their_records_give_back_the_median(tmp_path):
     cfg = mt.Config(backbone="timm:vit_tiny_patch16_224", pretrained=False, image_size=16, num_slices=4,
                     backbone_kwargs={"patch_size": 4, "depth": 4, "embed_dim": 16, "num_heads": 2},
-                    decoder_channels=8, unet_channels=(4, 8))
-    costs = mt.deployment_costs(cfg, ["full", "head", "med_tuning"], repeats=3).set_index("model")
+                    decoder_channels=8, unet_channels=(4, 8), latency_repeats=3)
+    costs = mt.deployment_costs(cfg, ["full", "head", "med_tuning"]).set_index("model")
     # what a row deploys does not shrink with what it trains: head-only tuning carries the whole full model
     every_parameter = sum(p.numel() for p in mt.build_row_model("full", cfg).parameters())
     assert costs.loc["full", "params"] == costs.loc["head", "params"] == every_parameter

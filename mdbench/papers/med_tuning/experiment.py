@@ -57,6 +57,9 @@ __all__ = ["ABLATION_SWITCHES", "CLASSES", "CURVE_TABLES", "PER_VOLUME", "PET_RO
            "summary_frame", "training_memory_mb", "volume_means", "wide_table"]
 
 
+LATENCY_REPEATS = 10  # timed rounds of every row's deployed model (their median is the record)
+
+
 @dataclass(frozen=True)
 class Config(NotebookConfig):
     """The notebook's parameters: everything that decides a run's numbers (recorded as each record's config).
@@ -91,6 +94,7 @@ class Config(NotebookConfig):
     folds: int | None = None       # k of a k-fold cross-validation over the volumes; None: the fixed train/test split
     n_volumes: int | None = None   # with folds: the first n volumes of the dataset (None: all of them)
     resize: str = "resample"       # resample | pad: zero-padded to T × S × S at the data's own voxels
+    latency_repeats: int = LATENCY_REPEATS  # timed rounds of the deployment table (the record: their median)
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE:
@@ -116,7 +120,7 @@ class Config(NotebookConfig):
                 if not (k in _LATER_FIELDS and v == defaults[k])}
 
 
-_LATER_FIELDS = ("folds", "n_volumes", "resize")
+_LATER_FIELDS = ("folds", "n_volumes", "resize", "latency_repeats")
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -274,16 +278,14 @@ def build_row_model(row: str, cfg: Config, adapter: MedAdapterConfig | None = No
     return apply_method(model, row if row in methods else "head", **methods.get(row, {}))
 
 
-LATENCY_REPEATS = 10  # timed rounds of every row's deployed model (their median is the record)
-
-
-def deployment_costs(cfg: Config, rows: Iterable[str], repeats: int = LATENCY_REPEATS) -> pd.DataFrame:
+def deployment_costs(cfg: Config, rows: Iterable[str]) -> pd.DataFrame:
     """What each row deploys, on one volume (1, 1, T, S, S) of the run's size on the CPU: every parameter of the
     model (the frozen backbone too, which a deployment carries; LoRA unmerged), its forward FLOPs and its latency,
-    all rows timed in the same rounds (:func:`mdbench.efficiency.deployment_costs`, whose columns it returns)."""
+    all rows timed in the same ``cfg.latency_repeats`` rounds (:func:`mdbench.efficiency.deployment_costs`, whose
+    columns it returns)."""
     models = {row: build_row_model(row, cfg).eval() for row in rows}
     volume = torch.rand(1, 1, cfg.num_slices, cfg.image_size, cfg.image_size)
-    return pd.DataFrame(efficiency.deployment_costs(models, volume, repeats))
+    return pd.DataFrame(efficiency.deployment_costs(models, volume, cfg.latency_repeats))
 
 
 def record_costs(costs: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
