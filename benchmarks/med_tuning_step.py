@@ -24,16 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+from timing import seconds_per_call, sync  # benchmarks/timing.py, beside this script
 
 from mdbench.papers.med_tuning import experiment as mt
 from mdbench.runner import profile_config
 
 VARIANTS = ("eager", "channels_last", "compile", "compile_channels_last")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_steps(row: str, cfg: mt.Config, variant: str, warmup: int, repeats: int) -> dict:
@@ -65,19 +61,11 @@ def time_steps(row: str, cfg: mt.Config, variant: str, warmup: int, repeats: int
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     step()
-    _sync(device)
+    sync(device)
     first_s = time.perf_counter() - start
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    s_per_step = seconds_per_call(step, device, warmup, repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
-    return {"row": row, "variant": variant, "s_per_step": sorted(times)[len(times) // 2], "first_step_s": first_s,
+    return {"row": row, "variant": variant, "s_per_step": s_per_step, "first_step_s": first_s,
             "peak_mb": peak}
 
 

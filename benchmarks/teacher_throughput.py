@@ -12,39 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
+from timing import seconds_per_call  # benchmarks/timing.py, beside this script
 
 from mdbench.efficiency import count_flops
 from mdbench.models import build_model
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _seconds_per_call(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def gemm_tflops(device: torch.device, n: int, repeats: int) -> float:
     """Dense bf16 (n x n) @ (n x n) rate in TFLOP/s: the yardstick for what this device's matrix units deliver."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    seconds = _seconds_per_call(lambda: a @ b, device, warmup=3, repeats=repeats)
+    seconds = seconds_per_call(lambda: a @ b, device, warmup=3, repeats=repeats)
     return 2 * n**3 / seconds / 1e12
 
 
@@ -81,7 +62,7 @@ def main() -> None:
                 with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                     return model.pooled(x) if variant == "eager" else model(x).mean(dim=(2, 3))
 
-            seconds = _seconds_per_call(step, device, warmup=3, repeats=args.repeats)
+            seconds = seconds_per_call(step, device, warmup=3, repeats=args.repeats)
             tflops = batch * flops_per_patch / seconds / 1e12
             row = {"variant": variant, "batch": batch, "amp_bf16": args.amp, "patches_per_s": batch / seconds,
                    "tflops": tflops, "fraction_of_gemm": tflops / gemm, "gemm_tflops": gemm, "device": name}
