@@ -141,8 +141,9 @@ class Comparison:
             if len(differ):
                 lines.append(_indent(differ.drop(columns=["paper", "profile"]).to_string(index=False)))
         judged = self.cells["status"] != NOT_JUDGED
-        bad = (~self.cells["status"].isin([AGREES, NOT_JUDGED])).sum() + (self.claims["status"] != AGREES).sum()
-        lines.append(f"\n{'all agree' if self.all_agree else f'{bad} differ'}: {judged.sum()} cells judged, "
+        statuses = pd.concat([self.cells["status"], self.claims["status"]])
+        unmatched = _counts(statuses[~statuses.isin([AGREES, NOT_JUDGED])])  # differ, only in one of the two
+        lines.append(f"\n{'all agree' if self.all_agree else unmatched}: {judged.sum()} cells judged, "
                      f"{(~judged).sum()} not judged (machine-dependent), {len(self.claims)} claims")
         return "\n".join(lines)
 
