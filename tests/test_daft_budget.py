@@ -34,6 +34,7 @@ def test_sizes_count_the_inputs_items_and_calls_by_hand():
                           daft_slices_per_volume=5)
     assert counts == {
         "kd_train": 2 + 4, "kd_val": 1 + 3,            # every 2D image; up to 4 slices with an object per volume
+        "kd_test": 1 + 4,                              # the same of the test cases: KD's MSE is measured on them
         "ft_train": 3, "ft_val": 2,                    # one item per case (a random slice of a volume)
         "daft_train": 1 + 5, "daft_val": 1 + 3,        # the experts' cases (not US); up to 5 slices per volume
         "experts": 2, "bank_frames": 2 + 6 + 1 + 3,    # every slice with an object, train and val
@@ -48,7 +49,7 @@ RATES = budget.Rates(fp32_tflops=1e-3, bf16_speedup=2.0, compile_speedup=1.5, co
                      encoder_call_ms=1000, decoder_call_ms=1000, convert_case_ms=100, bank_frame_ms=500,
                      overhead_s=10, busy=1.0, launch_bound_busy=0.5)
 GFLOPS = {"encoder": 1.0, "decoder": 0.5, "teacher": 2.0}
-COUNTS = {"kd_train": 10, "kd_val": 4, "ft_train": 8, "ft_val": 2, "daft_train": 6, "daft_val": 3, "experts": 2,
+COUNTS = {"kd_train": 10, "kd_val": 4, "kd_test": 5, "ft_train": 8, "ft_val": 2, "daft_train": 6, "daft_val": 3, "experts": 2,
           "bank_frames": 12, "test_encoder": 5, "test_decoder": 7, "expert_encoder": 3, "expert_decoder": 4}
 
 
@@ -61,13 +62,13 @@ def test_estimate_works_out_each_stage_by_hand():
     frame = _estimate(kd_patience=2, amp=True, on_device=True)
     assert frame.loc["overheads: start, model costs, router, export", "seconds"] == 10
     assert frame.loc["real datasets -> challenge cases", "seconds"] == pytest.approx(2.0)
-    # the teacher embeds 10 + 4 KD inputs once, in fp32: 14 x 2 GFLOP at 1 GFLOP/s
-    assert frame.loc["teacher embeddings of the KD inputs", "seconds"] == pytest.approx(28)
+    # the teacher embeds 10 + 4 KD inputs and 5 test ones once, in fp32: 19 x 2 GFLOP at 1 GFLOP/s
+    assert frame.loc["teacher embeddings of the KD inputs", "seconds"] == pytest.approx(38)
     # KD: per epoch 3 x 10 x 1 (training, at 2 GFLOP/s) + (4 held out + 256 calibration) x 1 (at 2 too);
-    # per seed 3 epochs, and 3 x 10 fp32 passes (MSE before and after, BatchNorm); 2 seeds
+    # per seed 3 epochs, and 2 x 5 + 10 fp32 passes (MSE before and after on the test inputs, BatchNorm); 2 seeds
     kd = frame.loc["KD, up to 3 epochs (x 2 seeds)"]
-    assert kd.tflop == pytest.approx(2 * (3 * 290 + 30) / 1e3)
-    assert kd.seconds == pytest.approx(2 * (3 * 290 / 2 + 30))
+    assert kd.tflop == pytest.approx(2 * (3 * 290 + 20) / 1e3)
+    assert kd.seconds == pytest.approx(2 * (3 * 290 / 2 + 20))
     # general FT: per epoch 3 x 8 x 1.5 + 2 x 1.5 + 256 x 1; 2 epochs, 2 seeds, at 2 GFLOP/s
     assert frame.loc["general FT, up to 2 epochs (x 2)", "seconds"] == pytest.approx(2 * 2 * (36 + 3 + 256) / 2)
     # DAFT: 3 x 6 x 1.5 + 3 x 1.5 + 2 experts x 256
@@ -83,9 +84,9 @@ def test_estimate_works_out_each_stage_by_hand():
 def test_estimate_without_a_held_out_set_fp32_and_compiled():
     frame = _estimate(compile=True)
     kd = frame.loc["KD, up to 3 epochs (x 2 seeds)"]  # no held-out passes; fp32 training 1.5x faster compiled
-    assert kd.seconds == pytest.approx(2 * (3 * 30 / 1.5 + 30))
+    assert kd.seconds == pytest.approx(2 * (3 * 30 / 1.5 + 20))
     assert frame.loc["torch.compile", "seconds"] == 28 and "prompt banks (preprocessing on the host)" not in frame.index
-    assert frame.loc["teacher embeddings of the KD inputs", "seconds"] == pytest.approx(20)
+    assert frame.loc["teacher embeddings of the KD inputs", "seconds"] == pytest.approx(30)  # (10 + 5) x 2
 
 
 def test_summary_and_utilisation_weigh_stages_by_their_seconds():

@@ -129,7 +129,8 @@ def _items(cases: list[dict], per_volume: int | None) -> int:
 def sizes(cases: Mapping[str, list[dict]], experts: list[str], kd_slices_per_volume: int, kd_images: int | None,
           daft_slices_per_volume: int | None) -> dict[str, int]:
     """What the run trains and scores, counted from its ``cases`` (split -> cases, as :func:`~.experiment.load_data`
-    reads them): KD inputs (``kd_train``, ``kd_val``), fine-tuning items (``ft_train``, ``ft_val``), DAFT's items
+    reads them): KD inputs (``kd_train``, ``kd_val``; ``kd_test``: the test images and slices its embedding MSE is
+    measured on), fine-tuning items (``ft_train``, ``ft_val``), DAFT's items
     over all experts (``daft_train``, ``daft_val``; volumes expanded into their slices, at most
     ``daft_slices_per_volume`` each), the experts trained (``experts``), the images and slices general FT's prompt
     banks hold (``bank_frames``: every slice with an object, as a random one is drawn), and the test cases' encoder
@@ -143,6 +144,7 @@ def sizes(cases: Mapping[str, list[dict]], experts: list[str], kd_slices_per_vol
     trained = {router.route(c["name"]) for c in routed["train"]}
     return {"kd_train": kd_train if kd_images is None else min(kd_images, kd_train),
             "kd_val": _kd_inputs(cases["val"], kd_slices_per_volume),
+            "kd_test": _kd_inputs(cases["test"], kd_slices_per_volume),
             "ft_train": _items(cases["train"], None), "ft_val": _items(cases["val"], None),
             "daft_train": _items(routed["train"], daft_slices_per_volume or 10**9),
             "daft_val": _items(routed["val"], daft_slices_per_volume or 10**9), "experts": len(trained),
@@ -180,11 +182,11 @@ def estimate(cfg: Config, counts: Mapping[str, int], gflops: Mapping[str, float]
     if cases_converted:
         other("real datasets -> challenge cases", cases_converted, cases_converted * rates.convert_case_ms / 1e3,
               "host")
-    kd_inputs = counts["kd_train"] + (counts["kd_val"] if watched else 0)
+    kd_inputs = counts["kd_train"] + counts["kd_test"] + (counts["kd_val"] if watched else 0)
     gpu("teacher embeddings of the KD inputs", kd_inputs, 0.0, kd_inputs * gflops["teacher"])
     per_epoch = 3 * counts["kd_train"] * enc + ((counts["kd_val"] + CALIBRATION_IMAGES) * enc if watched else 0)
     gpu(f"KD, up to {cfg.kd_epochs} epochs (x {seeds} seeds)", seeds, seeds * cfg.kd_epochs * per_epoch,
-        seeds * 3 * counts["kd_train"] * enc)  # embedding MSE before and after, BatchNorm recalibration
+        seeds * (2 * counts["kd_test"] + counts["kd_train"]) * enc)  # MSE before and after, BatchNorm recalibration
     ft_epoch = 3 * counts["ft_train"] * seg + counts["ft_val"] * seg + CALIBRATION_IMAGES * enc
     gpu(f"general FT, up to {cfg.ft_epochs} epochs (x {seeds})", seeds, seeds * cfg.ft_epochs * ft_epoch, 0.0)
     daft_epoch = 3 * counts["daft_train"] * seg + counts["daft_val"] * seg + counts["experts"] * CALIBRATION_IMAGES * enc

@@ -16,7 +16,7 @@ files are skipped before, by :func:`mdbench.papers.daft.cases.read_cases`).
 Averages follow the challenge leaderboard (:func:`~mdbench.papers.daft.evaluation.modality_summary`): the mean over
 cases per modality, then the mean over modalities. Each ``record_*`` function returns the records and the per-sample
 lines behind them (:mod:`mdbench.samples`) for ``Session.record_frame(..., samples=...)``: per test case (Table A's
-DSC / NSD, Table B's seconds, the router's agreement) or per KD input (the embedding MSE).
+DSC / NSD, Table B's seconds, the router's agreement) or per test image and slice (the embedding MSE).
 """
 from __future__ import annotations
 
@@ -275,7 +275,8 @@ class KDSet:
 
 def kd_set(teacher_encode: Callable, cases: Cases, cfg: Config, split: str = "train") -> KDSet:
     """The images and slices of ``split``'s cases: the training ones KD distils on (at most ``kd_images``, drawn
-    with a fixed seed), or the validation ones whose embedding MSE tells when KD has flattened (all of them)."""
+    with a fixed seed), the validation ones whose embedding MSE tells when KD has flattened, or the test ones it is
+    reported on (all of them)."""
     inputs, names = daft_training.encoder_inputs(cases.cases[split], slices_per_volume=cfg.kd_slices_per_volume)
     if split == "train" and cfg.kd_images is not None and len(inputs) > cfg.kd_images:
         picks = np.random.default_rng(0).permutation(len(inputs))[:cfg.kd_images]
@@ -293,8 +294,8 @@ def expert_subsets(cases: Cases, cfg: Config) -> dict[str, tuple[list[dict], lis
 
 @dataclass
 class Lineage:
-    """What one seed's KD -> general FT -> DAFT lineage keeps (a unit of work): the embedding MSE of each KD input
-    ``before KD`` and ``after KD`` (``kd_mse``, (N,) each), the training ``curves`` (one frame per run, one row per
+    """What one seed's KD -> general FT -> DAFT lineage keeps (a unit of work): the embedding MSE of each test image
+    and slice ``before KD`` and ``after KD`` (``kd_mse``, (N,) each), the training ``curves`` (one frame per run, one row per
     epoch, with ``seed`` and ``stage``: general FT, each DAFT expert's, then KD's), Table A's rows of the seed (``per_case``, :meth:`CaseEvaluator.evaluate`'s columns
     with ``row`` and ``seed``), the masks (``predictions[(model, case)]``) and the CPU ``models`` (``"+ general FT"``
     and ``"experts"``) that the deployment, Table B and the figures use: those of the first seed only."""
@@ -309,7 +310,8 @@ class Lineage:
 @dataclass
 class Lineages:
     """Every seed's :class:`Lineage` (``by_seed``) and what they share: ``config``, what decided them (recorded with
-    their numbers), the names of the KD inputs (``kd_units``) and each expert's (train, val) cases (``subsets``)."""
+    their numbers), the names of the test images and slices KD's embedding MSE is measured on (``kd_units``) and
+    each expert's (train, val) cases (``subsets``)."""
 
     by_seed: dict[int, Lineage]
     config: dict[str, Any]
@@ -337,7 +339,7 @@ class Lineages:
 
     @property
     def kd_mse(self) -> dict[str, dict[int, np.ndarray]]:
-        """Row (``before KD`` / ``after KD``) -> seed -> (N,) MSE of each KD input."""
+        """Row (``before KD`` / ``after KD``) -> seed -> (N,) MSE of each test image and slice."""
         rows = next(iter(self.by_seed.values())).kd_mse if self.by_seed else {}
         return {row: {seed: lineage.kd_mse[row] for seed, lineage in self.by_seed.items()} for row in rows}
 
@@ -376,23 +378,24 @@ def _curve(history: History, seed: int, stage: str) -> pd.DataFrame:
     return frame.assign(seed=seed, stage=stage, kept=frame.epoch == kept)
 
 
-def lineage(seed: int, teacher: LiteMedSAM, kd: KDSet, kd_val: KDSet | None, routers: Routers, cases: Cases,
-            cfg: Config, deterministic: bool) -> Lineage:
+def lineage(seed: int, teacher: LiteMedSAM, kd: KDSet, kd_val: KDSet | None, kd_test: KDSet, routers: Routers,
+            cases: Cases, cfg: Config, deterministic: bool) -> Lineage:
     """One seed: a student whose image encoder is distilled into the teacher's embeddings of the KD inputs (step 1;
-    with ``kd_val``, until the embedding MSE of those held-out inputs flattens), a copy fine-tuned on all training
+    with ``kd_val``, until the embedding MSE of those held-out inputs flattens; its MSE before and after is that of
+    the test images and slices ``kd_test``, which neither KD nor its stopping saw), a copy fine-tuned on all training
     cases (step 2, ``"+ general FT"``), one copy of that per expert fine-tuned on the cases the file-name router
     sends to it (step 3, DAFT proper), and Table A's rows of these models."""
     repro.seed_everything(seed, deterministic=deterministic)
     model = build_student(teacher, cfg)
     encoder = model.image_encoder
-    kd_mse = {"before KD": daft_training.embedding_mse(encoder, kd.inputs, kd.targets, device=cfg.device)}
+    kd_mse = {"before KD": daft_training.embedding_mse(encoder, kd_test.inputs, kd_test.targets, device=cfg.device)}
     held_out: dict[str, Any] = {} if kd_val is None else {
         "val_images": kd_val.inputs, "val_targets": kd_val.targets, "patience": cfg.kd_patience,
         "min_delta": cfg.kd_min_delta}
     kd_history = daft_training.distill_encoder(encoder, kd.inputs, kd.targets, epochs=cfg.kd_epochs, lr=cfg.kd_lr,
                                                batch_size=cfg.kd_batch, speed=cfg.speed, device=cfg.device,
                                                seed=seed, **held_out)
-    kd_mse["after KD"] = daft_training.embedding_mse(encoder, kd.inputs, kd.targets, device=cfg.device)
+    kd_mse["after KD"] = daft_training.embedding_mse(encoder, kd_test.inputs, kd_test.targets, device=cfg.device)
 
     general = build_student(teacher, cfg)
     general.load_state_dict(model.state_dict())
@@ -421,11 +424,13 @@ def lineages(teacher: LiteMedSAM, teacher_encode: Callable, routers: Routers, ca
              deterministic: bool, work: Work = uncached) -> Lineages:
     """Every seed's :func:`lineage`, each a unit of ``work``; KD's targets are the teacher's embeddings
     (``teacher_encode``) of the training images and slices (:func:`kd_set`), and with ``kd_patience`` those of
-    the validation images and slices tell when KD has flattened."""
+    the validation images and slices tell when KD has flattened; those of the test ones are what its embedding
+    MSE is reported on."""
     kd = kd_set(teacher_encode, cases, cfg)
     kd_val = kd_set(teacher_encode, cases, cfg, "val") if cfg.kd_patience is not None else None
+    kd_test = kd_set(teacher_encode, cases, cfg, "test")
     subsets = expert_subsets(cases, cfg)
-    config = {"student": cfg.student, "images": len(kd.inputs), "epochs": cfg.kd_epochs, "lr": cfg.kd_lr,
+    config = {"student": cfg.student, "images": len(kd.inputs), "mse_images": len(kd_test.inputs), "epochs": cfg.kd_epochs, "lr": cfg.kd_lr,
               "batch": cfg.kd_batch, "teacher_backend": cfg.teacher_backend, "ft_epochs": cfg.ft_epochs,
               "ft_lr": cfg.ft_lr, "ft_batch": cfg.ft_batch, "patience": cfg.patience, "experts": sorted(subsets),
               "daft_epochs": cfg.daft_epochs, "daft_slices_per_volume": cfg.daft_slices_per_volume}
@@ -434,14 +439,14 @@ def lineages(teacher: LiteMedSAM, teacher_encode: Callable, routers: Routers, ca
         config.update({"kd_patience": cfg.kd_patience, "kd_min_delta": cfg.kd_min_delta,
                        "kd_val_images": len(kd_val.inputs)})
     config.update({name: True for name, on in asdict(cfg.speed).items() if on})
-    by_seed = {seed: work("lineage", partial(lineage, seed, teacher, kd, kd_val, routers, cases, cfg, deterministic),
+    by_seed = {seed: work("lineage", partial(lineage, seed, teacher, kd, kd_val, kd_test, routers, cases, cfg, deterministic),
                           seed=seed) for seed in cfg.seeds}
-    return Lineages(by_seed, config, kd.names, subsets)
+    return Lineages(by_seed, config, kd_test.names, subsets)
 
 
 def record_kd(lineages: Lineages) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per row (before / after KD) and seed, the embedding MSE over the KD inputs as records, and the MSE of each
-    input (unit: its name) that it is the mean of."""
+    """Per row (before / after KD) and seed, the embedding MSE over the test images and slices as records, and the
+    MSE of each (unit: its name) that it is the mean of."""
     records = pd.DataFrame([{"row": row, "seed": seed, "metric": "embedding_mse", "value": float(np.mean(errors))}
                             for row, by_seed in lineages.kd_mse.items() for seed, errors in by_seed.items()])
     samples = pd.concat([pd.DataFrame({"row": row, "seed": seed, "unit": lineages.kd_units, "metric": "embedding_mse",
