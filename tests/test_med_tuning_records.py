@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mdbench import notebook, results
@@ -29,6 +30,25 @@ def test_per_volume_values_drop_unscored_classes_and_weight_by_the_classes_score
     assert means == {"dice_anterior": 80.0, "dice_posterior": 50.0, "dice_mean": 60.0, "hd95": 4.0}
     assert means["hd95"] == np.nanmean(hd)
     assert math.isnan(mt.volume_means(mt.per_volume_lines(["c"], dice[2:], hd[2:]))["hd95"])
+
+
+def test_failed_runs_are_those_with_a_class_under_the_line():
+    def lines(row, seed, fold, anterior, posterior):  # two test volumes per run
+        dice = np.array([[anterior, posterior]] * 2)
+        return mt.per_volume_lines(["a", "b"], dice, np.ones((2, 2))).assign(row=row, seed=seed, fold=fold)
+
+    per_volume = pd.concat([lines("full", 0, 0, 85.0, 84.0), lines("full", 0, 1, 0.0, 85.0),
+                            lines("scratch_unet3d", 0, 0, 9.9, 80.0), lines("head", 0, 0, NAN, 83.0)],
+                           ignore_index=True)
+    by_run = mt.class_dice_by_run(per_volume)
+    assert by_run.columns.tolist() == ["dice_anterior", "dice_posterior"]
+    assert len(by_run) == 4 and by_run.loc[("full", 0, 1), "dice_anterior"] == 0.0
+    failed = mt.failed_runs(by_run)
+    # a class no test volume has (nan) is not a failure; 9.9 % is under the 10 % line
+    assert failed.index.tolist() == [("full", 0, 1), ("scratch_unet3d", 0, 0)]
+    assert mt.failed_runs(by_run, below=5.0).index.tolist() == [("full", 0, 1)]
+    with pytest.raises(ValueError, match=r"lack the columns \['fold', 'row', 'seed'\]"):
+        mt.class_dice_by_run(per_volume.drop(columns=["row", "seed", "fold"]))
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,23 @@ def test_dice_loss_by_hand():
     torch.testing.assert_close(mt.dice_loss()(logits, target.unsqueeze(1)), expected)
 
 
+def test_a_saturated_class_gets_almost_no_gradient_from_the_dice_loss():
+    """Why a run can lose a class for good (mt.failed_runs): once a class's logit sits far below the others on
+    every voxel, soft Dice alone hardly moves it, where cross-entropy still would."""
+    target = torch.tensor([[[[1, 2, 0, 0]]]])  # one voxel of each foreground class
+    logits = torch.zeros(1, 3, 1, 1, 4)
+    logits[:, 1] = -20.0  # class 1 saturated: softmax probability ~1e-9 everywhere
+
+    def grad_of_class_1(loss_fn) -> float:
+        z = logits.clone().requires_grad_(True)
+        loss_fn(z).backward()
+        return z.grad[:, 1].abs().max().item()
+
+    dice = grad_of_class_1(lambda z: mt.dice_loss()(z, target.unsqueeze(1)))
+    cross_entropy = grad_of_class_1(lambda z: torch.nn.functional.cross_entropy(z, target))
+    assert dice < 1e-6 * cross_entropy and cross_entropy > 0.1
+
+
 class Background(torch.nn.Module):
     """Predicts background everywhere: (B, 1, T, H, W) -> (B, 3, T, H, W) logits."""
 

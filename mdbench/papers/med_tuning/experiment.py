@@ -49,12 +49,12 @@ ABLATION_SWITCHES = {"no_3x3": {"branch3": False}, "no_5x5": {"branch5": False},
 
 RESIZE = ("resample", "pad")
 
-__all__ = ["ABLATION_SWITCHES", "CLASSES", "CURVE_TABLES", "PER_VOLUME", "PET_ROWS", "RESIZE", "TABLE1_ROWS", "Config",
-           "FoldRun", "RowResult", "Volumes", "ablation_adapters", "build_row_model", "curves_figure",
-           "cv_folds", "dice_loss", "draw_framework", "evaluate", "load_data", "load_volumes",
-           "mean_curves", "per_volume_lines", "plot_curves", "plot_dice_vs_params", "plot_memory",
-           "plot_slices", "protocol", "record", "record_figures", "run", "run_config", "run_fold",
-           "summary_frame", "training_memory_mb", "volume_means", "wide_table"]
+__all__ = ["ABLATION_SWITCHES", "CLASSES", "CURVE_TABLES", "FAILED_BELOW", "PER_VOLUME", "PET_ROWS", "RESIZE",
+           "TABLE1_ROWS", "Config", "FoldRun", "RowResult", "Volumes", "ablation_adapters", "build_row_model",
+           "class_dice_by_run", "curves_figure", "cv_folds", "dice_loss", "draw_framework", "evaluate",
+           "failed_runs", "load_data", "load_volumes", "mean_curves", "per_volume_lines", "plot_curves",
+           "plot_dice_vs_params", "plot_memory", "plot_slices", "protocol", "record", "record_figures", "run",
+           "run_config", "run_fold", "summary_frame", "training_memory_mb", "volume_means", "wide_table"]
 
 
 LATENCY_REPEATS = 10  # timed rounds of every row's deployed model (their median is the record)
@@ -440,6 +440,35 @@ def volume_means(lines: pd.DataFrame) -> dict[str, float]:
     means = {metric: float(np.average(own["value"], weights=own["weight"]))
              for metric, own in lines.groupby("metric")}
     return {metric: means.get(metric, math.nan) for metric in PER_VOLUME}
+
+
+FAILED_BELOW = 10.0  # % mean Dice of a class over a run's test volumes: far under every run that learned the class
+
+
+def class_dice_by_run(per_volume: pd.DataFrame) -> pd.DataFrame:
+    """Each run's mean Dice (%) of each foreground class over its test volumes: one line per ``row, seed, fold``
+    (the index), a column per class (``dice_anterior``, ``dice_posterior``; ``nan`` where no test volume has it).
+
+    ``per_volume``: lines ``row, seed, fold, metric, value`` (:attr:`RowResult.per_volume`), of one row or several.
+    """
+    missing = {"row", "seed", "fold", "metric", "value"} - set(per_volume.columns)
+    if missing:
+        raise ValueError(f"per-volume lines lack the columns {sorted(missing)}: pass RowResult.per_volume")
+    classes = [f"dice_{name}" for name in CLASSES[1:]]
+    lines = per_volume[per_volume["metric"].isin(classes)]
+    by_run = lines.pivot_table(index=["row", "seed", "fold"], columns="metric", values="value", aggfunc="mean")
+    return by_run.reindex(columns=classes).rename_axis(columns=None)
+
+
+def failed_runs(by_run: pd.DataFrame, below: float = FAILED_BELOW) -> pd.DataFrame:
+    """The lines of :func:`class_dice_by_run` with a class under ``below`` % mean Dice: runs that did not learn it.
+
+    The paper's loss (:func:`dice_loss`) is soft Dice alone: once a class's softmax probability saturates near 0
+    everywhere its gradient vanishes with the softmax's slope, and the run may never predict that class (Dice 0 on
+    every volume); a baseline far from convergence also lands here. A row mean or a paired difference that contains
+    such a run measures the failure, not the method.
+    """
+    return by_run[(by_run < below).any(axis=1)]
 
 
 @dataclass
