@@ -7,6 +7,7 @@ a second or two, which importing torch alone would not allow on a cold start.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import shutil
 import subprocess
@@ -37,8 +38,10 @@ def package_versions(names: tuple[str, ...] = KEY_PACKAGES) -> dict[str, str]:
 
 @lru_cache(maxsize=1)
 def git_state(repo: Path = _REPO_ROOT) -> dict[str, Any]:
-    """Commit hash and dirty flag of the checkout (``unknown`` outside a git checkout); only changes to tracked files
-    make it dirty, so results and scratch files beside the code do not."""
+    """Commit hash and dirty flag of the checkout; only changes to tracked files make it dirty, so results and
+    scratch files beside the code do not. A copy without ``.git`` (what a GPU machine is sent) takes them from
+    ``MDBENCH_GIT_COMMIT`` and ``MDBENCH_GIT_DIRTY`` (``true`` / ``false``) where its sender set them, else
+    ``unknown`` and ``None``."""
     def _git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
@@ -46,7 +49,9 @@ def git_state(repo: Path = _REPO_ROOT) -> dict[str, Any]:
         commit = _git("rev-parse", "HEAD")
         dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
+        dirty_env = os.environ.get("MDBENCH_GIT_DIRTY", "").lower()
+        return {"commit": os.environ.get("MDBENCH_GIT_COMMIT") or "unknown",
+                "dirty": {"true": True, "false": False}.get(dirty_env)}
     return {"commit": commit, "dirty": dirty}
 
 

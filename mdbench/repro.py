@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mdbench.data.checksums import verification_state
-from mdbench.environment import cpu_name, git_state, package_versions
+from mdbench.environment import code_hash, cpu_name, git_state, package_versions
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
@@ -75,12 +75,14 @@ def hardware() -> dict[str, Any]:
 
 
 def fingerprint() -> dict[str, Any]:
-    """Everything a result depends on besides its config: Python, packages, git state, hardware, and whether the
-    datasets were verified against their SHA256SUMS (``"sha256"``, or ``"off ..."`` saying how and for which)."""
+    """Everything a result depends on besides its config: Python, packages, git state, the hash of the suite's code
+    (:func:`~mdbench.environment.code_hash`: what ties a result to its code where git cannot), hardware, and whether
+    the datasets were verified against their SHA256SUMS (``"sha256"``, or ``"off ..."`` saying how and for which)."""
     return {
         "python": platform.python_version(),
         "packages": package_versions(),
         "git": git_state(),
+        "code": code_hash(),
         "hardware": hardware(),
         "data_verification": verification_state(),
     }

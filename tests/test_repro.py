@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from mdbench import repro
+from mdbench import environment, repro
 
 
 def _draw():
@@ -42,7 +42,22 @@ def test_fingerprint_contents():
     fp = repro.fingerprint()
     assert fp["packages"]["torch"] == torch.__version__.split("+")[0] or fp["packages"]["torch"] in torch.__version__
     assert set(fp["git"]) == {"commit", "dirty"}
+    assert fp["code"] == environment.code_hash() and len(fp["code"]) == 12
     assert fp["hardware"]["torch_threads"] == torch.get_num_threads()
+
+
+def test_a_copy_without_git_takes_its_commit_from_the_environment(tmp_path, monkeypatch):
+    copy = tmp_path / "project"  # no .git: what a GPU machine is sent
+    copy.mkdir()
+    environment.git_state.cache_clear()
+    try:
+        assert environment.git_state(copy) == {"commit": "unknown", "dirty": None}
+        environment.git_state.cache_clear()
+        monkeypatch.setenv("MDBENCH_GIT_COMMIT", "0123abc")
+        monkeypatch.setenv("MDBENCH_GIT_DIRTY", "false")
+        assert environment.git_state(copy) == {"commit": "0123abc", "dirty": False}
+    finally:
+        environment.git_state.cache_clear()
 
 
 def test_config_hash_is_order_independent():
