@@ -281,12 +281,20 @@ def _paired_samples(claim: Claim, lhs: Record, rhs: Record, samples_of: SamplesO
         return None
     lframe, rframe = lframe[lframe["seed"].isin(lhs.seeds)], rframe[rframe["seed"].isin(rhs.seeds)]
     if lref.aggregate in (sample_outputs.MEAN, "accuracy"):
-        return _paired_mean(claim, _per_unit(lframe, lhs), _per_unit(rframe, rhs))
-    if lref.aggregate == sample_outputs.MEDIAN:
-        return _paired_median(claim, _per_unit(lframe, lhs), _per_unit(rframe, rhs))
-    if lref.aggregate == "auc" and lref.scale == rref.scale == 100:
-        return _paired_auc(claim, lframe, rframe)
-    return None
+        ev = _paired_mean(claim, _per_unit(lframe, lhs), _per_unit(rframe, rhs))
+    elif lref.aggregate == sample_outputs.MEDIAN:
+        ev = _paired_median(claim, _per_unit(lframe, lhs), _per_unit(rframe, rhs))
+    elif lref.aggregate == "auc" and lref.scale == rref.scale == 100:
+        ev = _paired_auc(claim, lframe, rframe)
+    else:
+        return None
+    paired = sorted(set(lframe["seed"]) & set(rframe["seed"]))
+    if ev is None or not paired:
+        return None
+    if paired != sorted(set(lframe["seed"]) | set(rframe["seed"])):
+        # pairing on (seed, unit) leaves out the seeds one row lacks: the lhs / rhs columns still show all of theirs
+        ev.test += f"; paired on seed{'s' if len(paired) > 1 else ''} {', '.join(map(str, paired))} only (one row lacks the rest)"
+    return ev
 
 
 def evidence(claim: Claim, lhs: Record, rhs: Record, samples_of: SamplesOf = lambda rec: None,

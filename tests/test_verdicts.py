@@ -120,6 +120,19 @@ def test_rows_with_their_own_units_and_weights_still_pair():
     assert row.test == "bootstrap over 6 units" and row.difference == pytest.approx(recs[0].mean - recs[1].mean)
 
 
+def test_a_row_of_three_seeds_against_a_one_seed_baseline_says_which_seed_was_paired():
+    """DAFT's trained rows have three seeds, the LiteMedSAM baseline one: pairing on (seed, unit) keeps seed 0 only,
+    and the test column says so, since the lhs column shows the mean of all three."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(80, 5, (3, 20)), rng.normal(75, 5, (1, 20))
+    (lhs, rhs), samples_of = _unit_records(a, b)
+    row = _judge(_claim(metric="dsc"), lhs, rhs, samples_of)
+    assert row.difference == pytest.approx(a[0].mean() - b[0].mean())  # seed 0 only
+    assert row.test.endswith("; paired on seed 0 only (one row lacks the rest)")
+    same, same_samples = _unit_records(a, a[:, ::-1])
+    assert "only" not in _judge(_claim(metric="dsc"), *same, same_samples).test  # every seed paired: no note
+
+
 def test_auc_difference_is_bootstrapped_over_units_and_matches_sklearn():
     rng = np.random.default_rng(3)
     n = 200
