@@ -16,6 +16,7 @@ from mdbench.data.registry import load_dataset
 from mdbench.data.synthetic import SyntheticClassification
 from mdbench.efficiency import count_flops, count_parameters
 from mdbench.losses.kd import kd_loss, linear_cka
+from mdbench.models import timm_backbones
 from mdbench.models.reprogramming import (
     FeatureReprogrammer,
     FrozenFM,
@@ -238,6 +239,18 @@ def _tiny_task(fraction: float = 1.0, seed: int = 0) -> tuple[rdx.Classification
     fm = FrozenFM(_tiny_fm())
     rdx.cache_features(data, fm)
     return data, rdx.make_task(data, fm, fraction, seed)
+
+
+def test_a_student_asked_to_be_pretrained_without_weights_on_disk_stops_the_run(tmp_path, monkeypatch):
+    """The gpu records once said pretrained_students while every student had started from random init."""
+    monkeypatch.setenv("MDBENCH_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(timm_backbones, "find_local_weights", lambda name: None)  # whatever caches this machine has
+    _, task = _tiny_task()
+    random = rdx.initial_student("resnet18", task, 0, rdx.Config(pretrained_students=False))
+    assert random.mdbench_init == "random init" and not rdx.Config().pretrained_students  # the default says so
+    with pytest.raises(FileNotFoundError, match=r"pretrained_students is set, but the student 'resnet18' has no "
+                                                r"weights on disk \(looked in: .*" + str(tmp_path)):
+        rdx.initial_student("resnet18", task, 0, rdx.Config(pretrained_students=True))
 
 
 def test_load_classification_synthetic_shapes_and_sizes_required():

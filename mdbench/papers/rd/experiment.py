@@ -49,7 +49,7 @@ from mdbench.data.registry import is_present, load_dataset
 from mdbench.data.synthetic import SyntheticClassification
 from mdbench.losses.kd import HintLoss, RKDLoss, kd_loss
 from mdbench.metrics import classification_metrics
-from mdbench.models import build_model, frozen_norms_to_eval
+from mdbench.models import PretrainedWeightsNotFoundWarning, build_model, frozen_norms_to_eval
 from mdbench.models.reprogramming import (
     DeployedStudent,
     FeatureReprogrammer,
@@ -62,6 +62,7 @@ from mdbench.models.reprogramming import (
     Standardise,
     build_fm,
 )
+from mdbench.models.timm_backbones import weight_search_locations
 from mdbench.params import NotebookConfig
 from mdbench.repro import seed_rngs
 from mdbench.work import Work, uncached
@@ -301,7 +302,8 @@ class Config(NotebookConfig):
     projector: str = "linear"
     lora_rank: int = 8
     vpt_tokens: int = 10
-    pretrained_students: bool = True
+    pretrained_students: bool = False  # ImageNet weights (the paper's): from MDBENCH_WEIGHTS_DIR, never downloaded;
+    #                                    a run that asks for them and finds none stops (initial_student)
     device: str = "cpu"
     resident_batches: bool = False  # the same batches, drawn on the device without host work per step (_loader)
     epoch_batches: int = 0      # with resident_batches: train.fit's epochs of whole passes, at least this many batches
@@ -628,11 +630,19 @@ def initial_student(name: str, task: Task, seed: int, cfg: Config) -> ProjectedS
     """The timm student ``name`` (projecting to the FM's width) as every method of ``seed`` starts it."""
     seed_rngs(seed)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # missing local weights: random init, recorded through mdbench_init
-        # build_model returns nn.Module: the registry's "projected_student" builds a ProjectedStudent
-        return cast(ProjectedStudent, build_model("projected_student", backbone=name, embed_dim=task.fm.feature_dim,
-                                                  image_size=task.train.x.shape[-1],
-                                                  pretrained=cfg.pretrained_students, projector=cfg.projector))
+        warnings.simplefilter("ignore")
+        # asked for ImageNet weights and none on disk: stop, rather than train from random init under that config
+        warnings.simplefilter("error", PretrainedWeightsNotFoundWarning)
+        try:
+            # build_model returns nn.Module: the registry's "projected_student" builds a ProjectedStudent
+            return cast(ProjectedStudent, build_model("projected_student", backbone=name,
+                                                      embed_dim=task.fm.feature_dim, image_size=task.train.x.shape[-1],
+                                                      pretrained=cfg.pretrained_students, projector=cfg.projector))
+        except PretrainedWeightsNotFoundWarning:
+            raise FileNotFoundError(
+                f"pretrained_students is set, but the student {name!r} has no weights on disk (looked in: "
+                f"{'; '.join(weight_search_locations(name))}): put them there, or set pretrained_students=False "
+                "(random init, as the profiles run)") from None
 
 
 def run_student_method(method: str, task: Task, initial: ProjectedStudent, seed: int, cfg: Config,
