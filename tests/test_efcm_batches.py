@@ -267,6 +267,16 @@ def test_the_gpu_profile_runs_end_to_end_on_the_cpu_with_its_sizes_shrunk(real_d
     efcm.plot_pareto(runs, {name: {"gflops_bag": 10.0 ** k} for k, name in enumerate(encoders)}, cfg)
 
 
+def test_small_datasets_train_on_smaller_batches_so_an_epoch_keeps_its_steps():
+    assert efcm.steps_batch(128, 900, 8) == 128   # ISIC: 8 steps an epoch at 128 bags, as set
+    assert efcm.steps_batch(128, 49, 8) == 6      # PBC: 1 step at 128; 6 bags a step give 9
+    assert efcm.steps_batch(256, 611, 8) == 76    # PBC's patches in stage 1: 2 steps at 256, 8 at 76
+    assert efcm.steps_batch(1, 5, 8) == 1 and efcm.steps_batch(128, 49, 0) == 128  # at least 1; 0 is off
+    assert "min_steps_per_epoch" not in efcm.Config().as_record()  # off: the records made before it keep their config
+    assert efcm.Config(min_steps_per_epoch=8).as_record()["min_steps_per_epoch"] == 8
+    assert _gpu_config().min_steps_per_epoch == 8
+
+
 # ------------------------------------------------------------------------------------------- cost model
 def test_the_cost_model_counts_each_stage_by_the_protocol():
     data = {"synthetic": efcm.BagData("synthetic", [(torch.rand(4, 3, 8, 8), i % 2, None) for i in range(8)], "c",
@@ -285,3 +295,7 @@ def test_the_cost_model_counts_each_stage_by_the_protocol():
     etc = frame.loc["synthetic: ETC, 3 runs x 1 epochs"]  # 2 of 4 patches a bag with gradients
     assert etc["tflop"] == pytest.approx(2 * 3 * (2 * (3 * 2 + 2) + 2 * 4) * student["fpd_ts"] / 1e3)
     assert 30 <= budget.utilisation(frame, rates) <= 95
+    # with 2 steps an epoch at least, the 2 training bags go 1 a step: 2 + 1 steps (validation keeps 2 a step)
+    floor = budget.estimate(dataclasses.replace(cfg, min_steps_per_epoch=2), data, efcm.PatchEncoder(nn.Flatten()),
+                            rates).set_index("stage")
+    assert floor.loc["synthetic: 7 MIL heads x 1 epochs", "seconds"] == pytest.approx(2 * 7 * (2 + 1) * 1e3)

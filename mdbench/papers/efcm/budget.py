@@ -24,7 +24,7 @@ from torch import nn
 
 from mdbench.efficiency import count_flops
 from mdbench.models import build_model
-from mdbench.papers.efcm.experiment import BagData, Config, students
+from mdbench.papers.efcm.experiment import BagData, Config, steps_batch, students
 
 __all__ = ["ASSUMED", "Rates", "estimate", "utilisation"]
 
@@ -82,16 +82,18 @@ def estimate(cfg: Config, data: Mapping[str, BagData], teacher: nn.Module | None
         rest = len(sizes) * (cfg.folds - 1) / cfg.folds  # the bags outside a test fold: train and val
         n_train = round(rest * (1 - 1 / max(2, cfg.folds - 1)))
         n_val, mean = round(rest) - n_train, sizes.mean()
-        per_epoch = math.ceil(n_train / cfg.bag_batch) + math.ceil(n_val / cfg.bag_batch)
+        bag_batch = steps_batch(cfg.bag_batch, n_train, cfg.min_steps_per_epoch)
+        per_epoch = math.ceil(n_train / bag_batch) + math.ceil(n_val / cfg.bag_batch)
         heads = len(cfg.heads) + (3 if d.kind == "patches" else 0)  # the MIL-head table and the 3 Retrain heads
         stage(f"{name}: {heads} MIL heads x {cfg.head_epochs} epochs", runs,
               runs * heads * cfg.head_epochs * (3 * n_train + n_val) * mean * head,
               runs * heads * cfg.head_epochs * per_epoch, rates.head_step_ms)
         if d.kind != "patches":
             continue
-        steps = cfg.distill_epochs * max(1, int(n_train * mean // cfg.distill_batch))
+        distill_batch = steps_batch(cfg.distill_batch, int(n_train * mean), cfg.min_steps_per_epoch)
+        steps = cfg.distill_epochs * max(1, int(n_train * mean // distill_batch))
         stage(f"{name}: stage 1, 3 students x {cfg.distill_epochs} epochs", runs,
-              runs * steps * cfg.distill_batch * 3 * sum(student.values()), runs * 3 * steps, rates.distill_step_ms)
+              runs * steps * distill_batch * 3 * sum(student.values()), runs * 3 * steps, rates.distill_step_ms)
         stage(f"{name}: the students' features for Retrain", runs, runs * sizes.sum() * sum(student.values()),
               runs * 3 * math.ceil(len(sizes) / cfg.bag_batch), rates.head_step_ms)
         with_grad = np.minimum(sizes, cfg.etc_max_patches).mean()
