@@ -146,7 +146,8 @@ def _with_seed_variance(ev: Evidence, seed_diffs: np.ndarray) -> Evidence:
         return float(low), float(high)
 
     p = float(2 * stats.t.sf(abs(ev.diff) / se, df))
-    return Evidence(f"{ev.test} and {n_seeds} seeds", ev.n, ev.diff, p, interval, se=se, df=df)
+    # the degrees of freedom say what n does not: with the seeds' spread dominant they near n_seeds - 1
+    return Evidence(f"{ev.test} and {n_seeds} seeds (t with {df:.1f} df)", ev.n, ev.diff, p, interval, se=se, df=df)
 
 
 def _unit_counts(idx: np.ndarray, n_units: int) -> np.ndarray:
