@@ -115,7 +115,9 @@ def record_costs(costs: Costs, cfg: Config, input_size: int) -> tuple[pd.DataFra
     repeats, which are its lines (``row, seed, unit, metric, value``, unit ``rep00``, ``rep01``, … shared by the
     rows timed in one round; ``record_frame(..., aggregate="median")``); a count has none."""
     notes = {"ms_patch": "CPU, median of single-input calls", "s_bag": "CPU, median over rounds",
-             "ms_patch_gpu": "CUDA, synchronised",
+             "ms_patch_gpu": "CUDA, one input a call, fp32, eager, synchronised",
+             "s_bag_gpu": f"CUDA: ms_patch_gpu x {cfg.cost_bag_size} (one input a call; the teacher batched: "
+                          "patches_per_s), the MIL head left out",
              "patches_per_s": f"{cfg.device}, batches of {cfg.teacher_batch}, amp={cfg.amp}"
                               + (", torch.compile" if cfg.teacher_compile and cfg.device == "cuda" else ""),
              "tflops_achieved": f"{cfg.device}: inputs/s x counted FLOPs per input"}
