@@ -31,9 +31,13 @@ class NotebookConfig:
     ``selectors``: the fields that only pick which units of work run (seeds, datasets, ...: each unit is keyed by
     its own seed or dataset), left out of :meth:`work_config`, so that a run over more seeds, or a shard over some
     of them, reuses the units another run made (:mod:`mdbench.work`).
+
+    ``later_fields``: fields added after records were made, recorded only where set away from their default, so
+    that those records keep their config and its hash.
     """
 
     selectors: ClassVar[tuple[str, ...]] = SELECTORS
+    later_fields: ClassVar[tuple[str, ...]] = ()
 
     if TYPE_CHECKING:  # every subclass is a @dataclass: tells mypy that fields() and asdict() apply to it
         __dataclass_fields__: ClassVar[dict[str, Any]]
@@ -52,8 +56,11 @@ class NotebookConfig:
         return asdict(self)
 
     def as_record(self) -> dict[str, Any]:
-        """What each record stores as its config: every field except where the data lies on this machine."""
-        return {k: v for k, v in self.as_dict().items() if k not in MACHINE_FIELDS}
+        """What each record stores as its config: every field except where the data lies on this machine and the
+        :attr:`later_fields` at their defaults."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in self.as_dict().items()
+                if k not in MACHINE_FIELDS and not (k in self.later_fields and v == defaults[k])}
 
     def work_config(self) -> dict[str, Any]:
         """What decides a unit of work's result: :meth:`as_record` without the :attr:`selectors`."""

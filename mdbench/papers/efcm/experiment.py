@@ -64,7 +64,8 @@ __all__ = [
     "PatchEncoder", "SeedResult", "autocast", "cache_dir", "distill", "draw_pareto", "encode", "encode_bags",
     "fast_teacher",
     "fit_heads", "fold_index", "instance_auc", "load_bags", "load_data", "mosaic", "plot_attention", "plot_curves",
-    "plot_pareto", "predict_bags", "record", "record_figures", "run", "run_split", "split_features", "steps_batch", "students",
+    "plot_pareto", "predict_bags", "record", "record_figures", "run", "run_split", "split_features", "steps_batch",
+    "students",
     "teacher_features",
     "teacher_input", "teacher_model", "texture_teacher", "train_mil",
 ]
@@ -503,6 +504,7 @@ class Config(NotebookConfig):
     """The notebook's parameters: the data, the teacher, both stages, the MIL heads and Table 2's measurement."""
 
     selectors: ClassVar[tuple[str, ...]] = ("seeds", "datasets")  # each fold's unit of work names both
+    later_fields: ClassVar[tuple[str, ...]] = ("min_steps_per_epoch",)
 
     datasets: tuple[str, ...] = ("isic2017", "pbc", "ucsb_breast")
     data_dir: str | None = None
@@ -537,11 +539,6 @@ class Config(NotebookConfig):
     teacher_compile: bool = False        # torch.compile the teacher on CUDA
     cost_bag_size: int = 1000            # patches per bag for Table 2's cost per bag
     latency_repeats: int = 20
-
-    def as_record(self) -> dict[str, Any]:
-        """Every field, but ``min_steps_per_epoch`` only where it is on: the records made before it keep their
-        config."""
-        return {k: v for k, v in super().as_record().items() if k != "min_steps_per_epoch" or v}
 
 
 @dataclass

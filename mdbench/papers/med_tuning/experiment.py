@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar, cast
 
@@ -66,6 +66,7 @@ class Config(NotebookConfig):
     The deterministic mode is the session's (:func:`mdbench.notebook.start`)."""
 
     selectors: ClassVar[tuple[str, ...]] = ("seeds", "ablation_seeds", "ablation_ratios")  # name the units (row, seed)
+    later_fields: ClassVar[tuple[str, ...]] = ("folds", "n_volumes", "resize", "latency_repeats")
 
     dataset: str = "msd_hippocampus"
     data_dir: str | None = None
@@ -113,14 +114,9 @@ class Config(NotebookConfig):
         return max(1, self.epochs // 10)
 
     def as_record(self) -> dict[str, Any]:
-        """Every field but ``data_dir``, and ``warmup_epochs``. The fields that came with cross-validation and padding
-        are left out at their defaults, so that records made before them keep their config and its hash."""
-        defaults = {f.name: f.default for f in fields(self)}
-        return {k: v for k, v in {**super().as_record(), "warmup_epochs": self.warmup_epochs}.items()
-                if not (k in _LATER_FIELDS and v == defaults[k])}
-
-
-_LATER_FIELDS = ("folds", "n_volumes", "resize", "latency_repeats")
+        """The base record (the fields that came with cross-validation, padding and the deployment table only where
+        set: :attr:`later_fields`), and ``warmup_epochs``."""
+        return {**super().as_record(), "warmup_epochs": self.warmup_epochs}
 
 
 # ------------------------------------------------------------------------------------------------------ data
