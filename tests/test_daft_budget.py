@@ -63,7 +63,7 @@ def test_estimate_works_out_each_stage_by_hand():
     assert frame.loc["overheads: start, model costs, router, export", "seconds"] == 10
     assert frame.loc["real datasets -> challenge cases", "seconds"] == pytest.approx(2.0)
     # the teacher embeds 10 + 4 KD inputs and 5 test ones once, in fp32: 19 x 2 GFLOP at 1 GFLOP/s
-    assert frame.loc["teacher embeddings of the KD inputs", "seconds"] == pytest.approx(38)
+    assert frame.loc["teacher embeddings of the KD and test inputs", "seconds"] == pytest.approx(38)
     # KD: per epoch 3 x 10 x 1 (training, at 2 GFLOP/s) + (4 held out + 256 calibration) x 1 (at 2 too);
     # per seed 3 epochs, and 2 x 5 + 10 fp32 passes (MSE before and after on the test inputs, BatchNorm); 2 seeds
     kd = frame.loc["KD, up to 3 epochs (x 2 seeds)"]
@@ -86,7 +86,7 @@ def test_estimate_without_a_held_out_set_fp32_and_compiled():
     kd = frame.loc["KD, up to 3 epochs (x 2 seeds)"]  # no held-out passes; fp32 training 1.5x faster compiled
     assert kd.seconds == pytest.approx(2 * (3 * 30 / 1.5 + 20))
     assert frame.loc["torch.compile", "seconds"] == 28 and "prompt banks (preprocessing on the host)" not in frame.index
-    assert frame.loc["teacher embeddings of the KD inputs", "seconds"] == pytest.approx(30)  # (10 + 5) x 2
+    assert frame.loc["teacher embeddings of the KD and test inputs", "seconds"] == pytest.approx(30)  # (10 + 5) x 2
 
 
 def test_summary_and_utilisation_weigh_stages_by_their_seconds():

@@ -183,7 +183,7 @@ def estimate(cfg: Config, counts: Mapping[str, int], gflops: Mapping[str, float]
         other("real datasets -> challenge cases", cases_converted, cases_converted * rates.convert_case_ms / 1e3,
               "host")
     kd_inputs = counts["kd_train"] + counts["kd_test"] + (counts["kd_val"] if watched else 0)
-    gpu("teacher embeddings of the KD inputs", kd_inputs, 0.0, kd_inputs * gflops["teacher"])
+    gpu("teacher embeddings of the KD and test inputs", kd_inputs, 0.0, kd_inputs * gflops["teacher"])
     per_epoch = 3 * counts["kd_train"] * enc + ((counts["kd_val"] + CALIBRATION_IMAGES) * enc if watched else 0)
     gpu(f"KD, up to {cfg.kd_epochs} epochs (x {seeds} seeds)", seeds, seeds * cfg.kd_epochs * per_epoch,
         seeds * (2 * counts["kd_test"] + counts["kd_train"]) * enc)  # MSE before and after, BatchNorm recalibration

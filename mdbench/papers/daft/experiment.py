@@ -295,8 +295,8 @@ def expert_subsets(cases: Cases, cfg: Config) -> dict[str, tuple[list[dict], lis
 @dataclass
 class Lineage:
     """What one seed's KD -> general FT -> DAFT lineage keeps (a unit of work): the embedding MSE of each test image
-    and slice ``before KD`` and ``after KD`` (``kd_mse``, (N,) each), the training ``curves`` (one frame per run, one row per
-    epoch, with ``seed`` and ``stage``: general FT, each DAFT expert's, then KD's), Table A's rows of the seed (``per_case``, :meth:`CaseEvaluator.evaluate`'s columns
+    and slice ``before KD`` and ``after KD`` (``kd_mse``, (N,) each), the training ``curves`` (one frame per run, one
+    row per epoch, with ``seed`` and ``stage``: general FT, each DAFT expert's, then KD's), Table A's rows of the seed (``per_case``, :meth:`CaseEvaluator.evaluate`'s columns
     with ``row`` and ``seed``), the masks (``predictions[(model, case)]``) and the CPU ``models`` (``"+ general FT"``
     and ``"experts"``) that the deployment, Table B and the figures use: those of the first seed only."""
 
@@ -430,8 +430,8 @@ def lineages(teacher: LiteMedSAM, teacher_encode: Callable, routers: Routers, ca
     kd_val = kd_set(teacher_encode, cases, cfg, "val") if cfg.kd_patience is not None else None
     kd_test = kd_set(teacher_encode, cases, cfg, "test")
     subsets = expert_subsets(cases, cfg)
-    config = {"student": cfg.student, "images": len(kd.inputs), "mse_images": len(kd_test.inputs), "epochs": cfg.kd_epochs, "lr": cfg.kd_lr,
-              "batch": cfg.kd_batch, "teacher_backend": cfg.teacher_backend, "ft_epochs": cfg.ft_epochs,
+    config = {"student": cfg.student, "images": len(kd.inputs), "mse_images": len(kd_test.inputs),
+              "epochs": cfg.kd_epochs, "lr": cfg.kd_lr, "batch": cfg.kd_batch, "teacher_backend": cfg.teacher_backend, "ft_epochs": cfg.ft_epochs,
               "ft_lr": cfg.ft_lr, "ft_batch": cfg.ft_batch, "patience": cfg.patience, "experts": sorted(subsets),
               "daft_epochs": cfg.daft_epochs, "daft_slices_per_volume": cfg.daft_slices_per_volume}
     # what only some profiles set is recorded where set, so that the records of the others stay as they were
@@ -439,8 +439,8 @@ def lineages(teacher: LiteMedSAM, teacher_encode: Callable, routers: Routers, ca
         config.update({"kd_patience": cfg.kd_patience, "kd_min_delta": cfg.kd_min_delta,
                        "kd_val_images": len(kd_val.inputs)})
     config.update({name: True for name, on in asdict(cfg.speed).items() if on})
-    by_seed = {seed: work("lineage", partial(lineage, seed, teacher, kd, kd_val, kd_test, routers, cases, cfg, deterministic),
-                          seed=seed) for seed in cfg.seeds}
+    by_seed = {seed: work("lineage", partial(lineage, seed, teacher, kd, kd_val, kd_test, routers, cases, cfg,
+                                             deterministic), seed=seed) for seed in cfg.seeds}
     return Lineages(by_seed, config, kd_test.names, subsets)
 
 
