@@ -21,7 +21,8 @@ Each paper says in the ``pareto:`` section of its paper.yaml which records feed 
 The methods are the rows of the metric's table; with several datasets, a method's metric is its mean over them.
 An axis the paper's section leaves out, or none of whose records exist at the profile (DAFT times Table B at cpu
 only), is shown as "not recorded"; a method that ran on a stand-in (``stand_ins``) keeps its line in the CSV, with no
-cost, and is not plotted. Metrics differ between papers, so each paper has its own row of panels, colour and y axis:
+cost, and is not plotted; so is a method without the metric on every dataset (RD's gpu claim students ran on one of
+three), which keeps the costs that were measured but no metric, as a mean over fewer datasets is not comparable. Metrics differ between papers, so each paper has its own row of panels, colour and y axis:
 points are compared within a paper only.
 """
 from __future__ import annotations
@@ -136,17 +137,16 @@ def paper_points(spec: Spec, records: Sequence[Record], names: Mapping[str, str]
     if not metric:
         raise ParetoError(f"{spec.paper}: no record of {spec.table}/{spec.metric} on {list(spec.datasets)}; run its "
                           "notebook first")
-    lines = []
+    lines, unplotted = [], []
     for method in dict.fromkeys(r.row for r in metric):
         mine = {r.dataset: r for r in metric if r.row == method}
+        # a mean over fewer datasets is not comparable with the others': such a method keeps its costs, not plotted
         missing = [d for d in spec.datasets if d not in mine]
-        if missing:
-            raise ParetoError(f"{spec.paper}: {method!r} has no {spec.metric} record on {missing}")
-        config = mine[spec.datasets[0]].config
+        config = next(iter(mine.values())).config
         line: dict[str, Any] = {
             "paper": spec.paper, "method": method, "name": figures.human(names, method),
-            "metric": float(np.mean([mine[d].mean for d in spec.datasets])), "metric_label": spec.label,
-            "datasets": ", ".join(spec.datasets), "input": spec.input}
+            "metric": math.nan if missing else float(np.mean([mine[d].mean for d in spec.datasets])),
+            "metric_label": spec.label, "datasets": ", ".join(spec.datasets), "input": spec.input}
         deployed = []
         for axis in AXES:
             if axis not in spec.axes or axis in unmeasured:
@@ -155,6 +155,9 @@ def paper_points(spec: Spec, records: Sequence[Record], names: Mapping[str, str]
             a = spec.axes[axis]
             row = spec.deployed_row(method, a.table, config)
             rec = by_key.get((a.table, a.dataset, row, a.metric))
+            if rec is None and missing:  # not plotted: its model need not have been costed
+                line[axis] = math.nan
+                continue
             if rec is None:
                 raise ParetoError(f"{spec.paper}: no record {a.table}/{a.dataset}/{row}/{a.metric} for the cost of "
                                   f"{method!r} ({axis})")
@@ -162,7 +165,13 @@ def paper_points(spec: Spec, records: Sequence[Record], names: Mapping[str, str]
             deployed.append(row)
         line["deployed"] = " / ".join(f"{row} (stand-in: not plotted)" if row in spec.stand_ins else row
                                       for row in dict.fromkeys(deployed))
+        if missing:
+            line["deployed"] += f" (no {spec.metric} on {', '.join(missing)}: not plotted)"
         lines.append(line)
+        unplotted.append(missing)
+    if all(unplotted):
+        raise ParetoError(f"{spec.paper}: no method has {spec.metric} records on all of {list(spec.datasets)} (e.g. "
+                          f"{method!r} has no {spec.metric} record on {unplotted[-1]})")
     return pd.DataFrame(lines)
 
 
@@ -241,9 +250,13 @@ def plot(points: pd.DataFrame, profile: str = "cpu"):
             _panel(ax, mine, axis, colours[paper])
         line[0].set_ylabel(f"{paper}: {mine.metric_label.iloc[0]}\n(mean over {mine.datasets.iloc[0]})")
         stand_in = mine.deployed.str.contains("stand-in")
-        if stand_in.any():
-            line[0].annotate(f"not plotted: {', '.join(mine.name[stand_in])} (ran on a stand-in model)",
-                             (0, -0.32), xycoords="axes fraction", fontsize=6, color="0.4", annotation_clip=False)
+        partial = mine.metric.isna() & ~stand_in
+        why = [f"{', '.join(mine.name[rows])} ({reason})" for rows, reason in (
+            (stand_in, "ran on a stand-in model"), (partial, "not run on every dataset of the mean"))
+            if rows.any()]
+        if why:
+            line[0].annotate("\n".join(_wrap(f"not plotted: {'; '.join(why)}", 110)), (0, -0.32),
+                             xycoords="axes fraction", fontsize=6, color="0.4", annotation_clip=False, va="top")
     whose = "every method of every paper" if len(papers) > 1 else f"every method of {papers[0]}"
     fig.suptitle(f"Task metric against deployed cost, {whose} (profile {profile})", fontsize=12)
     fig.text(0.01, -0.01, "\n".join(_wrap(CAPTION, 190)), fontsize=8, va="top", ha="left")
@@ -253,7 +266,7 @@ def plot(points: pd.DataFrame, profile: str = "cpu"):
 
 def _panel(ax, mine: pd.DataFrame, axis: str, colour) -> None:
     """One paper's methods on one cost axis (or a note where the axis is not recorded)."""
-    shown = mine[np.isfinite(mine[axis])]
+    shown = mine[np.isfinite(mine[axis]) & np.isfinite(mine.metric)]
     if shown.empty:
         ax.text(0.5, 0.5, f"{AXES[axis]}:\nnot recorded by this paper's notebook\nat this profile", ha="center", va="center",
                 transform=ax.transAxes, fontsize=8, color="0.4")

@@ -148,3 +148,15 @@ def test_an_axis_not_measured_at_the_profile_is_not_drawn(papers, tmp_path):
     assert points.latency_ms.isna().all() and points.loc["small_kd", "params_m"] == 1.0
     pareto.write(points.reset_index(), tmp_path / "out", "pareto_cpu")
     assert "at this profile" in (tmp_path / "out" / "pareto_cpu.svg").read_text()
+
+
+def test_a_method_not_run_on_every_dataset_keeps_its_costs_and_is_not_plotted(papers, tmp_path):
+    papers_dir, root = papers
+    for record in (root / "toy" / "cpu" / "records").glob("t1__b__small_kd__*"):  # small_kd ran on dataset a only
+        record.unlink()
+    points = pareto.build(["toy"], "cpu", root, papers_dir).set_index("method")
+    assert np.isnan(points.loc["small_kd", "metric"]) and points.loc["small_kd", "params_m"] == 1.0
+    assert "no auc on b: not plotted" in points.loc["small_kd", "deployed"]
+    assert points.frontier_params_m.to_dict() == {"big": True, "small_ft": True, "small_kd": False}
+    pareto.write(points.reset_index(), tmp_path / "out", "pareto_cpu")
+    assert "not run on every dataset" in (tmp_path / "out" / "pareto_cpu.svg").read_text()
