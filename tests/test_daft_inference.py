@@ -150,3 +150,22 @@ def test_evaluator_segments_each_model_case_pair_once():
     assert predictor.embedded == 1
     with pytest.raises(KeyError, match="known"):
         evaluator.evaluate([case], "nope")
+
+
+def test_threaded_scoring_gives_the_scores_of_one_thread_in_case_order():
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(12):  # boxes of several sizes, some cutting the object: DSC and NSD differ from case to case
+        gts = np.zeros((24, 24), np.uint8)
+        gts[4:4 + i % 7 + 3, 5:15] = 1
+        box = np.array([[5, 4, 8 + int(rng.integers(0, 8)), 4 + i % 7 + 2]])
+        cases.append({"imgs": np.where(gts[..., None] > 0, 200, 20).repeat(3, -1).astype(np.uint8), "gts": gts,
+                      "boxes": box, "dims": 2, "name": f"2DBox_US_{i}.npz", "modality": "US"})
+    cases.append({**cases[0], "gts": np.zeros((24, 24), np.uint8), "name": "2DBox_US_empty.npz"})
+    model = {case["name"]: "ab"[i % 2] for i, case in enumerate(cases)}
+    frames = [CaseEvaluator({"a": BrightInBox(), "b": BrightInBox()}, workers=n).evaluate(
+        cases + cases[:3], lambda case: model[case["name"]]) for n in (1, 4)]
+    single, threaded = (f.drop(columns="seconds") for f in frames)
+    assert threaded.equals(single)
+    assert threaded.case.tolist() == [c["name"] for c in cases + cases[:3]]
+    assert threaded.dsc.iloc[:12].nunique() > 3 and "empty ground truth" in threaded.error.iloc[12]

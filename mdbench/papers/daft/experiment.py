@@ -59,47 +59,75 @@ COLUMNS = ["case", "modality", "model", "dsc", "nsd", "seconds", "error"]
 class CaseEvaluator:
     """Segment and score cases with named models, each (model, case) pair once.
 
+    Cases are segmented one after another (on the model's device) while threads score the ones already segmented:
+    the challenge's NSD is a surface-distance search on the CPU (about 50 ms a 2D case, benchmarks/daft_scoring.py),
+    which, done in turn, kept the GPU waiting for some 40 s of each seed's Table A rows. The scores do not depend on
+    the threads.
+
     Args:
         models: model name -> predictor (see :mod:`mdbench.papers.daft.inference`).
         cache_embeddings: embed each 3D slice once (same masks as without, fewer encoder calls).
+        workers: scoring threads (default: the CPU count, at most 16).
     """
 
-    def __init__(self, models: Mapping[str, Predictor], cache_embeddings: bool = True) -> None:
+    def __init__(self, models: Mapping[str, Predictor], cache_embeddings: bool = True, workers: int | None = None
+                 ) -> None:
         self.models = dict(models)
         self.cache_embeddings = cache_embeddings
+        self.workers = workers or min(16, os.cpu_count() or 1)
         self._rows: dict[tuple[str, str], dict] = {}
         self.predictions: dict[tuple[str, str], np.ndarray] = {}
 
-    def _row(self, model: str, case: dict) -> dict:
-        key = (model, case["name"])
-        if key not in self._rows:
-            row = {"case": case["name"], "modality": case.get("modality") or "unknown", "model": model,
-                   "dsc": np.nan, "nsd": np.nan, "seconds": np.nan, "error": ""}
-            try:
-                start = time.perf_counter()
-                labels = segment_case(self.models[model], case, self.cache_embeddings)
-                row["seconds"] = time.perf_counter() - start
-                self.predictions[key] = labels
-                row.update(score_case(labels, case))
-            except ValueError as err:  # an unscorable case is reported in its row
-                row["error"] = str(err)
-                log.warning("case %s with model %s: %s", case["name"], model, err)
-            self._rows[key] = row
-        return self._rows[key]
+    def _segmented(self, model: str, case: dict) -> tuple[dict, np.ndarray | None]:
+        """The pair's row with its segmentation ``seconds`` (or its error), and the label map (None on error)."""
+        row = {"case": case["name"], "modality": case.get("modality") or "unknown", "model": model,
+               "dsc": np.nan, "nsd": np.nan, "seconds": np.nan, "error": ""}
+        try:
+            start = time.perf_counter()
+            labels = segment_case(self.models[model], case, self.cache_embeddings)
+        except ValueError as err:  # an unscorable case is reported in its row
+            return _failed(row, err), None
+        row["seconds"] = time.perf_counter() - start
+        self.predictions[(model, case["name"])] = labels
+        return row, labels
 
     def evaluate(self, cases: Sequence[dict], route: Callable[[dict], str] | str,
                  progress: bool = False) -> pd.DataFrame:
         """One row per case: the model ``route(case)`` picks (or the one named), its DSC, NSD (%), seconds, error."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm.auto import tqdm
 
         choose = (lambda case: route) if isinstance(route, str) else route
-        rows = []
-        for case in tqdm(cases, desc="cases", disable=not progress, leave=False):
-            model = choose(case)
-            if model not in self.models:
-                raise KeyError(f"router chose model {model!r} for {case['name']}; known: {sorted(self.models)}")
-            rows.append(self._row(model, case))
-        return pd.DataFrame(rows, columns=COLUMNS)
+        keys = []
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="score") as pool:
+            scoring = {}
+            for case in tqdm(cases, desc="cases", disable=not progress, leave=False):
+                model = choose(case)
+                if model not in self.models:
+                    raise KeyError(f"router chose model {model!r} for {case['name']}; known: {sorted(self.models)}")
+                key = (model, case["name"])
+                keys.append(key)
+                if key not in self._rows and key not in scoring:
+                    scoring[key] = pool.submit(_scored, *self._segmented(model, case), case)
+            self._rows.update({key: future.result() for key, future in scoring.items()})
+        return pd.DataFrame([self._rows[key] for key in keys], columns=COLUMNS)
+
+
+def _failed(row: dict, err: ValueError) -> dict:
+    row["error"] = str(err)
+    log.warning("case %s with model %s: %s", row["case"], row["model"], err)
+    return row
+
+
+def _scored(row: dict, labels: np.ndarray | None, case: dict) -> dict:
+    """``row`` with the DSC and NSD of ``labels`` (left as it is where segmentation failed)."""
+    if labels is None:
+        return row
+    try:
+        return {**row, **score_case(labels, case)}
+    except ValueError as err:
+        return _failed(row, err)
 
 
 # ------------------------------------------------------------------------------------------------- the notebook
