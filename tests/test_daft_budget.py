@@ -24,7 +24,7 @@ def _case(name: str, dims: int, slices_with_object: int = 0, boxes: list | None 
 CASES = {
     "train": [_case("2DBox_Endoscopy_a.npz", 2), _case("2DBox_US_b.npz", 2), _case("3DBox_MR_c.npz", 3, 6, [[0] * 6])],
     "val": [_case("2DBox_Endoscopy_d.npz", 2), _case("3DBox_MR_e.npz", 3, 3, [[0] * 6])],
-    # two boxes over slices 1-4 and 3-7: 7 slices embedded, 4 + 5 decoder calls
+    # two boxes over slices 1-4 and 3-7: 7 slices embedded in one batch, 4 + 5 decoder calls
     "test": [_case("2DBox_US_f.npz", 2), _case("3DBox_MR_g.npz", 3, 8, [[0, 0, 1, 4, 4, 4], [0, 0, 3, 4, 4, 7]])],
 }
 
@@ -38,8 +38,8 @@ def test_sizes_count_the_inputs_items_and_calls_by_hand():
         "ft_train": 3, "ft_val": 2,                    # one item per case (a random slice of a volume)
         "daft_train": 1 + 5, "daft_val": 1 + 3,        # the experts' cases (not US); up to 5 slices per volume
         "experts": 2, "bank_frames": 2 + 6 + 1 + 3,    # every slice with an object, train and val
-        "test_encoder": 1 + 7, "test_decoder": 1 + 9,  # all test cases for one model
-        "expert_encoder": 7, "expert_decoder": 9,      # the volume only: US goes to the general model
+        "test_encoder": 1 + 1, "test_decoder": 1 + 9,  # all test cases for one model
+        "expert_encoder": 1, "expert_decoder": 9,      # the volume only: US goes to the general model
     }
     assert budget.sizes(CASES, ["Endoscopy", "3D"], 4, 5, 5)["kd_train"] == 5  # kd_images caps it
 

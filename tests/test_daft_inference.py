@@ -87,6 +87,48 @@ def test_3d_embedding_cache_embeds_each_slice_once_with_the_same_masks():
     assert uncached.embedded == 12  # the baseline: every slice of every box
 
 
+class BatchedBrightInBox(BrightInBox):
+    """BrightInBox that can also embed many images at once, as LiteMedSAM does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def embed_many(self, images):
+        self.batches.append(len(images))
+        return np.stack([np.asarray(image) for image in images])  # embedding i: [i:i + 1], (1, H, W) grey slices
+
+    def predict_from_embedding(self, embedding, boxes, orig_hw):
+        return super().predict_from_embedding(embedding[0] if embedding.ndim == 3 else embedding, boxes, orig_hw)
+
+
+def test_3d_batched_slices_give_the_same_masks_in_one_call():
+    imgs, _ = _volume()
+    boxes = np.array([[4, 4, 1, 12, 11, 6], [10, 18, 2, 19, 25, 7]])
+    one_by_one, batched = BrightInBox(), BatchedBrightInBox()
+    a = segment_case(one_by_one, {"imgs": imgs, "boxes": boxes, "dims": 3})
+    b = segment_case(batched, {"imgs": imgs, "boxes": boxes, "dims": 3}, batch_slices=True)
+    assert (a == b).all() and a.any()
+    assert batched.batches == [7] and batched.embedded == 0  # slices 1..7 of both boxes, in one call
+    uncached = BatchedBrightInBox()  # the baseline's per-box embedding is kept as it is
+    segment_case(uncached, {"imgs": imgs, "boxes": boxes, "dims": 3}, cache_embeddings=False, batch_slices=True)
+    assert uncached.batches == [] and uncached.embedded == 12
+
+
+def test_litemedsam_embeds_many_images_as_it_embeds_one():
+    from mdbench.models import build_model
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = build_model("litemedsam").eval()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (40, 52), dtype=np.uint8) for _ in range(3)]
+    many = model.embed_many(images, batch_size=2)
+    one = torch.cat([model.embed(image) for image in images])
+    assert many.shape == (3, 256, 64, 64)
+    assert float((many - one).abs().max()) <= 1e-4 * float(one.abs().max())
+
+
 def test_3d_empty_previous_mask_falls_back_to_the_original_box():
     imgs = np.full((5, 16, 16), 20, np.uint8)
     imgs[2, 4:8, 4:8] = 200  # object only on the middle slice

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,9 @@ def checkpoint_path() -> Path:
     if digest != CHECKPOINT_SHA256:
         raise RuntimeError(f"LiteMedSAM checkpoint {path} has SHA-256 {digest}, expected {CHECKPOINT_SHA256}")
     return path
+
+
+EMBED_BATCH = 32  # images a forward pass of LiteMedSAM.embed_many (a volume's slices in DAFT's Table A)
 
 
 # --- MedSAM-on-Laptop pre- and post-processing on tensors (numpy for deployment, and scale_boxes: data.boxprompt) ---
@@ -208,6 +212,14 @@ class LiteMedSAM(nn.Module):
         """(H, W[, 3]) image -> (1, 256, 64, 64) embedding (challenge preprocessing), to cache and reuse per box."""
         device = next(self.parameters()).device
         return self.image_encoder(preprocess_image(image).to(device))
+
+    @torch.no_grad()
+    def embed_many(self, images: Sequence[np.ndarray], batch_size: int = EMBED_BATCH) -> torch.Tensor:
+        """(N,) images of one size -> (N, 256, 64, 64) embeddings: :meth:`embed`'s, ``batch_size`` images a forward
+        pass (one launch of each kernel instead of N, what keeps a GPU busy on a volume's slices)."""
+        device = next(self.parameters()).device
+        x = torch.cat([preprocess_image(image) for image in images])
+        return torch.cat([self.image_encoder(chunk.to(device)) for chunk in x.split(batch_size)])
 
     @torch.no_grad()
     def predict_from_embedding(

@@ -24,9 +24,11 @@ the GPU utilisation and each training's seconds per epoch in its curves).
 - ``compile_speedup`` 1.5 and ``compile_s`` 60 per compiled graph (4: KD's and fine-tuning's, each training and
   evaluation; the cache serves later seeds and experts): the same benchmark ran LiteMedSAM's encoder 1.8x faster
   compiled (791 vs 434 inputs/s at batch 16); taken lower for an encoder whose training graph is also compiled.
-- ``encoder_call_ms`` 14 and ``decoder_call_ms`` 5: Table A's inference runs one image (or slice) at a time, bound
-  by kernel launches: LiteMedSAM's encoder at batch 1 ran 72.7 inputs/s eager on the H100 (13.8 ms); the mask
-  decoder (two transformer layers, 3.6 GFLOPs) assumed at about a third of that.
+- ``encoder_call_ms`` 14 and ``decoder_call_ms`` 5: Table A's inference runs one image at a time (a volume's
+  slices in batches of up to 32), bound by kernel launches: LiteMedSAM's encoder at batch 1 ran 72.7 inputs/s eager
+  on the H100 (13.8 ms); the mask decoder (two transformer layers, 3.6 GFLOPs) assumed at about a third of that.
+  Table A's seeds ran slower than this says on an H200 (2026-12-03: about 2 min of each seed's 7.7 at 5 % GPU
+  utilisation, scoring included, which threads now do meanwhile).
 - ``convert_case_ms`` 31 and ``bank_frame_ms`` 3: host work, measured on the 2-core development CPU (1830 real cases
   converted to challenge files in 57 s; a prompt bank's frames preprocessed at about 3 ms each), an upper bound
   for the GPU machine's faster cores.
@@ -47,7 +49,7 @@ import pandas as pd
 import torch
 
 from mdbench.efficiency import count_flops
-from mdbench.models.litemedsam import LiteMedSAM
+from mdbench.models.litemedsam import EMBED_BATCH, LiteMedSAM
 from mdbench.papers.daft.experiment import Cases, Config
 from mdbench.papers.daft.routing import GENERAL, FileNameRouter
 
@@ -93,15 +95,15 @@ def forward_gflops(teacher: LiteMedSAM, student: LiteMedSAM) -> dict[str, float]
 
 def _calls(cases: list[dict]) -> tuple[int, int]:
     """(encoder calls, decoder calls) that segmenting ``cases`` takes (:func:`~.inference.segment_case`, each slice
-    embedded once): a 2D case one of each; a volume one encoder call per slice any box spans and one decoder call
-    per box and slice."""
+    embedded once, in batches): a 2D case one of each; a volume one encoder call per :data:`EMBED_BATCH` slices the
+    boxes span and one decoder call per box and slice."""
     encoder = decoder = 0
     for case in cases:
         if case["dims"] == 2:
             encoder, decoder = encoder + 1, decoder + 1
             continue
         spans = [range(int(box[2]), int(box[5]) + 1) for box in np.asarray(case["boxes"])]
-        encoder += len(set().union(*spans))
+        encoder += math.ceil(len(set().union(*spans)) / EMBED_BATCH)
         decoder += sum(len(span) for span in spans)
     return encoder, decoder
 

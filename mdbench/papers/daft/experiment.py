@@ -67,13 +67,15 @@ class CaseEvaluator:
     Args:
         models: model name -> predictor (see :mod:`mdbench.papers.daft.inference`).
         cache_embeddings: embed each 3D slice once (same masks as without, fewer encoder calls).
+        batch_slices: with the cache, embed a volume's slices in batches (same masks up to rounding, fewer launches;
+            :func:`~mdbench.papers.daft.inference.segment_case`).
         workers: scoring threads (default: the CPU count, at most 16).
     """
 
-    def __init__(self, models: Mapping[str, Predictor], cache_embeddings: bool = True, workers: int | None = None
-                 ) -> None:
+    def __init__(self, models: Mapping[str, Predictor], cache_embeddings: bool = True, batch_slices: bool = True,
+                 workers: int | None = None) -> None:
         self.models = dict(models)
-        self.cache_embeddings = cache_embeddings
+        self.cache_embeddings, self.batch_slices = cache_embeddings, batch_slices
         self.workers = workers or min(16, os.cpu_count() or 1)
         self._rows: dict[tuple[str, str], dict] = {}
         self.predictions: dict[tuple[str, str], np.ndarray] = {}
@@ -84,7 +86,7 @@ class CaseEvaluator:
                "dsc": np.nan, "nsd": np.nan, "seconds": np.nan, "error": ""}
         try:
             start = time.perf_counter()
-            labels = segment_case(self.models[model], case, self.cache_embeddings)
+            labels = segment_case(self.models[model], case, self.cache_embeddings, self.batch_slices)
         except ValueError as err:  # an unscorable case is reported in its row
             return _failed(row, err), None
         row["seconds"] = time.perf_counter() - start

@@ -8,7 +8,9 @@ A *predictor* is any object with
 
 - ``embed(image) -> embedding``: ``image`` (H, W, 3) or (H, W) uint8, challenge preprocessing inside;
 - ``predict_from_embedding(embedding, boxes, orig_hw) -> masks``: ``boxes`` (K, 4) xyxy in original pixels,
-  ``masks`` (K, H, W) in {0, 1}.
+  ``masks`` (K, H, W) in {0, 1};
+- optionally ``embed_many(images) -> embeddings``: N images of one size at once, ``embeddings[i:i + 1]`` being
+  image i's (what ``batch_slices`` uses).
 
 :class:`mdbench.models.LiteMedSAM` (teacher and students) and
 :class:`mdbench.papers.daft.deploy.runtime.OpenVinoSAM` are both.
@@ -22,10 +24,13 @@ the bounding box of the previous slice's mask grown by 3 px (in the 256 frame), 
 mask is empty. The baseline recomputes the embedding for every slice of every box; DAFT embeds each needed slice
 once and reuses it across boxes (``cache_embeddings=True``), which gives the same masks for fewer encoder calls.
 The baseline's downward loop stops one slice above ``z_min`` (``range(z_mid - 1, z_min, -1)``); here ``z_min`` is
-included, as the box says it holds the object.
+included, as the box says it holds the object. With ``batch_slices`` (and the cache) every slice the boxes span is
+embedded first, in batches, where the predictor has ``embed_many``: the same embeddings up to rounding, for a
+fraction of the kernel launches, which bound a GPU at one slice a call.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import numpy as np
@@ -53,6 +58,16 @@ class SliceEmbeddings:
         self.predictor, self.volume, self.cache = predictor, volume, cache
         self._store: dict[int, Any] = {}
         self.calls = 0
+
+    def prefetch(self, slices: Iterable[int]) -> None:
+        """Embed the ``slices`` not yet cached in one ``embed_many`` call (nothing without the cache or the method)."""
+        embed_many = getattr(self.predictor, "embed_many", None)
+        missing = sorted(set(slices) - set(self._store))
+        if not self.cache or embed_many is None or not missing:
+            return
+        embeddings = embed_many([self.volume[z] for z in missing])
+        self.calls += len(missing)
+        self._store.update({z: embeddings[i:i + 1] for i, z in enumerate(missing)})
 
     def __getitem__(self, z: int) -> Any:
         if z in self._store:
@@ -91,13 +106,15 @@ def _segment_box_3d(predictor: Predictor, embeddings: SliceEmbeddings, box: np.n
     return mask
 
 
-def segment_case(predictor: Predictor, case: dict[str, Any], cache_embeddings: bool = True) -> np.ndarray:
+def segment_case(predictor: Predictor, case: dict[str, Any], cache_embeddings: bool = True,
+                 batch_slices: bool = False) -> np.ndarray:
     """Label map of a case read by :func:`mdbench.data.boxprompt.read_boxprompt_case`.
 
     Args:
         predictor: see the module docstring.
         case: ``imgs`` and ``boxes`` (and ``dims``; inferred from the boxes when absent).
         cache_embeddings: 3D only; embed each slice once (DAFT) rather than once per box and slice (baseline).
+        batch_slices: 3D with the cache only; embed the slices the boxes span in batches first (module docstring).
 
     Returns:
         uint16 label map, (H, W) or (D, H, W): box k (0-based) writes label k + 1, in box order.
@@ -113,6 +130,8 @@ def segment_case(predictor: Predictor, case: dict[str, Any], cache_embeddings: b
         return labels
     labels = np.zeros(imgs.shape, dtype=np.uint16)
     embeddings = SliceEmbeddings(predictor, imgs, cache=cache_embeddings)
+    if batch_slices:
+        embeddings.prefetch(z for box in boxes for z in range(max(0, int(box[2])), min(len(imgs), int(box[5]) + 1)))
     for k, box in enumerate(boxes, start=1):
         labels[_segment_box_3d(predictor, embeddings, box, imgs.shape)] = k
     return labels
