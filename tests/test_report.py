@@ -163,3 +163,19 @@ def test_cli_report_builds_the_site_and_refuses_an_empty_results_folder(small_re
     assert str((tmp_path / "site" / "index.html").resolve()) in capsys.readouterr().out
     assert cli.main(["report", "--results-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "s2")]) == 2
     assert "no results under" in capsys.readouterr().err
+
+
+def test_a_runs_known_problems_show_on_its_page_and_the_index_links_them(tmp_path):
+    results = write_results(tmp_path / "results")
+    (results / "quickstart" / "cpu" / site.KNOWN_PROBLEMS).write_text(
+        "- **Seed 1 learned nothing**: accuracy `62.50` <script>alert(1)</script>\n")
+    site.build_site(results, tmp_path / "site")
+    page = (tmp_path / "site" / "quickstart" / "cpu" / "index.html").read_text()
+    problems = page.split('id="known-problems">')[1].split("</section>")[0]
+    assert "<strong>Seed 1 learned nothing</strong>" in problems and "<code>62.50</code>" in problems
+    assert "<script>" not in problems and "&lt;script&gt;" in problems  # raw HTML is shown, not run
+    index = (tmp_path / "site" / "index.html").read_text()
+    cpu = re.search(r'<tr data-paper="quickstart" data-profile="cpu">(.*?)</tr>', index, re.S).group(1)
+    smoke = re.search(r'<tr data-paper="quickstart" data-profile="smoke">(.*?)</tr>', index, re.S).group(1)
+    assert 'href="quickstart/cpu/index.html#known-problems"' in cpu and "known problems" not in smoke
+    assert "known-problems" not in (tmp_path / "site" / "quickstart" / "smoke" / "index.html").read_text()

@@ -4,7 +4,8 @@ Layout of the site (every link relative, so the folder can be opened from disk o
 
     index.html                       every run: its claim tally and headline claim; the cross-paper figures
     style.css
-    <paper>/<profile>/index.html     the run's claims (colour-coded), tables, figures; its CSVs and figures beside it
+    <paper>/<profile>/index.html     the run's known problems (its KNOWN_PROBLEMS.md), claims (colour-coded), tables,
+                                     figures; its CSVs and figures beside it
     <paper>/<profile>/<notebook>.html  the executed notebook (:mod:`mdbench.report.notebooks`)
     cross-paper/                     the figures of ``<results>/pareto/`` where there are some
 
@@ -39,6 +40,8 @@ LINKED_TYPES = (".pdf", ".csv")
 VERDICTS = [(verdicts.HOLDS, "holds"), (verdicts.FAILS, "fails"), (verdicts.INCONCLUSIVE, "inconclusive"),
             (NOT_RUN, "not-run")]
 NOTEBOOK_SUFFIX = ".executed.ipynb"
+# what a review found wrong with a run, beside its records; a rerun that replaces the folder drops it with the run
+KNOWN_PROBLEMS = "KNOWN_PROBLEMS.md"
 
 
 class ReportError(ValueError):
@@ -65,6 +68,7 @@ class Run:
     citation: str
     tally: dict[str, int]
     headline: list[dict[str, str]]
+    problems: str = ""  # its KNOWN_PROBLEMS.md as HTML (Markdown rendered, raw HTML escaped), or nothing
 
     @property
     def href(self) -> str:
@@ -113,6 +117,16 @@ def _figures(folder: Path, dest: Path, href: str = "") -> list[Figure]:
             shutil.copy2(folder / name, dest / name)
         figures.append(Figure(name=stem, src=href + src, others=[href + name for name in others]))
     return figures
+
+
+def _known_problems(folder: Path) -> str:
+    """``folder``'s :data:`KNOWN_PROBLEMS` as HTML, or "" without one."""
+    import mistune
+
+    path = folder / KNOWN_PROBLEMS
+    if not path.is_file():
+        return ""
+    return str(mistune.create_markdown(escape=True)(path.read_text(encoding="utf-8")))
 
 
 def _write_run(env: jinja2.Environment, run: Run, claims: pd.DataFrame, order: list[str], site: Path,
@@ -189,7 +203,8 @@ def build_site(results_dir: Path, out: Path = REPORT_DIR, papers_dir: Path = PAP
             reference = load_reference(paper, papers_dir / paper / "paper.yaml")
             mine = claims[(claims["paper"] == paper) & (claims["profile"] == folder.name)]
             run = Run(paper=paper, profile=folder.name, dir=folder, title=reference.title or paper,
-                      citation=reference.citation, tally=_tally(mine), headline=_headline(mine))
+                      citation=reference.citation, tally=_tally(mine), headline=_headline(mine),
+                      problems=_known_problems(folder))
             _write_run(env, run, mine, list(reference.reported), staging, results_dir.name)
             runs.append(run)
         figures = []
