@@ -246,10 +246,12 @@ def load_records(folder: Path) -> list[Record]:
 # ------------------------------------------------------------------------------------------ paper references
 @dataclass(frozen=True)
 class Side:
-    """One side of a claim: a row's metric in the claim's table."""
+    """One side of a claim: a row's metric in the claim's table. ``seedless``: a row no seed trains (a pretrained
+    model scored as it is, DAFT's LiteMedSAM baseline), whose one run then pairs with every seed of the other side."""
 
     row: str
     metric: str
+    seedless: bool = False
 
 
 @dataclass(frozen=True)

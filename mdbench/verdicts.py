@@ -18,6 +18,9 @@ rows share, with an interval from SciPy, adjusted over the paper's claims:
   :data:`WALL_CLOCK_NOTE`), and with few repeats (a percentile bootstrap of a median over < 10) it is rough.
 - with two seeds or more, either interval is widened by the variance of the per-seed differences
   (:func:`_with_seed_variance`), so that a verdict covers the training seeds as well as the test cases.
+- a side marked ``seedless`` (a row no seed trains) has one run, which pairs with each seed of the other side: ``d``
+  per unit is then the other row's mean over its seeds minus the seedless row's value, and the seed variance is
+  the other row's.
 - **paired t over seeds**: no per-unit outputs on one side; ``d`` per shared seed; n = seeds. One seed gives no
   interval: inconclusive (n=1).
 - **spread** (claims marked ``test: spread``, about absolute deviations across seeds): Levene's test, i.e. a
@@ -50,7 +53,7 @@ from scipy import stats
 from mdbench import results
 from mdbench import samples as sample_outputs
 from mdbench.io import atomic_write
-from mdbench.results import NOT_RUN, Claim, PaperReference, Record, ResultStore, format_value
+from mdbench.results import NOT_RUN, Claim, PaperReference, Record, ResultStore, Side, format_value
 
 ALPHA = 0.05
 N_RESAMPLES = 4999
@@ -281,6 +284,7 @@ def _paired_samples(claim: Claim, lhs: Record, rhs: Record, samples_of: SamplesO
     if lframe is None or rframe is None:
         return None
     lframe, rframe = lframe[lframe["seed"].isin(lhs.seeds)], rframe[rframe["seed"].isin(rhs.seeds)]
+    lframe, rframe = _seedless(claim.lhs, lhs, lframe, rhs.seeds), _seedless(claim.rhs, rhs, rframe, lhs.seeds)
     if lref.aggregate in (sample_outputs.MEAN, "accuracy"):
         ev = _paired_mean(claim, _per_unit(lframe, lhs), _per_unit(rframe, rhs))
     elif lref.aggregate == sample_outputs.MEDIAN:
@@ -298,6 +302,18 @@ def _paired_samples(claim: Claim, lhs: Record, rhs: Record, samples_of: SamplesO
     return ev
 
 
+def _stands_for_every_seed(side: Side, rec: Record, other: Record) -> bool:
+    """Whether ``side``'s record is one seedless run and ``other`` has seeds it lacks."""
+    return side.seedless and len(rec.seeds) == 1 and bool(set(other.seeds) - set(rec.seeds))
+
+
+def _seedless(side: Side, rec: Record, frame: pd.DataFrame, seeds: list[int]) -> pd.DataFrame:
+    """``frame`` (a record's per-sample lines), repeated under each of ``seeds`` where ``side`` is one seedless run."""
+    if not side.seedless or len(rec.seeds) != 1:
+        return frame
+    return pd.concat([frame.assign(seed=seed) for seed in seeds], ignore_index=True)
+
+
 def evidence(claim: Claim, lhs: Record, rhs: Record, samples_of: SamplesOf = lambda rec: None,
              spread: bool = False, exact: bool = False) -> Evidence:
     """The paired difference of one claim check, by the first test that applies (see the module docstring)."""
@@ -310,15 +326,23 @@ def evidence(claim: Claim, lhs: Record, rhs: Record, samples_of: SamplesOf = lam
             return Evidence(test + f" (needs {MIN_SPREAD_SEEDS} a side)", min(lhs.n, rhs.n), diff)
         result = stats.ttest_ind(lhs.values, claim.factor * np.asarray(rhs.values) + claim.offset)
         return Evidence(test, min(lhs.n, rhs.n), diff, float(result.pvalue), _interval_of(result))
-    rhs_by_seed = dict(zip(rhs.seeds, rhs.values, strict=True))
+    lhs_by_seed, rhs_by_seed = (
+        {s: rec.values[0] for s in other.seeds} if _stands_for_every_seed(side, rec, other)
+        else dict(zip(rec.seeds, rec.values, strict=True))
+        for side, rec, other in ((claim.lhs, lhs, rhs), (claim.rhs, rhs, lhs)))
     d = np.array([v - (claim.factor * rhs_by_seed[s] + claim.offset)
-                  for s, v in zip(lhs.seeds, lhs.values, strict=True) if s in rhs_by_seed])
+                  for s, v in lhs_by_seed.items() if s in rhs_by_seed])
     paired = _paired_samples(claim, lhs, rhs, samples_of)
     if paired is not None:
-        return _with_seed_variance(paired, d)
-    if d.size == 0:  # no shared seed: compare the means, undecided
+        ev = _with_seed_variance(paired, d)
+    elif d.size == 0:  # no shared seed: compare the means, undecided
         return Evidence("no shared seed", 0, lhs.mean - (claim.factor * rhs.mean + claim.offset))
-    return _t_evidence(d, f"paired t over {len(d)} seed{'s' if len(d) != 1 else ''} (no per-unit outputs)")
+    else:
+        ev = _t_evidence(d, f"paired t over {len(d)} seed{'s' if len(d) != 1 else ''} (no per-unit outputs)")
+    for side, rec, other in ((claim.lhs, lhs, rhs), (claim.rhs, rhs, lhs)):
+        if _stands_for_every_seed(side, rec, other):
+            ev.test += f"; {side.row}'s one run (no seed trains it) paired with each seed"
+    return ev
 
 
 # ------------------------------------------------------------------------------------------------ verdicts

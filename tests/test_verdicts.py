@@ -136,6 +136,27 @@ def test_a_row_of_three_seeds_against_a_one_seed_baseline_says_which_seed_was_pa
     assert "only" not in _judge(_claim(metric="dsc"), *same, same_samples).test  # every seed paired: no note
 
 
+def test_a_seedless_baseline_pairs_with_every_seed_of_the_trained_row():
+    """LiteMedSAM is scored as it is (no seed trains it): marked seedless, its one run pairs with each of DAFT's
+    seeds, so d per unit is DAFT's mean over seeds minus the baseline, and the seeds' spread widens the interval."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(80, 5, (3, 20)) + np.array([[0.0], [3.0], [-3.0]]), rng.normal(75, 5, (1, 20))
+    (lhs, rhs), samples_of = _unit_records(a, b)
+    claim = R.Claim(id="c", text="A beats B", table="t1", lhs=R.Side("A", "dsc"), op=">",
+                    rhs=R.Side("B", "dsc", seedless=True))
+    row = _judge(claim, lhs, rhs, samples_of)
+    assert row.n == 20 and row.difference == pytest.approx((a.mean(axis=0) - b[0]).mean())
+    assert row.test.startswith("paired t over 20 units and 3 seeds (t with")  # the seeds' spread, baseline fixed
+    assert row.test.endswith("; B's one run (no seed trains it) paired with each seed") and "only" not in row.test
+    unmarked = _judge(_claim(metric="dsc"), lhs, rhs, samples_of)
+    assert unmarked.test.endswith("paired on seed 0 only (one row lacks the rest)")
+    assert unmarked.ci_high - unmarked.ci_low < row.ci_high - row.ci_low  # seed 0 alone hid the seeds' spread
+    # without per-unit outputs: a paired t over the three seeds, each against the one baseline run
+    seeds_only = _judge(claim, _record("A", a.mean(axis=1), "dsc"), _record("B", b.mean(axis=1), "dsc"))
+    assert seeds_only.test.startswith("paired t over 3 seeds (no per-unit outputs); B's one run")
+    assert seeds_only.difference == pytest.approx(a.mean() - b.mean())
+
+
 def test_auc_difference_is_bootstrapped_over_units_and_matches_sklearn():
     rng = np.random.default_rng(3)
     n = 200
