@@ -84,7 +84,8 @@ class WorkCache:
             the ``identity`` a stored unit must have to be loaded.
         resume: load the units stored with this identity instead of computing them.
         checkpoint_every_s: how often a ``fit`` inside a unit checkpoints (and when it ends).
-        log: where a loaded or recomputed unit is reported (``print``: the notebook's output).
+        log: where a unit is reported as it is loaded or computed (``print``: the notebook's output, and the live
+            log of ``mdbench reproduce``).
     """
 
     def __init__(self, folder: Path, config: Mapping[str, Any], *, resume: bool = False,
@@ -117,9 +118,11 @@ class WorkCache:
         start = time.perf_counter()
         with train.checkpointing(scratch, self.checkpoint_every_s):
             value = compute()
-        self._store(path, step, key, value, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self._store(path, step, key, value, seconds)
         shutil.rmtree(scratch, ignore_errors=True)
         self.computed.append(path)
+        self.log(f"work {step} {unit_name(key)}: computed in {seconds:.0f} s")  # progress through a long cell
         return value
 
     def header(self, path: Path) -> dict[str, Any]:

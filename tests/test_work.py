@@ -3,6 +3,7 @@ trainings continued inside a unit, and the session's wiring."""
 from __future__ import annotations
 
 import collections
+import re
 from dataclasses import dataclass
 from functools import partial
 
@@ -58,7 +59,8 @@ def test_another_config_or_code_is_a_miss(tmp_path, calls, monkeypatch):
     cache(tmp_path, resume=False)("seed", partial(unit, calls, 0), seed=0)
     lines = []
     cache(tmp_path, config={**CONFIG, "lr": 0.2}, lines=lines)("seed", partial(unit, calls, 0), seed=0)
-    assert calls[0] == 2 and lines == ["work seed seed=0: stored with another config or code; computing it again"]
+    assert calls[0] == 2 and lines[0] == "work seed seed=0: stored with another config or code; computing it again"
+    assert re.fullmatch(r"work seed seed=0: computed in \d+ s", lines[1]) and len(lines) == 2
     cache(tmp_path, config={**CONFIG, "lr": 0.2})("seed", partial(unit, calls, 0), seed=0)
     assert calls[0] == 2  # the new config's unit replaced the old one
     monkeypatch.setattr(work, "code_hash", lambda: "other code")
