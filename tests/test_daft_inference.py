@@ -6,6 +6,7 @@ bright pixels inside the box, so propagation must follow the object slice by sli
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -205,9 +206,11 @@ def test_threaded_scoring_gives_the_scores_of_one_thread_in_case_order():
                       "boxes": box, "dims": 2, "name": f"2DBox_US_{i}.npz", "modality": "US"})
     cases.append({**cases[0], "gts": np.zeros((24, 24), np.uint8), "name": "2DBox_US_empty.npz"})
     model = {case["name"]: "ab"[i % 2] for i, case in enumerate(cases)}
+    filters = list(warnings.filters)
     frames = [CaseEvaluator({"a": BrightInBox(), "b": BrightInBox()}, workers=n).evaluate(
         cases + cases[:3], lambda case: model[case["name"]]) for n in (1, 4)]
     single, threaded = (f.drop(columns="seconds") for f in frames)
+    assert warnings.filters == filters  # the scoring threads leave the process's warning filters as they were
     assert threaded.equals(single)
     assert threaded.case.tolist() == [c["name"] for c in cases + cases[:3]]
     assert threaded.dsc.iloc[:12].nunique() > 3 and "empty ground truth" in threaded.error.iloc[12]

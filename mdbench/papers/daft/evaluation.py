@@ -7,7 +7,6 @@ A frame of per-case scores (:class:`mdbench.papers.daft.experiment.CaseEvaluator
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,10 +30,8 @@ def score_case(labels: np.ndarray, case: dict) -> dict[str, float]:
     if not np.asarray(case["gts"]).any():
         raise ValueError(f"{case['name']}: empty ground truth (no labelled pixel), DSC and NSD undefined")
     spacing = list(np.asarray(case["spacing"], dtype=float)) if case["dims"] == 3 else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # MONAI warns about labels absent from a prediction
-        # int32: torch has no comparison kernels for uint16 label maps
-        scores = dsc_nsd_challenge(labels.astype(np.int32), np.asarray(case["gts"]).astype(np.int32), spacing=spacing)
+    # int32: torch has no comparison kernels for uint16 label maps
+    scores = dsc_nsd_challenge(labels.astype(np.int32), np.asarray(case["gts"]).astype(np.int32), spacing=spacing)
     return {name: 100.0 * value for name, value in scores.items()}
 
 

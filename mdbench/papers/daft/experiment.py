@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property, partial
@@ -102,7 +103,9 @@ class CaseEvaluator:
 
         choose = (lambda case: route) if isinstance(route, str) else route
         keys = []
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="score") as pool:
+        # here, not in each scoring thread: catch_warnings swaps the process's filters and is not thread-safe
+        with warnings.catch_warnings(), ThreadPoolExecutor(self.workers, thread_name_prefix="score") as pool:
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"monai\.")  # labels absent from a mask
             scoring = {}
             for case in tqdm(cases, desc="cases", disable=not progress, leave=False):
                 model = choose(case)
