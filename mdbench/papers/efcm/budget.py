@@ -83,7 +83,7 @@ def estimate(cfg: Config, data: Mapping[str, BagData], teacher: nn.Module | None
         n_train = round(rest * (1 - 1 / max(2, cfg.folds - 1)))
         n_val, mean = round(rest) - n_train, sizes.mean()
         bag_batch = steps_batch(cfg.bag_batch, n_train, cfg.min_steps_per_epoch)
-        per_epoch = math.ceil(n_train / bag_batch) + math.ceil(n_val / cfg.bag_batch)
+        per_epoch = math.ceil(n_train / bag_batch) + math.ceil(n_val / bag_batch)  # train_mil validates at it too
         heads = len(cfg.heads) + (3 if d.kind == "patches" else 0)  # the MIL-head table and the 3 Retrain heads
         stage(f"{name}: {heads} MIL heads x {cfg.head_epochs} epochs", runs,
               runs * heads * cfg.head_epochs * (3 * n_train + n_val) * mean * head,
