@@ -22,8 +22,9 @@ The methods are the rows of the metric's table; with several datasets, a method'
 An axis the paper's section leaves out, or none of whose records exist at the profile (DAFT times Table B at cpu
 only), is shown as "not recorded"; a method that ran on a stand-in (``stand_ins``) keeps its line in the CSV, with no
 cost, and is not plotted; so is a method without the metric on every dataset (RD's gpu claim students ran on one of
-three), which keeps the costs that were measured but no metric, as a mean over fewer datasets is not comparable. Metrics differ between papers, so each paper has its own row of panels, colour and y axis:
-points are compared within a paper only.
+three), which keeps the costs that were measured but no metric, as a mean over fewer datasets is not comparable.
+Metrics differ between papers, so each paper has its own row of panels, colour and y axis: points are compared
+within a paper only.
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def paper_points(spec: Spec, records: Sequence[Record], names: Mapping[str, str]
     if not metric:
         raise ParetoError(f"{spec.paper}: no record of {spec.table}/{spec.metric} on {list(spec.datasets)}; run its "
                           "notebook first")
-    lines, unplotted = [], []
+    lines = []
     for method in dict.fromkeys(r.row for r in metric):
         mine = {r.dataset: r for r in metric if r.row == method}
         # a mean over fewer datasets is not comparable with the others': such a method keeps its costs, not plotted
@@ -168,10 +169,9 @@ def paper_points(spec: Spec, records: Sequence[Record], names: Mapping[str, str]
         if missing:
             line["deployed"] += f" (no {spec.metric} on {', '.join(missing)}: not plotted)"
         lines.append(line)
-        unplotted.append(missing)
-    if all(unplotted):
+    if all(math.isnan(line["metric"]) for line in lines):
         raise ParetoError(f"{spec.paper}: no method has {spec.metric} records on all of {list(spec.datasets)} (e.g. "
-                          f"{method!r} has no {spec.metric} record on {unplotted[-1]})")
+                          f"{method!r} has no {spec.metric} record on {missing})")
     return pd.DataFrame(lines)
 
 

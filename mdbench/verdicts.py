@@ -284,7 +284,7 @@ def _paired_samples(claim: Claim, lhs: Record, rhs: Record, samples_of: SamplesO
     if lframe is None or rframe is None:
         return None
     lframe, rframe = lframe[lframe["seed"].isin(lhs.seeds)], rframe[rframe["seed"].isin(rhs.seeds)]
-    lframe, rframe = _seedless(claim.lhs, lhs, lframe, rhs.seeds), _seedless(claim.rhs, rhs, rframe, lhs.seeds)
+    lframe, rframe = _seedless(claim.lhs, lhs, lframe, rhs), _seedless(claim.rhs, rhs, rframe, lhs)
     if lref.aggregate in (sample_outputs.MEAN, "accuracy"):
         ev = _paired_mean(claim, _per_unit(lframe, lhs), _per_unit(rframe, rhs))
     elif lref.aggregate == sample_outputs.MEDIAN:
@@ -298,7 +298,8 @@ def _paired_samples(claim: Claim, lhs: Record, rhs: Record, samples_of: SamplesO
         return None
     if paired != sorted(set(lframe["seed"]) | set(rframe["seed"])):
         # pairing on (seed, unit) leaves out the seeds one row lacks: the lhs / rhs columns still show all of theirs
-        ev.test += f"; paired on seed{'s' if len(paired) > 1 else ''} {', '.join(map(str, paired))} only (one row lacks the rest)"
+        ev.test += (f"; paired on seed{'s' if len(paired) > 1 else ''} {', '.join(map(str, paired))} only "
+                    "(one row lacks the rest)")
     return ev
 
 
@@ -307,11 +308,11 @@ def _stands_for_every_seed(side: Side, rec: Record, other: Record) -> bool:
     return side.seedless and len(rec.seeds) == 1 and bool(set(other.seeds) - set(rec.seeds))
 
 
-def _seedless(side: Side, rec: Record, frame: pd.DataFrame, seeds: list[int]) -> pd.DataFrame:
-    """``frame`` (a record's per-sample lines), repeated under each of ``seeds`` where ``side`` is one seedless run."""
-    if not side.seedless or len(rec.seeds) != 1:
+def _seedless(side: Side, rec: Record, frame: pd.DataFrame, other: Record) -> pd.DataFrame:
+    """``frame`` (``rec``'s per-sample lines), repeated under each of ``other``'s seeds where it stands for them."""
+    if not _stands_for_every_seed(side, rec, other):
         return frame
-    return pd.concat([frame.assign(seed=seed) for seed in seeds], ignore_index=True)
+    return pd.concat([frame.assign(seed=seed) for seed in other.seeds], ignore_index=True)
 
 
 def evidence(claim: Claim, lhs: Record, rhs: Record, samples_of: SamplesOf = lambda rec: None,

@@ -329,9 +329,10 @@ def expert_subsets(cases: Cases, cfg: Config) -> dict[str, tuple[list[dict], lis
 class Lineage:
     """What one seed's KD -> general FT -> DAFT lineage keeps (a unit of work): the embedding MSE of each test image
     and slice ``before KD`` and ``after KD`` (``kd_mse``, (N,) each), the training ``curves`` (one frame per run, one
-    row per epoch, with ``seed`` and ``stage``: general FT, each DAFT expert's, then KD's), Table A's rows of the seed (``per_case``, :meth:`CaseEvaluator.evaluate`'s columns
-    with ``row`` and ``seed``), the masks (``predictions[(model, case)]``) and the CPU ``models`` (``"+ general FT"``
-    and ``"experts"``) that the deployment, Table B and the figures use: those of the first seed only."""
+    row per epoch, with ``seed`` and ``stage``: general FT, each DAFT expert's, then KD's), Table A's rows of the
+    seed (``per_case``, :meth:`CaseEvaluator.evaluate`'s columns with ``row`` and ``seed``), the masks
+    (``predictions[(model, case)]``) and the CPU ``models`` (``"+ general FT"`` and ``"experts"``) that the
+    deployment, Table B and the figures use: those of the first seed only."""
 
     kd_mse: dict[str, np.ndarray]
     curves: list[pd.DataFrame]
@@ -464,9 +465,10 @@ def lineages(teacher: LiteMedSAM, teacher_encode: Callable, routers: Routers, ca
     kd_test = kd_set(teacher_encode, cases, cfg, "test")
     subsets = expert_subsets(cases, cfg)
     config = {"student": cfg.student, "images": len(kd.inputs), "mse_images": len(kd_test.inputs),
-              "epochs": cfg.kd_epochs, "lr": cfg.kd_lr, "batch": cfg.kd_batch, "teacher_backend": cfg.teacher_backend, "ft_epochs": cfg.ft_epochs,
-              "ft_lr": cfg.ft_lr, "ft_batch": cfg.ft_batch, "patience": cfg.patience, "experts": sorted(subsets),
-              "daft_epochs": cfg.daft_epochs, "daft_slices_per_volume": cfg.daft_slices_per_volume}
+              "epochs": cfg.kd_epochs, "lr": cfg.kd_lr, "batch": cfg.kd_batch, "teacher_backend": cfg.teacher_backend,
+              "ft_epochs": cfg.ft_epochs, "ft_lr": cfg.ft_lr, "ft_batch": cfg.ft_batch, "patience": cfg.patience,
+              "experts": sorted(subsets), "daft_epochs": cfg.daft_epochs,
+              "daft_slices_per_volume": cfg.daft_slices_per_volume}
     # what only some profiles set is recorded where set, so that the records of the others stay as they were
     if kd_val is not None:
         config.update({"kd_patience": cfg.kd_patience, "kd_min_delta": cfg.kd_min_delta,
